@@ -1,0 +1,1 @@
+"""Kernel instantiation generator: `python -m autogen` writes every generated file."""

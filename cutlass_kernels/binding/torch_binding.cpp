@@ -1,0 +1,272 @@
+// The torch binding of natten._C: the only translation unit that sees torch headers.
+// It turns tensors into NaProblem + raw pointers, picks the instantiation from the generated
+// dispatch table and runs it. Argument validation happens in Python (natten/_checks.py)
+// before any of this is reached; the TORCH_CHECKs here guard the binding's own contract.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common/na_params.h"
+#include "common/na_window.h"
+#include "cpu/generated/dispatch_table.h"
+#include "cpu/portable_gemm.h"
+
+// The BLAS that torch links (MKL on x86 wheels) exports the Fortran entry points; they are weak
+// here so that a torch without them still loads and the kernels use portable_gemm instead.
+extern "C" {
+void sgemm_(char const*, char const*, int const*, int const*, int const*, float const*,
+            float const*, int const*, float const*, int const*, float const*, float*,
+            int const*) __attribute__((weak));
+void dgemm_(char const*, char const*, int const*, int const*, int const*, double const*,
+            double const*, int const*, double const*, int const*, double const*, double*,
+            int const*) __attribute__((weak));
+}
+
+namespace natten {
+namespace {
+
+class TorchHostServices final : public cpu::HostServices {
+ public:
+  int num_threads() const override { return at::get_num_threads(); }
+
+  void parallel_for(int64_t n, int64_t grain,
+                    std::function<void(int64_t, int64_t)> const& fn) const override {
+    at::parallel_for(0, n, grain, fn);
+  }
+
+  // BLAS is column-major: a row-major product C = op(A) op(B) is the column-major product
+  // C^T = op(B)^T op(A)^T over the same buffers.
+  template <typename A, typename Blas>
+  static void gemm_rm(Blas blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha,
+                      A const* a, int64_t lda, A const* b, int64_t ldb, A beta, A* c,
+                      int64_t ldc) {
+    if (blas == nullptr) {
+      cpu::portable_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      return;
+    }
+    char const op_a = ta ? 'T' : 'N', op_b = tb ? 'T' : 'N';
+    int const im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+    int const ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb);
+    int const ildc = static_cast<int>(ldc);
+    blas(&op_b, &op_a, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+  }
+
+  void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, float const* a,
+            int64_t lda, float const* b, int64_t ldb, float beta, float* c,
+            int64_t ldc) const override {
+    gemm_rm(&sgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, double const* a,
+            int64_t lda, double const* b, int64_t ldb, double beta, double* c,
+            int64_t ldc) const override {
+    gemm_rm(&dgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+};
+
+DType dtype_of(at::Tensor const& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "natten: unsupported dtype ", t.scalar_type());
+  }
+}
+
+// Window parameters as passed from Python: one entry per axis.
+struct Window {
+  std::vector<int64_t> kernel, stride, dilation;
+  std::vector<bool> causal;
+};
+
+// Problem of a heads-last query-like tensor [B, *S, H, D] and a key-like one [B, *S, Hkv, D].
+NaProblem make_problem(at::Tensor const& q, at::Tensor const& kv, int64_t dim_v, Window const& w) {
+  int const rank = static_cast<int>(w.kernel.size());
+  TORCH_CHECK(rank >= 1 && rank <= 3 && q.dim() == rank + 3, "natten: bad rank");
+  NaProblem p;
+  p.rank = rank;
+  for (int a = 0; a < rank; ++a) {
+    p.axis[a] = {q.size(1 + a), w.kernel[a], w.stride[a], w.dilation[a],
+                 static_cast<bool>(w.causal[a])};
+  }
+  p.batch = q.size(0);
+  p.heads = q.size(rank + 1);
+  p.dim = q.size(rank + 2);
+  p.heads_kv = kv.size(rank + 1);
+  p.dim_v = dim_v;
+  return p;
+}
+
+void require_cpu_dense(std::initializer_list<at::Tensor const*> ts) {
+  for (auto const* t : ts) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "natten: expected dense CPU tensors");
+  }
+}
+
+template <typename Entry, typename Table>
+auto lookup(Table const& table, cpu::CpuOp op, int rank, DType dtype, char const* name) {
+  for (Entry const& e : table) {
+    if (e.op == op && e.rank == rank && e.dtype == dtype) return e.fn;
+  }
+  TORCH_CHECK(false, "natten: no CPU kernel ", name, " for rank ", rank, " and dtype ",
+              static_cast<int>(dtype));
+}
+
+cpu::CpuTileConfig tile_config(std::vector<int64_t> const& q_tile, int64_t kv_chunk) {
+  cpu::CpuTileConfig c;
+  for (size_t a = 0; a < q_tile.size(); ++a) c.q_tile[a] = q_tile[a];
+  c.kv_chunk = kv_chunk;
+  return c;
+}
+
+void run_fused(cpu::CpuOp op, NaProblem const& p, FnaTensors const& t, at::Tensor const& q,
+               std::vector<int64_t> const& q_tile, int64_t kv_chunk) {
+  auto fn = lookup<cpu::FusedKernelEntry>(cpu::kFusedKernelTable, op, p.rank, dtype_of(q),
+                                          "fused attention");
+  fn(p, t, tile_config(q_tile, kv_chunk), TorchHostServices{});
+}
+
+void run_unfused(cpu::CpuOp op, NaProblem const& p, NaUnfusedTensors const& t,
+                 at::Tensor const& like, char const* name) {
+  auto fn = lookup<cpu::UnfusedKernelEntry>(cpu::kUnfusedKernelTable, op, p.rank, dtype_of(like),
+                                            name);
+  fn(p, t, TorchHostServices{});
+}
+
+void* ptr(std::optional<at::Tensor> const& t) { return t ? t->data_ptr() : nullptr; }
+
+// out [B,*S,H,Dv] and lse [B,*S,H] are preallocated by the caller.
+void fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
+                 std::optional<at::Tensor> extra_v, Window const& w, double scale,
+                 std::vector<int64_t> q_tile, int64_t kv_chunk, at::Tensor out, at::Tensor lse) {
+  require_cpu_dense({&q, &k, &v, &out, &lse});
+  NaProblem p = make_problem(q, k, v.size(-1), w);
+  p.scale = scale;
+  p.num_extra = extra_k ? extra_k->size(1) : 0;
+  FnaTensors t;
+  t.q = q.data_ptr();
+  t.k = k.data_ptr();
+  t.v = v.data_ptr();
+  t.extra_k = ptr(extra_k);
+  t.extra_v = ptr(extra_v);
+  t.out = out.data_ptr();
+  t.lse = lse.data_ptr();
+  run_fused(cpu::CpuOp::k_fna_fwd, p, t, q, q_tile, kv_chunk);
+}
+
+void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
+                  std::optional<at::Tensor> extra_v, at::Tensor out, at::Tensor lse,
+                  at::Tensor d_out, Window const& w, double scale, std::vector<int64_t> q_tile,
+                  int64_t kv_chunk, at::Tensor d_q, at::Tensor d_k, at::Tensor d_v,
+                  std::optional<at::Tensor> d_extra_k, std::optional<at::Tensor> d_extra_v) {
+  require_cpu_dense({&q, &k, &v, &out, &lse, &d_out, &d_q, &d_k, &d_v});
+  NaProblem p = make_problem(q, k, v.size(-1), w);
+  p.scale = scale;
+  p.num_extra = extra_k ? extra_k->size(1) : 0;
+  FnaTensors t;
+  t.q = q.data_ptr();
+  t.k = k.data_ptr();
+  t.v = v.data_ptr();
+  t.extra_k = ptr(extra_k);
+  t.extra_v = ptr(extra_v);
+  t.out = out.data_ptr();
+  t.lse = lse.data_ptr();
+  t.d_out = d_out.data_ptr();
+  t.d_q = d_q.data_ptr();
+  t.d_k = d_k.data_ptr();
+  t.d_v = d_v.data_ptr();
+  t.d_extra_k = ptr(d_extra_k);
+  t.d_extra_v = ptr(d_extra_v);
+  run_fused(cpu::CpuOp::k_fna_bwd, p, t, q, q_tile, kv_chunk);
+}
+
+void na_qk_forward(at::Tensor q, at::Tensor k, std::optional<at::Tensor> rpb, Window const& w,
+                   at::Tensor attn) {
+  require_cpu_dense({&q, &k, &attn});
+  NaUnfusedTensors t;
+  t.q = q.data_ptr();
+  t.k = k.data_ptr();
+  t.rpb = ptr(rpb);
+  t.out = attn.data_ptr();
+  run_unfused(cpu::CpuOp::k_na_qk_fwd, make_problem(q, k, k.size(-1), w), t, q, "qk");
+}
+
+void na_qk_backward(at::Tensor d_attn, at::Tensor q, at::Tensor k, Window const& w,
+                    at::Tensor d_q, at::Tensor d_k, std::optional<at::Tensor> d_rpb) {
+  require_cpu_dense({&d_attn, &q, &k, &d_q, &d_k});
+  NaUnfusedTensors t;
+  t.d_out = d_attn.data_ptr();
+  t.q = q.data_ptr();
+  t.k = k.data_ptr();
+  t.d_q = d_q.data_ptr();
+  t.d_k = d_k.data_ptr();
+  t.d_rpb = ptr(d_rpb);
+  run_unfused(cpu::CpuOp::k_na_qk_bwd, make_problem(q, k, k.size(-1), w), t, q, "qk backward");
+}
+
+// attn [B,*S,H,K] plays the query's role in the problem shape (its last dim is not D).
+void na_av_forward(at::Tensor attn, at::Tensor v, Window const& w, at::Tensor out) {
+  require_cpu_dense({&attn, &v, &out});
+  NaUnfusedTensors t;
+  t.attn = attn.data_ptr();
+  t.v = v.data_ptr();
+  t.out = out.data_ptr();
+  NaProblem p = make_problem(attn, v, v.size(-1), w);
+  p.dim = v.size(-1);
+  run_unfused(cpu::CpuOp::k_na_av_fwd, p, t, v, "av");
+}
+
+void na_av_backward(at::Tensor d_out, at::Tensor attn, at::Tensor v, Window const& w,
+                    at::Tensor d_attn, at::Tensor d_v) {
+  require_cpu_dense({&d_out, &attn, &v, &d_attn, &d_v});
+  NaUnfusedTensors t;
+  t.d_out = d_out.data_ptr();
+  t.attn = attn.data_ptr();
+  t.v = v.data_ptr();
+  t.d_attn = d_attn.data_ptr();
+  t.d_v = d_v.data_ptr();
+  NaProblem p = make_problem(attn, v, v.size(-1), w);
+  p.dim = v.size(-1);
+  run_unfused(cpu::CpuOp::k_na_av_bwd, p, t, v, "av backward");
+}
+
+std::tuple<int64_t, int64_t, int64_t> axis_window_at(int64_t extent, int64_t kernel,
+                                                     int64_t stride, int64_t dilation, bool causal,
+                                                     int64_t x) {
+  AxisSpec const a{extent, kernel, stride, dilation, causal};
+  AxisWindow const w = axis_window(a, group_length(a, x % dilation), x / dilation);
+  return {w.start, w.first, w.last};
+}
+
+int64_t visible_pairs(int64_t extent, int64_t kernel, int64_t stride, int64_t dilation,
+                      bool causal) {
+  return axis_visible_pairs(AxisSpec{extent, kernel, stride, dilation, causal});
+}
+
+}  // namespace
+}  // namespace natten
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace natten;
+  namespace py = pybind11;
+  py::class_<Window>(m, "Window")
+      .def(py::init([](std::vector<int64_t> k, std::vector<int64_t> s, std::vector<int64_t> d,
+                       std::vector<bool> c) { return Window{k, s, d, c}; }),
+           py::arg("kernel_size"), py::arg("stride"), py::arg("dilation"), py::arg("is_causal"));
+  m.def("fna_forward", &fna_forward);
+  m.def("fna_backward", &fna_backward);
+  m.def("na_qk_forward", &na_qk_forward);
+  m.def("na_qk_backward", &na_qk_backward);
+  m.def("na_av_forward", &na_av_forward);
+  m.def("na_av_backward", &na_av_backward);
+  m.def("axis_window", &axis_window_at, py::arg("extent"), py::arg("kernel"), py::arg("stride"),
+        py::arg("dilation"), py::arg("causal"), py::arg("x"),
+        "(start, first, last) of the window of coordinate x, in dilation-group coordinates");
+  m.def("axis_visible_pairs", &visible_pairs, py::arg("extent"), py::arg("kernel"),
+        py::arg("stride"), py::arg("dilation"), py::arg("causal"),
+        "visible (query, key) pairs along one axis, summed over its queries");
+}

@@ -1,0 +1,81 @@
+// Problem description shared by every backend's kernels: shapes, window parameters and the
+// raw tensor pointers. Tensors are dense and heads-last (the binding makes them so):
+//   q [B, *S, H, D]   k [B, *S, Hkv, D]   v [B, *S, Hkv, Dv]   out [B, *S, H, Dv]
+//   lse [B, *S, H]    extra_k [B, E, Hkv, D]   extra_v [B, E, Hkv, Dv]
+//   attn (unfused) [B, *S, H, prod(kernel)]   rpb [H, 2k_1-1, ..., 2k_r-1]
+// Floating-point buffers are of the problem's element type, except lse, which is of the
+// accumulation type (float32, float64 for float64 inputs).
+#pragma once
+
+#include <cstdint>
+
+#include "na_window.h"
+
+namespace natten {
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+struct NaProblem {
+  int rank = 1;
+  AxisSpec axis[3] = {};
+  int64_t batch = 0;
+  int64_t heads = 0;
+  int64_t heads_kv = 0;
+  int64_t dim = 0;      // D, head dim of q and k
+  int64_t dim_v = 0;    // Dv, head dim of v and the output
+  int64_t num_extra = 0;  // E, additional keys/values every query sees
+  double scale = 1.0;
+
+  int64_t tokens() const {
+    int64_t n = 1;
+    for (int i = 0; i < rank; ++i) n *= axis[i].extent;
+    return n;
+  }
+  int64_t window_size() const {
+    int64_t n = 1;
+    for (int i = 0; i < rank; ++i) n *= axis[i].kernel;
+    return n;
+  }
+  int64_t rpb_size() const {
+    int64_t n = 1;
+    for (int i = 0; i < rank; ++i) n *= 2 * axis[i].kernel - 1;
+    return n;
+  }
+};
+
+// Fused attention: forward reads q/k/v(/extra) and writes out and lse; backward also reads
+// d_out and writes the five gradients (extra ones only when num_extra > 0).
+struct FnaTensors {
+  void const* q = nullptr;
+  void const* k = nullptr;
+  void const* v = nullptr;
+  void const* extra_k = nullptr;
+  void const* extra_v = nullptr;
+  void* out = nullptr;
+  void* lse = nullptr;
+  void const* d_out = nullptr;
+  void* d_q = nullptr;
+  void* d_k = nullptr;
+  void* d_v = nullptr;
+  void* d_extra_k = nullptr;
+  void* d_extra_v = nullptr;
+};
+
+// Unfused ops: attn = qk(q, k) (+ rpb), out = av(attn, v), and their gradients.
+// Pointers an op does not use stay null; rpb and d_rpb are optional.
+struct NaUnfusedTensors {
+  void const* q = nullptr;
+  void const* k = nullptr;
+  void const* v = nullptr;
+  void const* rpb = nullptr;
+  void const* attn = nullptr;
+  void* out = nullptr;  // attn for qk, the output for av
+  void const* d_out = nullptr;
+  void* d_q = nullptr;
+  void* d_k = nullptr;
+  void* d_v = nullptr;
+  void* d_rpb = nullptr;
+  void* d_attn = nullptr;
+};
+
+}  // namespace natten

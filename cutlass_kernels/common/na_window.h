@@ -1,0 +1,85 @@
+// Neighbourhood arithmetic of SPEC section 1, per axis.
+//
+// The single definition of which keys a query sees. CPU kernels, every GPU family and the
+// test suite (through the extension's `window` helper) all call these functions, so the
+// semantics cannot drift between backends.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define NA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define NA_HOST_DEVICE inline
+#endif
+
+namespace natten {
+
+// One axis of a neighbourhood attention problem.
+struct AxisSpec {
+  int64_t extent;    // L: tokens along the axis
+  int64_t kernel;    // k: window size
+  int64_t stride;    // s: queries of one stride group share a window
+  int64_t dilation;  // d: keys are taken from the query's residue class mod d
+  bool causal;
+};
+
+// The keys one query sees along one axis, in dilation-group coordinates.
+// `start` is the key that window offset 0 refers to (unfused ops index attention weights by
+// offset from it); keys `first..last` are visible. Non-causal windows always hold exactly
+// `kernel` keys; causal ones hold fewer near the start of the axis.
+struct AxisWindow {
+  int64_t start;
+  int64_t first;
+  int64_t last;
+};
+
+NA_HOST_DEVICE int64_t na_min(int64_t a, int64_t b) { return a < b ? a : b; }
+NA_HOST_DEVICE int64_t na_max(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Length of the dilation group that holds residue `residue` (0 <= residue < dilation).
+NA_HOST_DEVICE int64_t group_length(AxisSpec const& a, int64_t residue) {
+  return a.extent / a.dilation + (residue < a.extent % a.dilation ? 1 : 0);
+}
+
+// Window of the query at group coordinate `xi` inside a group of length `group_len`.
+NA_HOST_DEVICE AxisWindow axis_window(AxisSpec const& a, int64_t group_len, int64_t xi) {
+  int64_t const k = a.kernel;
+  int64_t const s = a.stride;
+  if (a.causal) {
+    int64_t const lead = na_min((xi / s) * s + s - 1, group_len - 1);
+    int64_t const first = na_max(lead - k + 1, 0);
+    return {first, first, xi};
+  }
+  // Even windows lean left: one more key before the centre than after it.
+  int64_t const left = k / 2;
+  int64_t const right = (k % 2) ? k / 2 : k / 2 - 1;
+  int64_t const lead = na_min((xi / s) * s + s / 2, group_len - 1);
+  int64_t const centre = na_max(left, na_min(lead, group_len - 1 - right));
+  return {centre - left, centre - left, centre + right};
+}
+
+// Union of the windows of queries xi in [x_begin, x_end) (non-empty), as [first, last].
+// Both window bounds are non-decreasing in xi and consecutive windows overlap or touch
+// (stride <= kernel), so the union is one contiguous range spanned by the two end queries.
+NA_HOST_DEVICE void tile_key_range(AxisSpec const& a, int64_t group_len, int64_t x_begin,
+                                   int64_t x_end, int64_t* first, int64_t* last) {
+  *first = axis_window(a, group_len, x_begin).first;
+  *last = axis_window(a, group_len, x_end - 1).last;
+}
+
+// Number of (query, key) pairs visible along one axis, summed over all queries of the axis.
+// Visibility is a product over axes, so the total over a grid is the product of these.
+NA_HOST_DEVICE int64_t axis_visible_pairs(AxisSpec const& a) {
+  int64_t total = 0;
+  for (int64_t r = 0; r < a.dilation; ++r) {
+    int64_t const lg = group_length(a, r);
+    for (int64_t xi = 0; xi < lg; ++xi) {
+      AxisWindow const w = axis_window(a, lg, xi);
+      total += w.last - w.first + 1;
+    }
+  }
+  return total;
+}
+
+}  // namespace natten

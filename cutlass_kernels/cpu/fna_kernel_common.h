@@ -1,0 +1,78 @@
+// Pieces shared by the fused CPU forward and backward kernels: tile configuration, tensor
+// addressing and row gathers.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "common/na_params.h"
+#include "cpu/fast_math.h"
+#include "cpu/fna_tile.h"
+#include "cpu/host_services.h"
+#include "cpu/numeric.h"
+
+namespace natten::cpu {
+
+// Tile configuration of the fused CPU kernels: the query tile is a box of the (dilation
+// group) grid; keys are processed in chunks of at most `kv_chunk` keys.
+struct CpuTileConfig {
+  int64_t q_tile[3] = {1, 1, 1};
+  int64_t kv_chunk = 512;
+};
+
+template <int Rank>
+std::array<int64_t, Rank> tile_shape(CpuTileConfig const& c) {
+  std::array<int64_t, Rank> s;
+  for (int a = 0; a < Rank; ++a) s[a] = c.q_tile[a];
+  return s;
+}
+
+// Row addressing of a heads-last tensor [B, tokens, heads, width].
+struct RowLayout {
+  int64_t tokens;
+  int64_t heads;
+  int64_t width;
+  int64_t offset(int64_t b, int64_t token, int64_t h) const {
+    return ((b * tokens + token) * heads + h) * width;
+  }
+};
+
+template <typename T, typename A>
+inline void load_row(T const* src, int64_t n, A scale, A* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_accum<A>(src[i]) * scale;
+}
+
+template <typename T, typename A>
+inline void store_row(A const* src, int64_t n, A scale, T* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = from_accum<T>(src[i] * scale);
+}
+
+// Walks `count` keys in chunks of at most `max_chunk`, gathering each chunk's key and value
+// rows (row_of(j) -> {key row, value row}) into kc [c, D] / vc [c, Dv], then calls fn(j0, c).
+template <typename A, typename RowOf, typename Fn>
+void for_each_key_chunk(int64_t count, int64_t max_chunk, int64_t D, int64_t Dv, RowOf row_of,
+                        std::vector<A>& kc, std::vector<A>& vc, Fn fn) {
+  if (count == 0) return;
+  int64_t const chunk = chunk_length(count, max_chunk);
+  for (int64_t j0 = 0; j0 < count; j0 += chunk) {
+    int64_t const c = std::min(chunk, count - j0);
+    kc.resize(c * D);
+    vc.resize(c * Dv);
+    for (int64_t j = 0; j < c; ++j) {
+      auto const rows = row_of(j0 + j);
+      load_row(rows.first, D, A(1), kc.data() + j * D);
+      load_row(rows.second, Dv, A(1), vc.data() + j * Dv);
+    }
+    fn(j0, c);
+  }
+}
+
+template <typename A>
+inline void add_row(A const* src, int64_t n, A* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+}  // namespace natten::cpu

@@ -1,0 +1,172 @@
+// Tiling of the fused CPU kernels: a query tile is a box of one dilation group's sub-grid;
+// its keys are the union of its queries' windows, another box (na_window.h says why that
+// union is a box). Forward and backward walk the same tiles with the same key chunks.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "common/na_params.h"
+
+namespace natten::cpu {
+
+// One tile of one axis: queries [q_begin, q_end) of the dilation group `residue`.
+struct AxisTile {
+  int64_t residue;
+  int64_t group_len;
+  int64_t q_begin;
+  int64_t q_end;
+};
+
+template <int Rank>
+class TileGrid {
+ public:
+  TileGrid(NaProblem const& p, std::array<int64_t, Rank> const& tile_shape) {
+    int64_t token_stride = 1;
+    for (int a = Rank - 1; a >= 0; --a) {
+      axis_[a] = p.axis[a];
+      token_stride_[a] = token_stride;
+      token_stride *= axis_[a].extent;
+      for (int64_t r = 0; r < axis_[a].dilation; ++r) {
+        int64_t const lg = group_length(axis_[a], r);
+        for (int64_t q = 0; q < lg; q += tile_shape[a]) {
+          tiles_[a].push_back({r, lg, q, std::min(q + tile_shape[a], lg)});
+        }
+      }
+    }
+  }
+
+  int64_t num_tiles() const {
+    int64_t n = 1;
+    for (int a = 0; a < Rank; ++a) n *= static_cast<int64_t>(tiles_[a].size());
+    return n;
+  }
+
+  AxisSpec const& axis(int a) const { return axis_[a]; }
+  int64_t token_stride(int a) const { return token_stride_[a]; }
+
+  // Per-axis tiles of flat tile index `t` (last axis fastest).
+  std::array<AxisTile, Rank> tile(int64_t t) const {
+    std::array<AxisTile, Rank> out;
+    for (int a = Rank - 1; a >= 0; --a) {
+      int64_t const n = static_cast<int64_t>(tiles_[a].size());
+      out[a] = tiles_[a][t % n];
+      t /= n;
+    }
+    return out;
+  }
+
+ private:
+  AxisSpec axis_[Rank];
+  int64_t token_stride_[Rank];
+  std::vector<AxisTile> tiles_[Rank];
+};
+
+// Everything about one query tile that the kernels need: token indices of its queries and of
+// its key box, and each query's visible key range along each axis, relative to the key box.
+template <int Rank>
+struct TileView {
+  std::array<int64_t, Rank> q_extent{};
+  std::array<int64_t, Rank> k_extent{};
+  int64_t num_q = 1;
+  int64_t num_k = 1;
+  std::vector<int64_t> q_token;  // [num_q]
+  std::vector<int64_t> k_token;  // [num_k]
+  std::array<std::vector<int32_t>, Rank> k_coord;  // [num_k] per axis, key box coordinates
+  std::array<std::vector<int32_t>, Rank> lo, hi;   // [q_extent[a]] visible key box range
+
+  void build(TileGrid<Rank> const& grid, std::array<AxisTile, Rank> const& t) {
+    std::array<int64_t, Rank> k_first{};
+    for (int a = 0; a < Rank; ++a) {
+      AxisSpec const& ax = grid.axis(a);
+      q_extent[a] = t[a].q_end - t[a].q_begin;
+      int64_t last = 0;
+      tile_key_range(ax, t[a].group_len, t[a].q_begin, t[a].q_end, &k_first[a], &last);
+      k_extent[a] = last - k_first[a] + 1;
+      lo[a].resize(q_extent[a]);
+      hi[a].resize(q_extent[a]);
+      for (int64_t i = 0; i < q_extent[a]; ++i) {
+        AxisWindow const w = axis_window(ax, t[a].group_len, t[a].q_begin + i);
+        lo[a][i] = static_cast<int32_t>(w.first - k_first[a]);
+        hi[a][i] = static_cast<int32_t>(w.last - k_first[a]);
+      }
+    }
+    num_q = 1;
+    num_k = 1;
+    for (int a = 0; a < Rank; ++a) {
+      num_q *= q_extent[a];
+      num_k *= k_extent[a];
+    }
+    q_token.resize(num_q);
+    k_token.resize(num_k);
+    for (int a = 0; a < Rank; ++a) k_coord[a].resize(num_k);
+    auto token = [&](int a, int64_t group_coord) {
+      return (group_coord * grid.axis(a).dilation + t[a].residue) * grid.token_stride(a);
+    };
+    for (int64_t i = 0; i < num_q; ++i) {
+      int64_t rem = i, tok = 0;
+      for (int a = Rank - 1; a >= 0; --a) {
+        tok += token(a, t[a].q_begin + rem % q_extent[a]);
+        rem /= q_extent[a];
+      }
+      q_token[i] = tok;
+    }
+    for (int64_t j = 0; j < num_k; ++j) {
+      int64_t rem = j, tok = 0;
+      for (int a = Rank - 1; a >= 0; --a) {
+        int64_t const c = rem % k_extent[a];
+        k_coord[a][j] = static_cast<int32_t>(c);
+        tok += token(a, k_first[a] + c);
+        rem /= k_extent[a];
+      }
+      k_token[j] = tok;
+    }
+  }
+
+  // Per-axis coordinate of query row i inside the tile.
+  std::array<int64_t, Rank> q_coord(int64_t i) const {
+    std::array<int64_t, Rank> c;
+    for (int a = Rank - 1; a >= 0; --a) {
+      c[a] = i % q_extent[a];
+      i /= q_extent[a];
+    }
+    return c;
+  }
+
+  // Sets scores of keys [k_begin, k_end) of the box that query row i cannot see to -inf.
+  // Returns false when the row sees none of them.
+  template <typename A>
+  bool mask_row(int64_t i, int64_t k_begin, int64_t k_end, A* scores) const {
+    std::array<int64_t, Rank> const qc = q_coord(i);
+    std::array<int32_t, Rank> l, h;
+    bool whole = true;
+    for (int a = 0; a < Rank; ++a) {
+      l[a] = lo[a][qc[a]];
+      h[a] = hi[a][qc[a]];
+      whole = whole && l[a] == 0 && h[a] == k_extent[a] - 1;
+    }
+    if (whole) return true;
+    int64_t visible = 0;
+    for (int64_t j = k_begin; j < k_end; ++j) {
+      bool vis = true;
+      for (int a = 0; a < Rank; ++a) {
+        int32_t const c = k_coord[a][j];
+        vis = vis & (c >= l[a]) & (c <= h[a]);
+      }
+      visible += vis;
+      scores[j - k_begin] = vis ? scores[j - k_begin] : A(-INFINITY);
+    }
+    return visible > 0;
+  }
+};
+
+// Splits n keys into near-equal chunks of at most max_chunk.
+inline int64_t chunk_length(int64_t n, int64_t max_chunk) {
+  int64_t const chunks = (n + max_chunk - 1) / max_chunk;
+  return (n + chunks - 1) / chunks;
+}
+
+}  // namespace natten::cpu

@@ -1,0 +1,71 @@
+"""The interface every backend implements, and output allocation shared by all of them."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from natten._checks import FusedProblem, Window
+
+Tile = Tuple[int, ...]
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer. With NATTEN_POISON_OUTPUTS=1 it starts as NaN, so an element a kernel
+    forgets to write cannot pass a comparison."""
+    if os.environ.get("NATTEN_POISON_OUTPUTS") == "1":
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Backend:
+    """A way to run neighbourhood attention on one kind of device."""
+
+    name: str = ""
+    device_type: str = ""
+
+    def is_available(self) -> bool:
+        raise NotImplementedError
+
+    def unsupported(self, problem: FusedProblem) -> Optional[str]:
+        """Why this backend cannot run the fused problem, or None when it can."""
+        raise NotImplementedError
+
+    def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile) -> Optional[str]:
+        """Why the tile shapes do not fit this backend and problem, or None."""
+        raise NotImplementedError
+
+    def default_tiles(self, problem: FusedProblem, backward: bool) -> Tuple[Tile, Tile]:
+        raise NotImplementedError
+
+    def fna_forward(self, q, k, v, extra_k, extra_v, window: Window, scale: float,
+                    q_tile: Tile, kv_tile: Tile) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns (out [B,*S,H,Dv], lse [B,*S,H]); inputs are dense."""
+        raise NotImplementedError
+
+    def fna_backward(self, d_out, q, k, v, extra_k, extra_v, out, lse, window: Window, scale: float,
+                     q_tile: Tile, kv_tile: Tile):
+        """Returns (d_q, d_k, d_v, d_extra_k or None, d_extra_v or None)."""
+        raise NotImplementedError
+
+    # Unfused ops (attention weights materialised); backends without them leave these.
+    supports_unfused: bool = False
+
+    def na_qk(self, q, k, rpb, window: Window) -> torch.Tensor:
+        raise NotImplementedError
+
+    def na_qk_backward(self, d_attn, q, k, has_rpb: bool, window: Window):
+        raise NotImplementedError
+
+    def na_av(self, attn, v, window: Window) -> torch.Tensor:
+        raise NotImplementedError
+
+    def na_av_backward(self, d_out, attn, v, window: Window):
+        raise NotImplementedError

@@ -1,0 +1,185 @@
+"""The custom operators (torch.library): real implementations that call a backend, fake
+implementations for tracing, and autograd through the matching backward operators. Arguments
+arrive validated and normalised by natten.functional."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from natten import backends
+from natten._checks import Window
+from natten.backends.base import lse_dtype
+
+
+def _window(kernel_size, stride, dilation, is_causal) -> Window:
+    return Window(tuple(kernel_size), tuple(stride), tuple(dilation), tuple(bool(c) for c in is_causal))
+
+
+def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    # Operator results cannot be None; an absent gradient travels as an empty tensor.
+    return like.new_empty(0) if t is None else t
+
+
+# ----------------------------------------------------------------------------- fused attention
+
+@torch.library.custom_op("natten::fna_forward", mutates_args=())
+def fna_forward(query: Tensor, key: Tensor, value: Tensor, additional_keys: Optional[Tensor],
+                additional_values: Optional[Tensor], kernel_size: List[int], stride: List[int],
+                dilation: List[int], is_causal: List[bool], scale: float, backend: str,
+                q_tile_shape: List[int], kv_tile_shape: List[int], backward_q_tile_shape: List[int],
+                backward_kv_tile_shape: List[int]) -> Tuple[Tensor, Tensor]:
+    return backends.get(backend).fna_forward(
+        query.contiguous(), key.contiguous(), value.contiguous(), _dense(additional_keys),
+        _dense(additional_values), _window(kernel_size, stride, dilation, is_causal), scale,
+        tuple(q_tile_shape), tuple(kv_tile_shape))
+
+
+@fna_forward.register_fake
+def _(query, key, value, additional_keys, additional_values, kernel_size, stride, dilation,
+      is_causal, scale, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape,
+      backward_kv_tile_shape):
+    out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+    lse = query.new_empty(query.shape[:-1], dtype=lse_dtype(query.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("natten::fna_backward", mutates_args=())
+def fna_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                 additional_keys: Optional[Tensor], additional_values: Optional[Tensor], out: Tensor,
+                 lse: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
+                 is_causal: List[bool], scale: float, backend: str, q_tile_shape: List[int],
+                 kv_tile_shape: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = backends.get(backend).fna_backward(
+        d_out.contiguous(), query.contiguous(), key.contiguous(), value.contiguous(),
+        _dense(additional_keys), _dense(additional_values), out.contiguous(), lse.contiguous(),
+        _window(kernel_size, stride, dilation, is_causal), scale, tuple(q_tile_shape),
+        tuple(kv_tile_shape))
+    return tuple(_empty_if_none(g, query) for g in grads)
+
+
+@fna_backward.register_fake
+def _(d_out, query, key, value, additional_keys, additional_values, out, lse, kernel_size, stride,
+      dilation, is_causal, scale, backend, q_tile_shape, kv_tile_shape):
+    extra = [_empty_if_none(None if t is None else torch.empty_like(t), query)
+             for t in (additional_keys, additional_values)]
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), *extra
+
+
+def _fna_setup(ctx, inputs, output):
+    (q, k, v, ek, ev, kernel_size, stride, dilation, is_causal, scale, backend, _, _,
+     bwd_q_tile, bwd_kv_tile) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, ek, ev, out, lse)
+    ctx.args = (kernel_size, stride, dilation, is_causal, scale, backend, bwd_q_tile, bwd_kv_tile)
+    ctx.has_extra = ek is not None
+    # The logsumexp is an output for merging partial attentions, not a training signal.
+    ctx.mark_non_differentiable(lse)
+
+
+def _fna_backward(ctx, d_out, _d_lse):
+    q, k, v, ek, ev, out, lse = ctx.saved_tensors
+    d_q, d_k, d_v, d_ek, d_ev = fna_backward(d_out, q, k, v, ek, ev, out, lse, *ctx.args)
+    if not ctx.has_extra:
+        d_ek = d_ev = None
+    return (d_q, d_k, d_v, d_ek, d_ev) + (None,) * 10
+
+
+fna_forward.register_autograd(_fna_backward, setup_context=_fna_setup)
+
+
+# ----------------------------------------------------------------------------- unfused ops
+
+@torch.library.custom_op("natten::na_qk", mutates_args=())
+def na_qk(query: Tensor, key: Tensor, rpb: Optional[Tensor], kernel_size: List[int],
+          stride: List[int], dilation: List[int], is_causal: List[bool]) -> Tensor:
+    return backends.for_unfused(query.device.type).na_qk(
+        query.contiguous(), key.contiguous(), _dense(rpb),
+        _window(kernel_size, stride, dilation, is_causal))
+
+
+@na_qk.register_fake
+def _(query, key, rpb, kernel_size, stride, dilation, is_causal):
+    window_size = 1
+    for k in kernel_size:
+        window_size *= k
+    return query.new_empty((*query.shape[:-1], window_size))
+
+
+@torch.library.custom_op("natten::na_qk_backward", mutates_args=())
+def na_qk_backward(d_attn: Tensor, query: Tensor, key: Tensor, has_rpb: bool,
+                   kernel_size: List[int], stride: List[int], dilation: List[int],
+                   is_causal: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    d_q, d_k, d_rpb = backends.for_unfused(query.device.type).na_qk_backward(
+        d_attn.contiguous(), query.contiguous(), key.contiguous(), has_rpb,
+        _window(kernel_size, stride, dilation, is_causal))
+    return d_q, d_k, _empty_if_none(d_rpb, query)
+
+
+@na_qk_backward.register_fake
+def _(d_attn, query, key, has_rpb, kernel_size, stride, dilation, is_causal):
+    rpb_shape = (query.shape[-2], *(2 * k - 1 for k in kernel_size)) if has_rpb else (0,)
+    return torch.empty_like(query), torch.empty_like(key), query.new_empty(rpb_shape)
+
+
+def _qk_setup(ctx, inputs, output):
+    q, k, rpb, *window = inputs
+    ctx.save_for_backward(q, k)
+    ctx.window = window
+    ctx.has_rpb = rpb is not None
+
+
+def _qk_backward(ctx, d_attn):
+    q, k = ctx.saved_tensors
+    d_q, d_k, d_rpb = na_qk_backward(d_attn, q, k, ctx.has_rpb, *ctx.window)
+    return d_q, d_k, d_rpb if ctx.has_rpb else None, None, None, None, None
+
+
+na_qk.register_autograd(_qk_backward, setup_context=_qk_setup)
+
+
+@torch.library.custom_op("natten::na_av", mutates_args=())
+def na_av(attn: Tensor, value: Tensor, kernel_size: List[int], stride: List[int],
+          dilation: List[int], is_causal: List[bool]) -> Tensor:
+    return backends.for_unfused(value.device.type).na_av(
+        attn.contiguous(), value.contiguous(), _window(kernel_size, stride, dilation, is_causal))
+
+
+@na_av.register_fake
+def _(attn, value, kernel_size, stride, dilation, is_causal):
+    return value.new_empty((*attn.shape[:-1], value.shape[-1]))
+
+
+@torch.library.custom_op("natten::na_av_backward", mutates_args=())
+def na_av_backward(d_out: Tensor, attn: Tensor, value: Tensor, kernel_size: List[int],
+                   stride: List[int], dilation: List[int],
+                   is_causal: List[bool]) -> Tuple[Tensor, Tensor]:
+    return backends.for_unfused(value.device.type).na_av_backward(
+        d_out.contiguous(), attn.contiguous(), value.contiguous(),
+        _window(kernel_size, stride, dilation, is_causal))
+
+
+@na_av_backward.register_fake
+def _(d_out, attn, value, kernel_size, stride, dilation, is_causal):
+    return torch.empty_like(attn), torch.empty_like(value)
+
+
+def _av_setup(ctx, inputs, output):
+    attn, v, *window = inputs
+    ctx.save_for_backward(attn, v)
+    ctx.window = window
+
+
+def _av_backward(ctx, d_out):
+    attn, v = ctx.saved_tensors
+    d_attn, d_v = na_av_backward(d_out, attn, v, *ctx.window)
+    return d_attn, d_v, None, None, None, None
+
+
+na_av.register_autograd(_av_backward, setup_context=_av_setup)

@@ -1,0 +1,368 @@
+"""Command line of the natten profiler: ``python -m natten.profiler`` / ``natten-profiler``.
+
+Times every backend that can serve one neighborhood attention problem (or the ones named
+with ``--backend``) and prints a table of median times and effective TFLOP/s. With
+``--dry-run`` it lists which backends could run the problem and why the others cannot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from .problem import DTYPES, Problem
+from .timing import PASSES, Timing, time_pass
+
+PROG = "natten-profiler"
+
+# Every backend the project defines (SPEC section 3), for --dry-run listings.
+KNOWN_BACKENDS = ("cpu", "reference", "cutlass-fna", "hopper-fna", "flex-fna")
+
+FLOPS_NOTE = (
+    "FLOPs: exact count over visible (query, key) pairs (natten.flops), 2 flops per "
+    "multiply-add, softmax not counted; fwd+bwd counts 3.5x forward (backward = 2.5x forward)."
+)
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "t", "yes", "y"):
+        return True
+    if lowered in ("0", "false", "f", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid bool value {text!r} (use 0/1 or true/false)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Default problem per device type: small enough to finish in seconds.
+DEFAULTS = {
+    "cpu": dict(input_size=[32, 32], batch=1, heads=4, dim=32, kernel_size=[7], dtype="float32"),
+    "cuda": dict(input_size=[64, 64], batch=2, heads=4, dim=64, kernel_size=[7], dtype="float16"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Time natten's neighborhood attention backends on one problem. Per-axis options "
+            "take one value (used for every axis) or one value per axis of --input-size. "
+            "With no arguments a small default problem runs on the default device."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("problem")
+    g.add_argument("-i", "--input-size", type=_positive, nargs="+", metavar="L",
+                   help="token grid; its length sets the rank (1, 2 or 3). "
+                        "Default: 32 32 on CPU, 64 64 on CUDA")
+    g.add_argument("-b", "--batch-size", type=_positive, default=None, help="batch (default 1 CPU / 2 CUDA)")
+    g.add_argument("-n", "--heads", type=_positive, default=4, help="query heads")
+    g.add_argument("--heads-kv", type=_positive, default=None, help="key/value heads (GQA/MQA); default: --heads")
+    g.add_argument("-d", "--dim", type=_positive, default=None, help="query/key head dim (default 32 CPU / 64 CUDA)")
+    g.add_argument("--dim-value", type=_positive, default=None, help="value head dim; default: --dim")
+    g.add_argument("-k", "--kernel-size", type=_positive, nargs="+", default=[7], metavar="K", help="window size")
+    g.add_argument("--stride", type=_positive, nargs="+", default=[1], metavar="S")
+    g.add_argument("--dilation", type=_positive, nargs="+", default=[1], metavar="D")
+    g.add_argument("--causal", type=_bool, nargs="+", default=[False], metavar="C",
+                   help="causal mask per axis, e.g. --causal 1 0")
+    g.add_argument("--extra-kv", type=_non_negative, default=0, metavar="N",
+                   help="additional key/value tokens every query attends to")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="element type (default float32 CPU / float16 CUDA)")
+    r = p.add_argument_group("run")
+    r.add_argument("--backend", nargs="+", default=None, metavar="NAME",
+                   help="backends to time; default: every backend usable on the device")
+    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cuda if available, else cpu")
+    r.add_argument("--backprop", action="store_true", help="also time forward+backward")
+    r.add_argument("--warmup", type=_non_negative, default=3, help="untimed runs before timing")
+    r.add_argument("--repeat", type=_positive, default=10, help="timed runs (the median is reported)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="list the backends that can run the problem, and why others cannot, without timing")
+    r.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
+    r.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def problem_from_args(args: argparse.Namespace, device: str) -> Problem:
+    defaults = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+    return Problem(
+        input_size=tuple(args.input_size or defaults["input_size"]),
+        batch=args.batch_size or defaults["batch"],
+        heads=args.heads,
+        heads_kv=args.heads_kv,
+        dim=args.dim or defaults["dim"],
+        dim_value=args.dim_value,
+        kernel_size=tuple(args.kernel_size),
+        stride=tuple(args.stride),
+        dilation=tuple(args.dilation),
+        is_causal=tuple(args.causal),
+        extra_kv=args.extra_kv,
+        dtype=args.dtype or defaults["dtype"],
+        device=device,
+        seed=args.seed,
+    )
+
+
+def resolve_device(text: Optional[str]) -> str:
+    device = text or default_device()
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise CliError(f"--device {device!r} is not a device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise CliError(f"--device {device}: only cpu and cuda are supported")
+    return str(dev)
+
+
+# ----------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------
+
+
+def device_backends(device: str) -> list:
+    """Backend names usable on the device type, in natten's order of preference."""
+    from natten import backends
+
+    return list(backends.names_for_device(torch.device(device).type))
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def check_backend(problem: Problem, backend: str) -> Optional[str]:
+    """None when ``backend`` can run ``problem``; otherwise natten's reason why not.
+
+    natten validates every argument, and whether an explicitly requested backend supports
+    the problem, before any kernel runs; a single untimed forward call on the problem's
+    inputs answers the question exactly.
+    """
+    inputs = problem.make_inputs(requires_grad=False)
+    try:
+        with torch.no_grad():
+            problem.call(inputs, backend)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        return _reason(e)
+    finally:
+        if problem.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return None
+
+
+def device_line(device: str) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        name = torch.cuda.get_device_name(index)
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"device: {device} ({name}, SM{major}{minor})  torch {torch.__version__}"
+    return f"device: cpu ({torch.get_num_threads()} threads)  torch {torch.__version__}"
+
+
+# ----------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------
+
+
+def _fmt(x: float, digits: int) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _fmt_rate(x: float) -> str:
+    if x is None or math.isnan(x):
+        return "-"
+    return f"{x:.3f}" if x >= 1 else f"{x:.3g}"
+
+
+def format_table(rows: list) -> str:
+    header = ("backend", "pass", "median ms", "min ms", "TFLOP/s")
+    body = []
+    for t in rows:
+        if t.error:
+            body.append((t.backend, t.pass_name, "-", "-", "-"))
+        else:
+            body.append((t.backend, t.pass_name, _fmt(t.median_ms, 3), _fmt(t.min_ms, 3), _fmt_rate(t.tflops)))
+    widths = [max(len(str(r[i])) for r in [header] + body) for i in range(len(header))]
+    lines = []
+    for n, r in enumerate([header] + body):
+        cells = [str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_flops(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return str(n)
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------
+
+
+def dry_run(problem: Problem, requested: Optional[list], out) -> dict:
+    available = device_backends(problem.device)
+    names = list(requested) if requested else list(dict.fromkeys(list(available) + list(KNOWN_BACKENDS)))
+    listing = []
+    for name in names:
+        if name not in available:
+            where = torch.device(problem.device).type
+            reason = f"not available on {where} (usable there: {', '.join(available) or 'none'})"
+            if name not in KNOWN_BACKENDS:
+                reason = f"unknown backend (known: {', '.join(KNOWN_BACKENDS)})"
+        else:
+            reason = check_backend(problem, name)
+        listing.append({"backend": name, "usable": reason is None, "reason": reason})
+    width = max(len(r["backend"]) for r in listing)
+    print(f"{'backend'.ljust(width)}  usable  reason", file=out)
+    print(f"{'-' * width}  ------  ------", file=out)
+    for r in listing:
+        print(f"{r['backend'].ljust(width)}  {'yes' if r['usable'] else 'no':6}  {r['reason'] or ''}".rstrip(), file=out)
+    return {"backends": listing}
+
+
+def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warmup: int, repeat: int, out) -> dict:
+    available = device_backends(problem.device)
+    if requested:
+        unknown = [b for b in requested if b not in available]
+        if unknown:
+            raise CliError(
+                f"--backend {' '.join(unknown)}: not available on {problem.device} "
+                f"(usable there: {', '.join(available) or 'none'})"
+            )
+        names = list(requested)
+    else:
+        names = available
+    if not names:
+        raise CliError(f"no natten backend is available on {problem.device}")
+
+    rows: list = []
+    skipped: dict = {}
+    jobs = [(b, p) for b in names for p in passes]
+    for i, (backend, pass_name) in enumerate(jobs, 1):
+        if backend in skipped:
+            continue
+        progress(f"[{i}/{len(jobs)}] {backend} {pass_name} ...")
+        try:
+            timing = time_pass(problem, backend, pass_name, warmup, repeat)
+        except (ValueError, TypeError, NotImplementedError) as e:
+            if requested:
+                raise CliError(f"backend {backend!r} cannot run this problem ({pass_name}): {_reason(e)}") from None
+            if pass_name == "forward":
+                skipped[backend] = _reason(e)
+                continue
+            timing = Timing(backend, pass_name, error=_reason(e))
+        rows.append(timing)
+        if not timing.error:
+            progress(f"[{i}/{len(jobs)}] {backend} {pass_name}: {timing.median_ms:.3f} ms")
+
+    if not rows:
+        reasons = "; ".join(f"{b}: {r}" for b, r in skipped.items())
+        raise CliError(f"no backend can run this problem: {reasons}")
+    print(format_table(rows), file=out)
+    for t in rows:
+        if t.error:
+            print(f"{t.backend} {t.pass_name}: not supported: {t.error}", file=out)
+    for backend, reason in skipped.items():
+        print(f"skipped {backend}: {reason}", file=out)
+    timer = "CUDA events" if problem.device.startswith("cuda") else "time.perf_counter"
+    print(f"Median of {repeat} runs after {warmup} warm-up runs ({timer}).", file=out)
+    print(FLOPS_NOTE, file=out)
+    return {
+        "results": [t.to_dict() for t in rows],
+        "skipped": [{"backend": b, "reason": r} for b, r in skipped.items()],
+        "warmup": warmup,
+        "repeat": repeat,
+        "timer": timer,
+        "flops_convention": FLOPS_NOTE,
+    }
+
+
+def main(argv: Optional[list] = None, out=None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 bad arguments or unusable problem)."""
+    out = out or sys.stdout
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        try:
+            problem = problem_from_args(args, device)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        try:
+            fwd_flops = problem.forward_flops()
+        except (ValueError, RuntimeError) as e:
+            raise CliError(f"invalid problem: {_reason(e)}") from None
+        print(f"natten profiler  {device_line(device)}", file=out)
+        print(f"problem: {problem.describe()}", file=out)
+        print(f"forward: {format_flops(fwd_flops)} multiply-adds", file=out)
+        print("", file=out)
+        report = {"problem": problem.to_dict(), "device": device_line(device), "forward_multiply_adds": fwd_flops}
+        if args.dry_run:
+            report.update(dry_run(problem, args.backend, out))
+        else:
+            passes = PASSES if args.backprop else PASSES[:1]
+            report.update(run_timings(problem, args.backend, passes, args.warmup, args.repeat, out))
+    except CliError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        directory = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(directory, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}", file=out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

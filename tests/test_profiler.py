@@ -1,0 +1,175 @@
+"""The profiler CLI, in-process and as `python -m natten.profiler`."""
+
+import importlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("natten._C")
+
+from natten.flops import fna_flops  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _profiler_module():
+    """`natten.profiler` when installed; the source folder `profiler/` otherwise."""
+    try:
+        return "natten.profiler", importlib.import_module("natten.profiler.cli")
+    except ImportError:
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        return "profiler", importlib.import_module("profiler.cli")
+
+
+MODULE, cli = _profiler_module()
+
+TINY = ["-i", "9", "8", "-b", "2", "-n", "2", "-d", "8", "-k", "3", "--warmup", "1", "--repeat", "2", "--device", "cpu"]
+
+
+def run_main(args, capsys):
+    out = io.StringIO()
+    rc = cli.main(args, out=out)
+    captured = capsys.readouterr()
+    return rc, out.getvalue(), captured.err
+
+
+def run_subprocess(args, timeout=300):
+    env = dict(os.environ)
+    cwd = REPO if MODULE == "profiler" else None
+    return subprocess.run(
+        [sys.executable, "-m", MODULE, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+    )
+
+
+def table_rows(text):
+    """(backend, pass, median, min, tflops) rows of the result table."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("backend"))
+    rows = []
+    for line in lines[start + 2:]:
+        parts = line.split()
+        if len(parts) != 5:
+            break
+        rows.append(parts)
+    return rows
+
+
+# ---- in-process ------------------------------------------------------------------------
+
+
+def test_forward_table(capsys):
+    rc, out, err = run_main(TINY, capsys)
+    assert rc == 0, err
+    assert "problem: na2d  input 9x8  batch 2  heads 2  dim 8  kernel 3x3" in out
+    assert "device: cpu" in out
+    rows = table_rows(out)
+    assert [r[:2] for r in rows] == [["cpu", "forward"]]
+    assert float(rows[0][2]) > 0 and float(rows[0][4]) > 0
+    assert "2 flops per multiply-add" in out and "3.5x forward" in out
+    assert "cpu forward" in err  # progress goes to stderr
+
+
+def test_backprop_and_json(tmp_path, capsys):
+    path = tmp_path / "sub" / "result.json"
+    args = TINY + ["--backprop", "--causal", "1", "0", "--stride", "1", "2", "--extra-kv", "3", "--json", str(path)]
+    rc, out, err = run_main(args, capsys)
+    assert rc == 0, err
+    assert [r[:2] for r in table_rows(out)] == [["cpu", "forward"], ["cpu", "fwd+bwd"]]
+    report = json.loads(path.read_text())
+    assert report["problem"]["input_size"] == [9, 8]
+    assert report["problem"]["is_causal"] == [True, False]
+    fwd = fna_flops(2, 2, (9, 8), 8, 3, (1, 2), 1, (True, False), num_extra_kv=3)
+    assert report["forward_multiply_adds"] == fwd
+    by_pass = {r["pass"]: r for r in report["results"]}
+    assert by_pass["forward"]["flops"] == 2 * fwd
+    assert by_pass["fwd+bwd"]["flops"] == int(3.5 * 2 * fwd)
+    for r in report["results"]:
+        assert r["backend"] == "cpu" and r["error"] is None
+        assert len(r["times_ms"]) == 2 and r["median_ms"] > 0
+
+
+def test_gqa_dims_and_rank3(capsys):
+    args = ["-i", "4", "5", "6", "-n", "4", "--heads-kv", "2", "-d", "8", "--dim-value", "16",
+            "-k", "3", "2", "3", "--dilation", "1", "2", "1", "--warmup", "0", "--repeat", "1", "--device", "cpu"]
+    rc, out, err = run_main(args, capsys)
+    assert rc == 0, err
+    assert "na3d" in out and "heads 4 (kv 2)" in out and "dim 8 (v 16)" in out
+    assert table_rows(out)[0][:2] == ["cpu", "forward"]
+
+
+def test_dry_run_lists_backends(capsys):
+    rc, out, err = run_main(TINY + ["--dry-run"], capsys)
+    assert rc == 0, err
+    listing = {line.split()[0]: line for line in out.splitlines()[out.splitlines().index(
+        next(line for line in out.splitlines() if line.startswith("backend"))) + 2:] if line.strip()}
+    assert listing["cpu"].split()[1] == "yes"
+    for name in ("reference", "cutlass-fna", "hopper-fna", "flex-fna"):
+        assert listing[name].split()[1] == "no" and "not available on cpu" in listing[name]
+    assert "median ms" not in out  # nothing timed
+
+
+def test_dry_run_explains_rejection(capsys):
+    rc, out, err = run_main(["-i", "8", "-k", "3", "--dilation", "3", "--device", "cpu", "--dry-run"], capsys)
+    assert rc == 0, err
+    cpu_line = next(line for line in out.splitlines() if line.startswith("cpu "))
+    assert cpu_line.split()[1] == "no" and len(cpu_line.split()) > 2  # a reason is given
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["-i", "8", "8", "-k", "3", "3", "3"], "kernel size"),
+        (["-i", "8", "8", "-k", "9"], ""),  # window larger than the input: natten's reason
+        (["-i", "8", "8", "-k", "3", "--backend", "no-such-backend"], "no-such-backend"),
+        (["-i", "8", "8", "-n", "3", "--heads-kv", "2", "-k", "3", "--backend", "cpu"], ""),
+    ],
+)
+def test_bad_problem_is_a_clean_error(args, needle, capsys):
+    rc, out, err = run_main(args + ["--device", "cpu", "--warmup", "0", "--repeat", "1"], capsys)
+    assert rc == 2
+    assert "natten-profiler: error:" in err and needle in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [["--causal", "maybe"], ["-k", "0"], ["--dtype", "int8"], ["-i"]])
+def test_bad_arguments_argparse(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+# ---- subprocess ------------------------------------------------------------------------
+
+
+def test_subprocess_tiny_json(tmp_path):
+    path = tmp_path / "r.json"
+    proc = run_subprocess(TINY + ["--backprop", "--json", str(path)])
+    assert proc.returncode == 0, proc.stderr
+    assert [r[:2] for r in table_rows(proc.stdout)] == [["cpu", "forward"], ["cpu", "fwd+bwd"]]
+    report = json.loads(path.read_text())
+    assert {r["pass"] for r in report["results"]} == {"forward", "fwd+bwd"}
+
+
+def test_subprocess_dry_run():
+    proc = run_subprocess(TINY + ["--dry-run"])
+    assert proc.returncode == 0, proc.stderr
+    assert "usable" in proc.stdout and "cpu" in proc.stdout
+
+
+def test_subprocess_error_has_no_traceback():
+    proc = run_subprocess(["-i", "8", "8", "-k", "9", "--device", "cpu"])
+    assert proc.returncode == 2
+    assert "natten-profiler: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_subprocess_default_problem_cpu():
+    proc = run_subprocess(["--device", "cpu"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "input 32x32  batch 1  heads 4  dim 32  kernel 7x7" in proc.stdout
+    assert table_rows(proc.stdout)[0][:2] == ["cpu", "forward"]
