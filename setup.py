@@ -27,7 +27,9 @@ def extension():
         name="natten._C",
         sources=["cutlass_kernels/binding/torch_binding.cpp", *generate.sources()],
         include_dirs=[str(ROOT / "cutlass_kernels")],
-        extra_compile_args={"cxx": ["-O3", f"-march={arch}", "-fno-math-errno", "-std=c++17"]},
+        # -fopenmp: at::parallel_for is inline header code that is serial without it.
+        extra_compile_args={"cxx": ["-O3", f"-march={arch}", "-fno-math-errno", "-fopenmp", "-std=c++17"]},
+        extra_link_args=["-fopenmp"],
     )
 
 

@@ -202,8 +202,8 @@ def check_qk(rank: int, query, key, kernel_size, stride, dilation, is_causal, rp
             raise ValueError(f"rpb must be of shape {expected} (heads, 2k-1 per axis), got {tuple(rpb.shape)}")
         if rpb.device != query.device:
             raise ValueError(f"rpb is on {rpb.device} but query is on {query.device}")
-        if rpb.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"rpb has dtype {rpb.dtype}; supported: float32, float64, float16, bfloat16")
+        if rpb.dtype != query.dtype:
+            raise ValueError(f"rpb has dtype {rpb.dtype} but query has {query.dtype}")
     return window
 
 

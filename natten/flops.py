@@ -248,6 +248,8 @@ HANDLES = {
 def add_natten_handle(counter):
     """Register natten's FLOP handles on an fvcore ``FlopCountAnalysis``; returns it."""
     _import_fvcore()
+    import natten  # noqa: F401  (registers the ops)
+
     return counter.set_op_handle(**HANDLES)
 
 

@@ -19,7 +19,8 @@ __all__ = [
 
 
 def _window_lists(window):
-    return list(window.kernel_size), list(window.stride), list(window.dilation), list(window.is_causal)
+    return (list(window.kernel_size), list(window.stride), list(window.dilation),
+            [int(c) for c in window.is_causal])
 
 
 def _tiles(name_q, q_tile, name_kv, kv_tile, backend, problem, backward):
@@ -74,8 +75,6 @@ fused_na1d, fused_na2d, fused_na3d = na1d, na2d, na3d
 
 def _qk(rank, query, key, kernel_size, stride, dilation, is_causal, rpb):
     window = check_qk(rank, query, key, kernel_size, stride, dilation, is_causal, rpb)
-    if rpb is not None:
-        rpb = rpb.to(query.dtype)
     return ops.na_qk(query, key, rpb, *_window_lists(window))
 
 
@@ -139,6 +138,7 @@ def _unfused_attention(rank, q, k, v, kernel_size, stride, dilation, is_causal, 
                        attn_drop: float, training: bool) -> Tensor:
     """softmax(scale q k^T + rpb) v through the unfused ops; what modules use when they need
     the attention weights (relative positional bias, attention dropout)."""
+    rpb = None if rpb is None else rpb.to(q.dtype)
     attn = _qk(rank, q * scale, k, kernel_size, stride, dilation, is_causal, rpb)
     attn = torch.nn.functional.dropout(attn.softmax(dim=-1), attn_drop, training)
     return _av(rank, attn, v, kernel_size, stride, dilation, is_causal)

@@ -1,6 +1,9 @@
 """The custom operators (torch.library): real implementations that call a backend, fake
 implementations for tracing, and autograd through the matching backward operators. Arguments
-arrive validated and normalised by natten.functional."""
+arrive validated and normalised by natten.functional.
+
+Causal flags travel as int[] (0/1): torch.jit's tracer, which fvcore counts FLOPs with, cannot
+record bool[] arguments."""
 
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 @torch.library.custom_op("natten::fna_forward", mutates_args=())
 def fna_forward(query: Tensor, key: Tensor, value: Tensor, additional_keys: Optional[Tensor],
                 additional_values: Optional[Tensor], kernel_size: List[int], stride: List[int],
-                dilation: List[int], is_causal: List[bool], scale: float, backend: str,
+                dilation: List[int], is_causal: List[int], scale: float, backend: str,
                 q_tile_shape: List[int], kv_tile_shape: List[int], backward_q_tile_shape: List[int],
                 backward_kv_tile_shape: List[int]) -> Tuple[Tensor, Tensor]:
     return backends.get(backend).fna_forward(
@@ -51,13 +54,13 @@ def _(query, key, value, additional_keys, additional_values, kernel_size, stride
 
 
 @torch.library.custom_op("natten::fna_backward", mutates_args=())
-def fna_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
+def fna_backward(d_out: Tensor, d_lse: Optional[Tensor], query: Tensor, key: Tensor, value: Tensor,
                  additional_keys: Optional[Tensor], additional_values: Optional[Tensor], out: Tensor,
                  lse: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
-                 is_causal: List[bool], scale: float, backend: str, q_tile_shape: List[int],
+                 is_causal: List[int], scale: float, backend: str, q_tile_shape: List[int],
                  kv_tile_shape: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = backends.get(backend).fna_backward(
-        d_out.contiguous(), query.contiguous(), key.contiguous(), value.contiguous(),
+        d_out.contiguous(), _dense(d_lse), query.contiguous(), key.contiguous(), value.contiguous(),
         _dense(additional_keys), _dense(additional_values), out.contiguous(), lse.contiguous(),
         _window(kernel_size, stride, dilation, is_causal), scale, tuple(q_tile_shape),
         tuple(kv_tile_shape))
@@ -65,7 +68,7 @@ def fna_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
 
 
 @fna_backward.register_fake
-def _(d_out, query, key, value, additional_keys, additional_values, out, lse, kernel_size, stride,
+def _(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse, kernel_size, stride,
       dilation, is_causal, scale, backend, q_tile_shape, kv_tile_shape):
     extra = [_empty_if_none(None if t is None else torch.empty_like(t), query)
              for t in (additional_keys, additional_values)]
@@ -79,13 +82,13 @@ def _fna_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, ek, ev, out, lse)
     ctx.args = (kernel_size, stride, dilation, is_causal, scale, backend, bwd_q_tile, bwd_kv_tile)
     ctx.has_extra = ek is not None
-    # The logsumexp is an output for merging partial attentions, not a training signal.
-    ctx.mark_non_differentiable(lse)
 
 
-def _fna_backward(ctx, d_out, _d_lse):
+def _fna_backward(ctx, d_out, d_lse):
     q, k, v, ek, ev, out, lse = ctx.saved_tensors
-    d_q, d_k, d_v, d_ek, d_ev = fna_backward(d_out, q, k, v, ek, ev, out, lse, *ctx.args)
+    if d_out is None:  # only the logsumexp was used
+        d_out = torch.zeros_like(out)
+    d_q, d_k, d_v, d_ek, d_ev = fna_backward(d_out, d_lse, q, k, v, ek, ev, out, lse, *ctx.args)
     if not ctx.has_extra:
         d_ek = d_ev = None
     return (d_q, d_k, d_v, d_ek, d_ev) + (None,) * 10
@@ -98,7 +101,7 @@ fna_forward.register_autograd(_fna_backward, setup_context=_fna_setup)
 
 @torch.library.custom_op("natten::na_qk", mutates_args=())
 def na_qk(query: Tensor, key: Tensor, rpb: Optional[Tensor], kernel_size: List[int],
-          stride: List[int], dilation: List[int], is_causal: List[bool]) -> Tensor:
+          stride: List[int], dilation: List[int], is_causal: List[int]) -> Tensor:
     return backends.for_unfused(query.device.type).na_qk(
         query.contiguous(), key.contiguous(), _dense(rpb),
         _window(kernel_size, stride, dilation, is_causal))
@@ -115,7 +118,7 @@ def _(query, key, rpb, kernel_size, stride, dilation, is_causal):
 @torch.library.custom_op("natten::na_qk_backward", mutates_args=())
 def na_qk_backward(d_attn: Tensor, query: Tensor, key: Tensor, has_rpb: bool,
                    kernel_size: List[int], stride: List[int], dilation: List[int],
-                   is_causal: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+                   is_causal: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
     d_q, d_k, d_rpb = backends.for_unfused(query.device.type).na_qk_backward(
         d_attn.contiguous(), query.contiguous(), key.contiguous(), has_rpb,
         _window(kernel_size, stride, dilation, is_causal))
@@ -146,7 +149,7 @@ na_qk.register_autograd(_qk_backward, setup_context=_qk_setup)
 
 @torch.library.custom_op("natten::na_av", mutates_args=())
 def na_av(attn: Tensor, value: Tensor, kernel_size: List[int], stride: List[int],
-          dilation: List[int], is_causal: List[bool]) -> Tensor:
+          dilation: List[int], is_causal: List[int]) -> Tensor:
     return backends.for_unfused(value.device.type).na_av(
         attn.contiguous(), value.contiguous(), _window(kernel_size, stride, dilation, is_causal))
 
@@ -159,7 +162,7 @@ def _(attn, value, kernel_size, stride, dilation, is_causal):
 @torch.library.custom_op("natten::na_av_backward", mutates_args=())
 def na_av_backward(d_out: Tensor, attn: Tensor, value: Tensor, kernel_size: List[int],
                    stride: List[int], dilation: List[int],
-                   is_causal: List[bool]) -> Tuple[Tensor, Tensor]:
+                   is_causal: List[int]) -> Tuple[Tensor, Tensor]:
     return backends.for_unfused(value.device.type).na_av_backward(
         d_out.contiguous(), attn.contiguous(), value.contiguous(),
         _window(kernel_size, stride, dilation, is_causal))

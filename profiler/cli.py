@@ -174,11 +174,24 @@ def _reason(exc: BaseException) -> str:
 def check_backend(problem: Problem, backend: str) -> Optional[str]:
     """None when ``backend`` can run ``problem``; otherwise natten's reason why not.
 
-    natten validates every argument, and whether an explicitly requested backend supports
-    the problem, before any kernel runs; a single untimed forward call on the problem's
-    inputs answers the question exactly.
+    Asks natten's argument checks and the backend's own support test (no kernel runs).
+    Where those are not reachable, a single untimed forward call answers instead: natten
+    validates arguments and backend support before any kernel runs.
     """
     inputs = problem.make_inputs(requires_grad=False)
+    try:
+        from natten import _checks, backends
+
+        fused, _ = _checks.check_fused(
+            problem.rank, inputs["query"], inputs["key"], inputs["value"], problem.kernel_size,
+            problem.stride, problem.dilation, problem.is_causal, None,
+            inputs.get("additional_keys"), inputs.get("additional_values"),
+        )
+        return backends.get(backend).unsupported(fused)
+    except (ValueError, TypeError) as e:
+        return _reason(e)
+    except (ImportError, AttributeError):
+        pass
     try:
         with torch.no_grad():
             problem.call(inputs, backend)

@@ -249,12 +249,15 @@ GEOMETRY_CASES = [
     Case((10,), 1, D=8),
     Case((14,), 7, stride=3, causal=True, extra=3, Dv=8),
     Case((20,), 4, dilation=5, H=3, Hkv=1),  # k*d == L, MQA
+    Case((1,), 1, B=2),  # smallest grid
+    Case((7,), 2, stride=2, dilation=3, causal=True, extra=1),  # groups of lengths 3, 2, 2
     # 2D
     Case((9, 10), (3, 4), stride=(1, 2), dilation=(2, 1), causal=(True, False), B=2),
     Case((8, 8), 4, stride=4, broadcast_args=True),  # blocked
     Case((7, 9), (7, 3), D=8, Dv=16),  # kernel == extent on one axis
     Case((6, 11), (5, 5), dilation=(1, 2), causal=(False, True), H=4, Hkv=2, extra=4),
     Case((5, 7), (2, 3), stride=(2, 3), causal=True, scale=0.3),
+    Case((1, 6), (1, 3), causal=(True, True), H=2, Hkv=1),  # extent-1 axis
     Case((8, 6), (4, 2), dilation=(2, 3), stride=(3, 1), H=4, Hkv=1, B=2, noncontig=True),
     # 3D
     Case((4, 5, 6), (3, 2, 3), stride=(1, 2, 3)),

@@ -24,6 +24,7 @@ void sgemm_(char const*, char const*, int const*, int const*, int const*, float 
 void dgemm_(char const*, char const*, int const*, int const*, int const*, double const*,
             double const*, int const*, double const*, int const*, double const*, double*,
             int const*) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // the by-value C entry point
 }
 
 namespace natten {
@@ -35,7 +36,13 @@ class TorchHostServices final : public cpu::HostServices {
 
   void parallel_for(int64_t n, int64_t grain,
                     std::function<void(int64_t, int64_t)> const& fn) const override {
-    at::parallel_for(0, n, grain, fn);
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      // torch turns MKL's dynamic threading off, so a BLAS call inside a worker would start a
+      // nested team and oversubscribe the cores; each worker's calls stay on its own thread.
+      int const previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+      fn(begin, end);
+      if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+    });
   }
 
   // BLAS is column-major: a row-major product C = op(A) op(B) is the column-major product
@@ -160,7 +167,7 @@ void fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Ten
 
 void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
                   std::optional<at::Tensor> extra_v, at::Tensor out, at::Tensor lse,
-                  at::Tensor d_out, Window const& w, double scale, std::vector<int64_t> q_tile,
+                  at::Tensor d_out, std::optional<at::Tensor> d_lse, Window const& w, double scale, std::vector<int64_t> q_tile,
                   int64_t kv_chunk, at::Tensor d_q, at::Tensor d_k, at::Tensor d_v,
                   std::optional<at::Tensor> d_extra_k, std::optional<at::Tensor> d_extra_v) {
   require_cpu_dense({&q, &k, &v, &out, &lse, &d_out, &d_q, &d_k, &d_v});
@@ -176,6 +183,7 @@ void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Te
   t.out = out.data_ptr();
   t.lse = lse.data_ptr();
   t.d_out = d_out.data_ptr();
+  t.d_lse = ptr(d_lse);
   t.d_q = d_q.data_ptr();
   t.d_k = d_k.data_ptr();
   t.d_v = d_v.data_ptr();

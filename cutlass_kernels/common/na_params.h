@@ -44,7 +44,8 @@ struct NaProblem {
 };
 
 // Fused attention: forward reads q/k/v(/extra) and writes out and lse; backward also reads
-// d_out and writes the five gradients (extra ones only when num_extra > 0).
+// d_out (and d_lse when the logsumexp was used) and writes the five gradients (extra ones only
+// when num_extra > 0).
 struct FnaTensors {
   void const* q = nullptr;
   void const* k = nullptr;
@@ -54,6 +55,7 @@ struct FnaTensors {
   void* out = nullptr;
   void* lse = nullptr;
   void const* d_out = nullptr;
+  void const* d_lse = nullptr;  // optional gradient of lse (accumulation type)
   void* d_q = nullptr;
   void* d_k = nullptr;
   void* d_v = nullptr;

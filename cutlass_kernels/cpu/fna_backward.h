@@ -1,6 +1,7 @@
 // Fused neighbourhood attention backward on the CPU, in the FlashAttention-2 manner: scores
 // and probabilities are recomputed per (query tile, key chunk) from the saved logsumexp, and
-// delta = rowsum(dO * O) replaces the softmax Jacobian. dQ of a tile is owned by one worker;
+// delta = rowsum(dO * O) - dLSE replaces the softmax Jacobian (dLSE/dS = P, so the gradient of
+// the logsumexp folds into the same term). dQ of a tile is owned by one worker;
 // dK/dV are scattered into per-worker accumulators (each worker owns one kv head of one batch
 // and a slice of the query tiles) that are summed in a fixed order at the end, so the result
 // is deterministic for a given thread count and no atomics are needed.
@@ -33,6 +34,7 @@ void fna_backward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& 
   auto const* out = static_cast<T const*>(t.out);
   auto const* d_out = static_cast<T const*>(t.d_out);
   auto const* lse = static_cast<A const*>(t.lse);
+  auto const* d_lse = static_cast<A const*>(t.d_lse);
   A const scale = static_cast<A>(p.scale);
 
   // Enough workers to occupy every thread twice over, never more than there are tiles.
@@ -68,17 +70,16 @@ void fna_backward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& 
             T const* orow = out + o_rows.offset(b, tok, h);
             A sum = 0;
             for (int64_t d = 0; d < Dv; ++d) sum += go[i * Dv + d] * to_accum<A>(orow[d]);
-            delta[i] = sum;
+            delta[i] = d_lse ? sum - d_lse[(b * N + tok) * H + h] : sum;
           }
           dq.assign(nq * D, A(0));
 
-          // Gradients from keys [j0, j0 + c) gathered in kc/vc; their dK/dV rows land in
-          // dk_dst(j)/dv_dst(j).
-          auto backprop = [&](int64_t j0, int64_t c, bool masked, auto dk_dst, auto dv_dst) {
+          // Gradients from keys [j0, j0 + c); their dK/dV rows land in dk_dst(j)/dv_dst(j).
+          auto backprop = [&](int64_t j0, int64_t c, KeyChunk<A> const& kv, bool masked,
+                              auto dk_dst, auto dv_dst) {
             s.resize(nq * c);
             dp.resize(nq * c);
-            host.gemm(false, true, nq, c, D, A(1), qs.data(), D, kc.data(), D, A(0), s.data(),
-                      c);
+            host.gemm(false, true, nq, c, D, A(1), qs.data(), D, kv.k, kv.ldk, A(0), s.data(), c);
             for (int64_t i = 0; i < nq; ++i) {
               A* row = s.data() + i * c;
               if (masked) view.mask_row(i, j0, j0 + c, row);
@@ -91,42 +92,42 @@ void fna_backward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& 
                       tmp.data(), Dv);
             for (int64_t j = 0; j < c; ++j) add_row(tmp.data() + j * Dv, Dv, dv_dst(j0 + j));
             // dS = P * (dO V^T - delta)
-            host.gemm(false, true, nq, c, Dv, A(1), go.data(), Dv, vc.data(), Dv, A(0),
-                      dp.data(), c);
+            host.gemm(false, true, nq, c, Dv, A(1), go.data(), Dv, kv.v, kv.ldv, A(0), dp.data(),
+                      c);
             for (int64_t i = 0; i < nq; ++i) {
               A const* prow = s.data() + i * c;
               A* row = dp.data() + i * c;
               for (int64_t j = 0; j < c; ++j) row[j] = prow[j] * (row[j] - delta[i]);
             }
             // dQ += scale dS K;  dK = dS^T (scale Q)
-            host.gemm(false, false, nq, D, c, scale, dp.data(), c, kc.data(), D, A(1), dq.data(),
+            host.gemm(false, false, nq, D, c, scale, dp.data(), c, kv.k, kv.ldk, A(1), dq.data(),
                       D);
             host.gemm(true, false, c, D, nq, A(1), dp.data(), c, qs.data(), D, A(0), tmp.data(),
                       D);
             for (int64_t j = 0; j < c; ++j) add_row(tmp.data() + j * D, D, dk_dst(j0 + j));
           };
 
-          for_each_key_chunk<A>(
+          for_each_key_chunk<A, T>(
               view.num_k, cfg.kv_chunk, D, Dv,
               [&](int64_t j) {
                 int64_t const tok = view.k_token[j];
                 return std::make_pair(k + k_rows.offset(b, tok, hk),
                                       v + v_rows.offset(b, tok, hk));
               },
-              kc, vc, [&](int64_t j0, int64_t c) {
+              kc, vc, [&](int64_t j0, int64_t c, KeyChunk<A> const& kv) {
                 backprop(
-                    j0, c, true, [&](int64_t j) { return dk_acc + view.k_token[j] * D; },
+                    j0, c, kv, true, [&](int64_t j) { return dk_acc + view.k_token[j] * D; },
                     [&](int64_t j) { return dv_acc + view.k_token[j] * Dv; });
               });
-          for_each_key_chunk<A>(
+          for_each_key_chunk<A, T>(
               E, cfg.kv_chunk, D, Dv,
               [&](int64_t j) {
                 return std::make_pair(ek + ek_rows.offset(b, j, hk),
                                       ev + ev_rows.offset(b, j, hk));
               },
-              kc, vc, [&](int64_t j0, int64_t c) {
+              kc, vc, [&](int64_t j0, int64_t c, KeyChunk<A> const& kv) {
                 backprop(
-                    j0, c, false, [&](int64_t j) { return dek_acc + j * D; },
+                    j0, c, kv, false, [&](int64_t j) { return dek_acc + j * D; },
                     [&](int64_t j) { return dev_acc + j * Dv; });
               });
 

@@ -48,11 +48,10 @@ void fna_forward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& c
       m.assign(nq, A(-INFINITY));
       l.assign(nq, A(0));
 
-      // Scores of the tile against keys [j0, j0 + c) (gathered into kc/vc), folded into the
-      // running softmax state. `masked` is false for additional keys, which every query sees.
-      auto attend = [&](int64_t j0, int64_t c, bool masked) {
+      // Scores of the tile against keys [j0, j0 + c), folded into the running softmax state. `masked` is false for additional keys, which every query sees.
+      auto attend = [&](int64_t j0, int64_t c, KeyChunk<A> const& kv, bool masked) {
         s.resize(nq * c);
-        host.gemm(false, true, nq, c, D, A(1), qs.data(), D, kc.data(), D, A(0), s.data(), c);
+        host.gemm(false, true, nq, c, D, A(1), qs.data(), D, kv.k, kv.ldk, A(0), s.data(), c);
         for (int64_t i = 0; i < nq; ++i) {
           A* row = s.data() + i * c;
           if (masked && !view.mask_row(i, j0, j0 + c, row)) {
@@ -74,22 +73,22 @@ void fna_forward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& c
             for (int64_t d = 0; d < Dv; ++d) orow[d] *= alpha;
           }
         }
-        host.gemm(false, false, nq, Dv, c, A(1), s.data(), c, vc.data(), Dv, A(1), o.data(), Dv);
+        host.gemm(false, false, nq, Dv, c, A(1), s.data(), c, kv.v, kv.ldv, A(1), o.data(), Dv);
       };
 
-      for_each_key_chunk<A>(
+      for_each_key_chunk<A, T>(
           view.num_k, cfg.kv_chunk, D, Dv,
           [&](int64_t j) {
             int64_t const tok = view.k_token[j];
             return std::make_pair(k + k_rows.offset(b, tok, hk), v + v_rows.offset(b, tok, hk));
           },
-          kc, vc, [&](int64_t j0, int64_t c) { attend(j0, c, true); });
-      for_each_key_chunk<A>(
+          kc, vc, [&](int64_t j0, int64_t c, KeyChunk<A> const& kv) { attend(j0, c, kv, true); });
+      for_each_key_chunk<A, T>(
           E, cfg.kv_chunk, D, Dv,
           [&](int64_t j) {
             return std::make_pair(ek + ek_rows.offset(b, j, hk), ev + ev_rows.offset(b, j, hk));
           },
-          kc, vc, [&](int64_t j0, int64_t c) { attend(j0, c, false); });
+          kc, vc, [&](int64_t j0, int64_t c, KeyChunk<A> const& kv) { attend(j0, c, kv, false); });
 
       for (int64_t i = 0; i < nq; ++i) {
         int64_t const tok = view.q_token[i];

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -50,15 +51,40 @@ inline void store_row(A const* src, int64_t n, A scale, T* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = from_accum<T>(src[i] * scale);
 }
 
-// Walks `count` keys in chunks of at most `max_chunk`, gathering each chunk's key and value
-// rows (row_of(j) -> {key row, value row}) into kc [c, D] / vc [c, Dv], then calls fn(j0, c).
-template <typename A, typename RowOf, typename Fn>
+// Key and value rows of one chunk, as matrices with leading dimensions.
+template <typename A>
+struct KeyChunk {
+  A const* k;
+  int64_t ldk;
+  A const* v;
+  int64_t ldv;
+};
+
+// Walks `count` keys in chunks of at most `max_chunk` and calls fn(j0, c, chunk) with the rows
+// of keys [j0, j0 + c) (row_of(j) -> {key row, value row}). Rows are read in place when they
+// need no conversion and lie evenly spaced in memory (any run along one grid axis, so every
+// 1-D chunk), otherwise gathered into kc [c, D] / vc [c, Dv].
+template <typename A, typename T, typename RowOf, typename Fn>
 void for_each_key_chunk(int64_t count, int64_t max_chunk, int64_t D, int64_t Dv, RowOf row_of,
                         std::vector<A>& kc, std::vector<A>& vc, Fn fn) {
   if (count == 0) return;
   int64_t const chunk = chunk_length(count, max_chunk);
   for (int64_t j0 = 0; j0 < count; j0 += chunk) {
     int64_t const c = std::min(chunk, count - j0);
+    if constexpr (std::is_same_v<T, A>) {
+      auto const first = row_of(j0);
+      int64_t const ldk = c > 1 ? row_of(j0 + 1).first - first.first : D;
+      int64_t const ldv = c > 1 ? row_of(j0 + 1).second - first.second : Dv;
+      bool even = ldk >= D && ldv >= Dv;
+      for (int64_t j = 2; even && j < c; ++j) {
+        auto const rows = row_of(j0 + j);
+        even = rows.first - first.first == j * ldk && rows.second - first.second == j * ldv;
+      }
+      if (even) {
+        fn(j0, c, KeyChunk<A>{first.first, ldk, first.second, ldv});
+        continue;
+      }
+    }
     kc.resize(c * D);
     vc.resize(c * Dv);
     for (int64_t j = 0; j < c; ++j) {
@@ -66,7 +92,7 @@ void for_each_key_chunk(int64_t count, int64_t max_chunk, int64_t D, int64_t Dv,
       load_row(rows.first, D, A(1), kc.data() + j * D);
       load_row(rows.second, Dv, A(1), vc.data() + j * Dv);
     }
-    fn(j0, c);
+    fn(j0, c, KeyChunk<A>{kc.data(), D, vc.data(), Dv});
   }
 }
 

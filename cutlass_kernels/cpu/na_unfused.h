@@ -228,7 +228,9 @@ void na_qk_backward(NaProblem const& p, NaUnfusedTensors const& t, HostServices 
         store(dq_acc.data(), d_q + (row * h_count + h) * d, d);
       }
     }
-    for (int64_t y = 0; y < n; ++y) store(dk_acc + y * d, d_k + ((b * n + y) * hkv_count + hkv) * d, d);
+    for (int64_t y = 0; y < n; ++y) {
+      store(dk_acc + y * d, d_k + ((b * n + y) * hkv_count + hkv) * d, d);
+    }
   });
 
   if (t.d_rpb) {
@@ -304,7 +306,9 @@ void na_av_backward(NaProblem const& p, NaUnfusedTensors const& t, HostServices 
         });
       }
     }
-    for (int64_t y = 0; y < n; ++y) store(dv_acc + y * dv, d_v + ((b * n + y) * hkv_count + hkv) * dv, dv);
+    for (int64_t y = 0; y < n; ++y) {
+      store(dv_acc + y * dv, d_v + ((b * n + y) * hkv_count + hkv) * dv, dv);
+    }
   });
 }
 

@@ -50,9 +50,9 @@ class Backend:
         """Returns (out [B,*S,H,Dv], lse [B,*S,H]); inputs are dense."""
         raise NotImplementedError
 
-    def fna_backward(self, d_out, q, k, v, extra_k, extra_v, out, lse, window: Window, scale: float,
-                     q_tile: Tile, kv_tile: Tile):
-        """Returns (d_q, d_k, d_v, d_extra_k or None, d_extra_v or None)."""
+    def fna_backward(self, d_out, d_lse, q, k, v, extra_k, extra_v, out, lse, window: Window,
+                     scale: float, q_tile: Tile, kv_tile: Tile):
+        """Returns (d_q, d_k, d_v, d_extra_k or None, d_extra_v or None); d_lse may be None."""
         raise NotImplementedError
 
     # Unfused ops (attention weights materialised); backends without them leave these.

@@ -81,13 +81,14 @@ class CpuBackend(Backend):
                          math.prod(kv_tile), out, lse)
         return out, lse
 
-    def fna_backward(self, d_out, q, k, v, extra_k, extra_v, out, lse, window, scale, q_tile, kv_tile):
+    def fna_backward(self, d_out, d_lse, q, k, v, extra_k, extra_v, out, lse, window, scale, q_tile,
+                     kv_tile):
         d_q = new_output(q.shape, q.dtype, q.device)
         d_k = new_output(k.shape, k.dtype, k.device)
         d_v = new_output(v.shape, v.dtype, v.device)
         d_ek = None if extra_k is None else new_output(extra_k.shape, q.dtype, q.device)
         d_ev = None if extra_v is None else new_output(extra_v.shape, q.dtype, q.device)
-        _C().fna_backward(q, k, v, extra_k, extra_v, out, lse, d_out, _window_arg(window), scale,
+        _C().fna_backward(q, k, v, extra_k, extra_v, out, lse, d_out, d_lse, _window_arg(window), scale,
                           list(q_tile), math.prod(kv_tile), d_q, d_k, d_v, d_ek, d_ev)
         return d_q, d_k, d_v, d_ek, d_ev
 
