@@ -34,4 +34,34 @@ inline float softmax_exp(float x) {
 
 inline double softmax_exp(double x) { return std::exp(x); }
 
+// Reductions over independent lanes: without -ffast-math the compiler keeps one running
+// scalar (it may not reassociate), which serialises on the adder's latency.
+constexpr int kLanes = 16;
+
+template <typename A>
+A row_sum(A const* x, int64_t n) {
+  A lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lane[l] += x[j + l];
+  }
+  A sum = 0;
+  for (; j < n; ++j) sum += x[j];
+  for (int l = 0; l < kLanes; ++l) sum += lane[l];
+  return sum;
+}
+
+template <typename A>
+A row_dot(A const* x, A const* y, int64_t n) {
+  A lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lane[l] += x[j + l] * y[j + l];
+  }
+  A sum = 0;
+  for (; j < n; ++j) sum += x[j] * y[j];
+  for (int l = 0; l < kLanes; ++l) sum += lane[l];
+  return sum;
+}
+
 }  // namespace natten::cpu

@@ -47,7 +47,7 @@ void fna_backward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& 
 
   host.parallel_for(slices * splits, 1, [&](int64_t begin, int64_t end) {
     TileView<Rank> view;
-    std::vector<A> qs, go, delta, dq, kc, vc, s, dp, tmp;
+    std::vector<A> qs, go, delta, dq, kc, vc, s, dp, tmp, orow(Dv);
     for (int64_t item = begin; item < end; ++item) {
       int64_t const slice = item / splits, split = item % splits;
       int64_t const b = slice / Hkv, hk = slice % Hkv;
@@ -67,9 +67,8 @@ void fna_backward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& 
             int64_t const tok = view.q_token[i];
             load_row(q + q_rows.offset(b, tok, h), D, scale, qs.data() + i * D);
             load_row(d_out + o_rows.offset(b, tok, h), Dv, A(1), go.data() + i * Dv);
-            T const* orow = out + o_rows.offset(b, tok, h);
-            A sum = 0;
-            for (int64_t d = 0; d < Dv; ++d) sum += go[i * Dv + d] * to_accum<A>(orow[d]);
+            load_row(out + o_rows.offset(b, tok, h), Dv, A(1), orow.data());
+            A const sum = row_dot(go.data() + i * Dv, orow.data(), Dv);
             delta[i] = d_lse ? sum - d_lse[(b * N + tok) * H + h] : sum;
           }
           dq.assign(nq * D, A(0));
@@ -81,10 +80,8 @@ void fna_backward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& 
             dp.resize(nq * c);
             host.gemm(false, true, nq, c, D, A(1), qs.data(), D, kv.k, kv.ldk, A(0), s.data(), c);
             for (int64_t i = 0; i < nq; ++i) {
-              A* row = s.data() + i * c;
-              if (masked) view.mask_row(i, j0, j0 + c, row);
               A const row_lse = lse[(b * N + view.q_token[i]) * H + h];
-              for (int64_t j = 0; j < c; ++j) row[j] = softmax_exp(row[j] - row_lse);
+              exp_runs(masked ? &view : nullptr, i, j0, c, row_lse, s.data() + i * c);
             }
             // dV = P^T dO
             tmp.resize(c * std::max(D, Dv));

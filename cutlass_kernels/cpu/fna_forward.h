@@ -52,21 +52,20 @@ void fna_forward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& c
       auto attend = [&](int64_t j0, int64_t c, KeyChunk<A> const& kv, bool masked) {
         s.resize(nq * c);
         host.gemm(false, true, nq, c, D, A(1), qs.data(), D, kv.k, kv.ldk, A(0), s.data(), c);
+        TileView<Rank> const* runs = masked ? &view : nullptr;
         for (int64_t i = 0; i < nq; ++i) {
           A* row = s.data() + i * c;
-          if (masked && !view.mask_row(i, j0, j0 + c, row)) {
+          A mx = -INFINITY;
+          for_each_run(runs, i, j0, c, [&](int64_t b, int64_t e) {
+            for (int64_t j = b; j < e; ++j) mx = std::max(mx, row[j]);
+          });
+          if (mx == A(-INFINITY)) {  // the row sees none of these keys
             std::fill(row, row + c, A(0));
             continue;
           }
-          A mx = m[i];
-          for (int64_t j = 0; j < c; ++j) mx = std::max(mx, row[j]);
-          A sum = 0;
-          for (int64_t j = 0; j < c; ++j) {
-            row[j] = softmax_exp(row[j] - mx);
-            sum += row[j];
-          }
+          mx = std::max(mx, m[i]);
           A const alpha = softmax_exp(m[i] - mx);
-          l[i] = l[i] * alpha + sum;
+          l[i] = l[i] * alpha + exp_runs(runs, i, j0, c, mx, row);
           m[i] = mx;
           if (alpha != A(1)) {
             A* orow = o.data() + i * Dv;

@@ -96,6 +96,33 @@ void for_each_key_chunk(int64_t count, int64_t max_chunk, int64_t D, int64_t Dv,
   }
 }
 
+// Visits the runs of keys [j0, j0 + c) that query row i sees: all of them for additional keys
+// (view == nullptr), the visible runs of the tile's key box otherwise. Offsets are relative
+// to j0.
+template <int Rank, typename Fn>
+void for_each_run(TileView<Rank> const* view, int64_t i, int64_t j0, int64_t c, Fn fn) {
+  if (view == nullptr) {
+    fn(int64_t(0), c);
+    return;
+  }
+  view->for_each_visible_run(i, j0, j0 + c, [&](int64_t b, int64_t e) { fn(b - j0, e - j0); });
+}
+
+// row[j] = exp(row[j] - shift) on the runs, 0 between them; returns the sum. The exponential
+// runs over the whole row, where it vectorises (runs can be a few keys long); what it makes of
+// keys outside the runs, overflow included, is then overwritten.
+template <int Rank, typename A>
+A exp_runs(TileView<Rank> const* view, int64_t i, int64_t j0, int64_t c, A shift, A* row) {
+  for (int64_t j = 0; j < c; ++j) row[j] = softmax_exp(row[j] - shift);
+  int64_t done = 0;
+  for_each_run(view, i, j0, c, [&](int64_t b, int64_t e) {
+    std::fill(row + done, row + b, A(0));
+    done = e;
+  });
+  std::fill(row + done, row + c, A(0));
+  return row_sum(row, c);
+}
+
 template <typename A>
 inline void add_row(A const* src, int64_t n, A* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <array>
 #include <cstdint>
 #include <vector>
@@ -75,8 +74,7 @@ struct TileView {
   int64_t num_k = 1;
   std::vector<int64_t> q_token;  // [num_q]
   std::vector<int64_t> k_token;  // [num_k]
-  std::array<std::vector<int32_t>, Rank> k_coord;  // [num_k] per axis, key box coordinates
-  std::array<std::vector<int32_t>, Rank> lo, hi;   // [q_extent[a]] visible key box range
+  std::array<std::vector<int64_t>, Rank> lo, hi;  // [q_extent[a]] visible key box range
 
   void build(TileGrid<Rank> const& grid, std::array<AxisTile, Rank> const& t) {
     std::array<int64_t, Rank> k_first{};
@@ -90,8 +88,8 @@ struct TileView {
       hi[a].resize(q_extent[a]);
       for (int64_t i = 0; i < q_extent[a]; ++i) {
         AxisWindow const w = axis_window(ax, t[a].group_len, t[a].q_begin + i);
-        lo[a][i] = static_cast<int32_t>(w.first - k_first[a]);
-        hi[a][i] = static_cast<int32_t>(w.last - k_first[a]);
+        lo[a][i] = w.first - k_first[a];
+        hi[a][i] = w.last - k_first[a];
       }
     }
     num_q = 1;
@@ -102,7 +100,6 @@ struct TileView {
     }
     q_token.resize(num_q);
     k_token.resize(num_k);
-    for (int a = 0; a < Rank; ++a) k_coord[a].resize(num_k);
     auto token = [&](int a, int64_t group_coord) {
       return (group_coord * grid.axis(a).dilation + t[a].residue) * grid.token_stride(a);
     };
@@ -117,9 +114,7 @@ struct TileView {
     for (int64_t j = 0; j < num_k; ++j) {
       int64_t rem = j, tok = 0;
       for (int a = Rank - 1; a >= 0; --a) {
-        int64_t const c = rem % k_extent[a];
-        k_coord[a][j] = static_cast<int32_t>(c);
-        tok += token(a, k_first[a] + c);
+        tok += token(a, k_first[a] + rem % k_extent[a]);
         rem /= k_extent[a];
       }
       k_token[j] = tok;
@@ -136,30 +131,26 @@ struct TileView {
     return c;
   }
 
-  // Sets scores of keys [k_begin, k_end) of the box that query row i cannot see to -inf.
-  // Returns false when the row sees none of them.
-  template <typename A>
-  bool mask_row(int64_t i, int64_t k_begin, int64_t k_end, A* scores) const {
+  // Calls fn(begin, end) for each run of keys in [k_begin, k_end) that query row i sees, in
+  // increasing order. A query's visible keys are a sub-box of the key box, so they come in
+  // runs along the last axis: one per box row (all other axes fixed) that the query sees.
+  template <typename Fn>
+  void for_each_visible_run(int64_t i, int64_t k_begin, int64_t k_end, Fn fn) const {
     std::array<int64_t, Rank> const qc = q_coord(i);
-    std::array<int32_t, Rank> l, h;
-    bool whole = true;
-    for (int a = 0; a < Rank; ++a) {
-      l[a] = lo[a][qc[a]];
-      h[a] = hi[a][qc[a]];
-      whole = whole && l[a] == 0 && h[a] == k_extent[a] - 1;
-    }
-    if (whole) return true;
-    int64_t visible = 0;
-    for (int64_t j = k_begin; j < k_end; ++j) {
-      bool vis = true;
-      for (int a = 0; a < Rank; ++a) {
-        int32_t const c = k_coord[a][j];
-        vis = vis & (c >= l[a]) & (c <= h[a]);
+    int64_t const row_len = k_extent[Rank - 1];
+    int64_t const first = lo[Rank - 1][qc[Rank - 1]], last = hi[Rank - 1][qc[Rank - 1]];
+    for (int64_t r = k_begin / row_len; r * row_len < k_end; ++r) {
+      bool visible = true;
+      int64_t rem = r;
+      for (int a = Rank - 2; a >= 0; --a) {
+        int64_t const c = rem % k_extent[a];
+        rem /= k_extent[a];
+        visible = visible && c >= lo[a][qc[a]] && c <= hi[a][qc[a]];
       }
-      visible += vis;
-      scores[j - k_begin] = vis ? scores[j - k_begin] : A(-INFINITY);
+      int64_t const begin = std::max(k_begin, r * row_len + first);
+      int64_t const end = std::min(k_end, r * row_len + last + 1);
+      if (visible && begin < end) fn(begin, end);
     }
-    return visible > 0;
   }
 };
 
