@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install build autogen autogen-check test test-long bench-cpu profile clean
+.PHONY: install build autogen cuda-compile-check test test-long bench-cpu bench gpu-check sanitize profile clean
 
 # torch's CPU wheel is pinned only when torch is missing: a machine with a CUDA build keeps it.
 install:
@@ -14,20 +14,38 @@ install:
 build:
 	$(PYTHON) setup.py build_ext --inplace
 
+# Write the generated sources of a build into build/generated/ (setup.py does it by itself).
 autogen:
 	$(PYTHON) -m autogen
 
-autogen-check:
-	$(PYTHON) -m autogen --check
+# CUDA kernels compiled by nvcc alone for sm_80 and sm_90a: no GPU or CUDA torch needed.
+cuda-compile-check:
+	$(PYTHON) -m autogen.compile_check
 
-test: autogen-check
+test: cuda-compile-check
 	$(PYTHON) -m pytest -q tests
 
-test-long: autogen-check
+test-long:
 	NATTEN_LONG_TESTS=1 $(PYTHON) -m pytest -q tests
 
 bench-cpu:
 	$(PYTHON) benchmarks/cpu_speed.py
+
+bench:
+	$(PYTHON) benchmarks/gpu_bench.py
+
+# compute-sanitizer (memcheck) over a small subset of the CUDA tests.
+sanitize:
+	compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest -q -x \
+		tests/test_cuda_fused.py -k "cuda-reference and (test_dtypes or test_geometry_and_features)"
+
+# On a GPU machine: build for the local GPU, run every test, the sanitizer subset and the
+# benchmark (its table last).
+gpu-check:
+	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PYTHON) -m pytest -q tests
+	$(MAKE) sanitize
+	$(PYTHON) benchmarks/gpu_bench.py
 
 profile:
 	$(PYTHON) -m natten.profiler

@@ -1,9 +1,13 @@
 """Build of the `natten` distribution: the Python package and the natten._C extension.
 
 Environment:
-  NATTEN_N_WORKERS  parallel compile jobs (default: all cores)
-  NATTEN_CPU_ARCH   gcc -march for the CPU kernels (default: native; e.g. x86-64-v3 for a
-                    portable build)
+  NATTEN_N_WORKERS      parallel compile jobs (default: all cores)
+  NATTEN_CPU_ARCH       gcc -march for the CPU kernels (default: native; e.g. x86-64-v3 for a
+                        portable build)
+  NATTEN_CUDA_ARCH      CUDA compute capabilities to build, e.g. "8.0;9.0" (9.0 means sm_90a);
+                        default: those of the visible GPUs when torch has CUDA, else none
+  NATTEN_KERNEL_FILTER  which GPU instantiations to build, family:dtype:head_dim:rank globs,
+                        comma-separated (e.g. "reference:bf16:*:2"); default: all
 """
 
 import os
@@ -15,20 +19,63 @@ from setuptools import setup
 ROOT = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from autogen import generate  # noqa: E402  (the registry lives in the source tree)
+from autogen import generate, registry  # noqa: E402  (the registry lives in the source tree)
+
+
+def cuda_archs(torch) -> list:
+    env = os.environ.get("NATTEN_CUDA_ARCH")
+    if env is not None:
+        archs = [a.strip() for a in env.replace(",", ";").split(";") if a.strip()]
+        if archs and torch.version.cuda is None:
+            sys.exit("NATTEN_CUDA_ARCH is set but this torch has no CUDA; `make cuda-compile-check` "
+                     "compiles the CUDA kernels with nvcc alone")
+        return archs
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return []
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return sorted(f"{major}.{minor}" for major, minor in caps)
+
+
+def gencode(arch: str) -> str:
+    """'9.0' -> sm_90a (wgmma and TMA need the arch-specific target); others as named."""
+    major, minor = arch.split(".")
+    target = f"{major}{minor}" + ("a" if arch == "9.0" else "")
+    return f"-gencode=arch=compute_{target},code=sm_{target}"
+
+
+def cutlass_include() -> list:
+    """CUTLASS/CuTe headers of the installed nvidia-cutlass package, if present."""
+    try:
+        import cutlass_library
+    except ImportError:
+        return []
+    path = pathlib.Path(cutlass_library.__file__).parent / "source" / "include"
+    return [str(path)] if path.is_dir() else []
 
 
 def extension():
-    from torch.utils.cpp_extension import CppExtension
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    generate.write(generate.render())
-    arch = os.environ.get("NATTEN_CPU_ARCH", "native")
-    return CppExtension(
+    archs = cuda_archs(torch)
+    files = generate.render(registry.kernels(bool(archs), os.environ.get("NATTEN_KERNEL_FILTER", "")))
+    generate.write(files)
+    cpu_arch = os.environ.get("NATTEN_CPU_ARCH", "native")
+    # -fopenmp: at::parallel_for is inline header code that is serial without it.
+    cxx = ["-O3", f"-march={cpu_arch}", "-fno-math-errno", "-fopenmp", "-std=c++17"]
+    sources = ["cutlass_kernels/binding/torch_binding.cpp", *generate.sources(files)]
+    include_dirs = [str(ROOT / "cutlass_kernels"), str(generate.OUT_DIR)]
+    if not archs:
+        return CppExtension(name="natten._C", sources=sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    print(f"natten: building CUDA kernels for {', '.join(archs)}", file=sys.stderr)
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNATTEN_WITH_CUDA",
+            *(gencode(a) for a in archs)]
+    return CUDAExtension(
         name="natten._C",
-        sources=["cutlass_kernels/binding/torch_binding.cpp", *generate.sources()],
-        include_dirs=[str(ROOT / "cutlass_kernels")],
-        # -fopenmp: at::parallel_for is inline header code that is serial without it.
-        extra_compile_args={"cxx": ["-O3", f"-march={arch}", "-fno-math-errno", "-fopenmp", "-std=c++17"]},
+        sources=[*sources, "cutlass_kernels/binding/cuda_binding.cpp"],
+        include_dirs=include_dirs + cutlass_include(),
+        extra_compile_args={"cxx": cxx + ["-DNATTEN_WITH_CUDA"], "nvcc": nvcc},
         extra_link_args=["-fopenmp"],
     )
 
@@ -52,6 +99,6 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": build_ext_class()},
     install_requires=["torch>=2.4", "fvcore"],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "cuda": ["nvidia-cutlass"]},
     entry_points={"console_scripts": ["natten-profiler = natten.profiler.cli:main"]},
 )

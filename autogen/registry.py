@@ -1,65 +1,123 @@
 """Which kernel instantiations exist: the single source of truth.
 
-The generator writes one translation unit per entry, the C++ dispatch table and the
-manifest that the Python runtime reads; setup.py compiles exactly the generated files.
+The generator turns these tables into one translation unit per instantiation, the C++
+dispatch tables and the manifest that the Python runtime reads; setup.py compiles exactly
+the generated translation units. A build may narrow the GPU instantiations with a filter
+(NATTEN_KERNEL_FILTER); tables and manifest then list exactly what was compiled.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
+from typing import Optional
 
-# dtype name -> (CPU storage type, natten::DType enumerator)
+# dtype name -> (short name, CPU storage type, CUDA storage type, natten::DType enumerator)
 DTYPES = {
-    "float32": ("float", "DType::kFloat32"),
-    "float64": ("double", "DType::kFloat64"),
-    "float16": ("Half", "DType::kFloat16"),
-    "bfloat16": ("BFloat16", "DType::kBFloat16"),
+    "float32": ("fp32", "float", "float", "DType::kFloat32"),
+    "float64": ("fp64", "double", None, "DType::kFloat64"),
+    "float16": ("fp16", "Half", "__half", "DType::kFloat16"),
+    "bfloat16": ("bf16", "BFloat16", "__nv_bfloat16", "DType::kBFloat16"),
 }
-
-# op name -> (C++ function template, header, kind). Fused kernels take a tile config.
-CPU_OPS = {
-    "fna_fwd": ("fna_forward", "cpu/fna_forward.h", "fused"),
-    "fna_bwd": ("fna_backward", "cpu/fna_backward.h", "fused"),
-    "na_qk_fwd": ("na_qk_forward", "cpu/na_unfused.h", "unfused"),
-    "na_qk_bwd": ("na_qk_backward", "cpu/na_unfused.h", "unfused"),
-    "na_av_fwd": ("na_av_forward", "cpu/na_unfused.h", "unfused"),
-    "na_av_bwd": ("na_av_backward", "cpu/na_unfused.h", "unfused"),
-}
-CPU_RANKS = (1, 2, 3)
-CPU_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
-class CpuKernel:
-    op: str
+class Op:
+    name: str      # as in file names and the dispatch enum
+    function: str  # C++ function template
+    header: str    # header that defines it, relative to cutlass_kernels/
+    signature: str  # parameter list of the instantiation
+
+
+_CPU_FUSED = "NaProblem const&, FnaTensors const&, CpuTileConfig const&, HostServices const&"
+_CPU_UNFUSED = "NaProblem const&, NaUnfusedTensors const&, HostServices const&"
+CPU_OPS = (
+    Op("fna_fwd", "fna_forward", "cpu/fna_forward.h", _CPU_FUSED),
+    Op("fna_bwd", "fna_backward", "cpu/fna_backward.h", _CPU_FUSED),
+    Op("na_qk_fwd", "na_qk_forward", "cpu/na_unfused.h", _CPU_UNFUSED),
+    Op("na_qk_bwd", "na_qk_backward", "cpu/na_unfused.h", _CPU_UNFUSED),
+    Op("na_av_fwd", "na_av_forward", "cpu/na_unfused.h", _CPU_UNFUSED),
+    Op("na_av_bwd", "na_av_backward", "cpu/na_unfused.h", _CPU_UNFUSED),
+)
+
+REFERENCE_OPS = (
+    Op("fna_fwd", "fna_forward", "reference/fna_forward.cuh", "NaProblem const&, FnaTensors const&, cudaStream_t"),
+    Op("fna_bwd", "fna_backward", "reference/fna_backward.cuh",
+       "NaProblem const&, FnaTensors const&, float*, cudaStream_t"),
+    Op("na_qk_fwd", "na_qk_forward", "reference/na_unfused.cuh",
+       "NaProblem const&, NaUnfusedTensors const&, cudaStream_t"),
+    Op("na_qk_bwd", "na_qk_backward", "reference/na_unfused.cuh",
+       "NaProblem const&, NaUnfusedTensors const&, float*, cudaStream_t"),
+    Op("na_av_fwd", "na_av_forward", "reference/na_unfused.cuh",
+       "NaProblem const&, NaUnfusedTensors const&, cudaStream_t"),
+    Op("na_av_bwd", "na_av_backward", "reference/na_unfused.cuh",
+       "NaProblem const&, NaUnfusedTensors const&, cudaStream_t"),
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    ops: tuple
+    ranks: tuple
+    dtypes: tuple
+    cuda: bool
+    namespace: str
+    head_dims: Optional[tuple] = None  # None: any head dim
+
+
+FAMILIES = (
+    Family("cpu", CPU_OPS, (1, 2, 3), ("float32", "float64", "float16", "bfloat16"), False, "natten::cpu"),
+    Family("reference", REFERENCE_OPS, (1, 2, 3), ("float32", "float16", "bfloat16"), True,
+           "natten::reference"),
+)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    family: Family
+    op: Op
     rank: int
     dtype: str
-    family: str = "cpu"
 
     @property
     def name(self) -> str:
-        return f"{self.op}_{self.rank}d_{self.dtype}_{self.family}"
-
-    @property
-    def function(self) -> str:
-        return CPU_OPS[self.op][0]
-
-    @property
-    def header(self) -> str:
-        return CPU_OPS[self.op][1]
-
-    @property
-    def kind(self) -> str:
-        return CPU_OPS[self.op][2]
+        return f"{self.op.name}_{self.rank}d_{DTYPES[self.dtype][0]}_{self.family.name}"
 
     @property
     def cpp_type(self) -> str:
-        return DTYPES[self.dtype][0]
+        return DTYPES[self.dtype][2 if self.family.cuda else 1]
 
     @property
     def cpp_dtype(self) -> str:
-        return DTYPES[self.dtype][1]
+        return DTYPES[self.dtype][3]
+
+    @property
+    def suffix(self) -> str:
+        return ".cu" if self.family.cuda else ".cpp"
+
+    def matches(self, pattern: str) -> bool:
+        """pattern: family:dtype:head_dim:rank, each field a glob (head_dim is '*' for the
+        families that serve any head dim); missing trailing fields match anything."""
+        fields = (pattern.split(":") + ["*"] * 4)[:4]
+        values = (self.family.name, self.dtype, "*", str(self.rank))
+        return all(fnmatch.fnmatch(v, f) or (f in DTYPES and DTYPES[f][0] == v) or
+                   (v in DTYPES and DTYPES[v][0] == f) for v, f in zip(values, fields))
 
 
-def cpu_kernels() -> list[CpuKernel]:
-    return [CpuKernel(op, rank, dtype) for op in CPU_OPS for rank in CPU_RANKS for dtype in CPU_DTYPES]
+def kernels(with_cuda: bool, kernel_filter: str = "") -> list:
+    """Instantiations of a build: every CPU kernel, and the CUDA ones the filter admits
+    (comma-separated patterns, see Kernel.matches; empty admits all)."""
+    patterns = [p for p in kernel_filter.split(",") if p.strip()]
+    out = []
+    for family in FAMILIES:
+        if family.cuda and not with_cuda:
+            continue
+        for op in family.ops:
+            for rank in family.ranks:
+                for dtype in family.dtypes:
+                    k = Kernel(family, op, rank, dtype)
+                    if family.cuda and patterns and not any(k.matches(p.strip()) for p in patterns):
+                        continue
+                    out.append(k)
+    return out

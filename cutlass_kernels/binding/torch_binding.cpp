@@ -1,19 +1,14 @@
-// The torch binding of natten._C: the only translation unit that sees torch headers.
-// It turns tensors into NaProblem + raw pointers, picks the instantiation from the generated
-// dispatch table and runs it. Argument validation happens in Python (natten/_checks.py)
-// before any of this is reached; the TORCH_CHECKs here guard the binding's own contract.
+// The torch binding of natten._C: the module definition, the CPU kernels' entry points and
+// the window helpers. Kernel translation units never see torch headers; this file turns
+// tensors into NaProblem + raw pointers and calls the generated dispatch table.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
-#include <optional>
-#include <string>
 #include <tuple>
-#include <vector>
 
-#include "common/na_params.h"
+#include "binding/binding_common.h"
 #include "common/na_window.h"
-#include "cpu/generated/dispatch_table.h"
 #include "cpu/portable_gemm.h"
+#include "dispatch_cpu.h"
 
 // The BLAS that torch links (MKL on x86 wheels) exports the Fortran entry points; they are weak
 // here so that a torch without them still loads and the kernels use portable_gemm instead.
@@ -27,7 +22,7 @@ void dgemm_(char const*, char const*, int const*, int const*, int const*, double
 int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // the by-value C entry point
 }
 
-namespace natten {
+namespace natten::binding {
 namespace {
 
 class TorchHostServices final : public cpu::HostServices {
@@ -74,55 +69,6 @@ class TorchHostServices final : public cpu::HostServices {
   }
 };
 
-DType dtype_of(at::Tensor const& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "natten: unsupported dtype ", t.scalar_type());
-  }
-}
-
-// Window parameters as passed from Python: one entry per axis.
-struct Window {
-  std::vector<int64_t> kernel, stride, dilation;
-  std::vector<bool> causal;
-};
-
-// Problem of a heads-last query-like tensor [B, *S, H, D] and a key-like one [B, *S, Hkv, D].
-NaProblem make_problem(at::Tensor const& q, at::Tensor const& kv, int64_t dim_v, Window const& w) {
-  int const rank = static_cast<int>(w.kernel.size());
-  TORCH_CHECK(rank >= 1 && rank <= 3 && q.dim() == rank + 3, "natten: bad rank");
-  NaProblem p;
-  p.rank = rank;
-  for (int a = 0; a < rank; ++a) {
-    p.axis[a] = {q.size(1 + a), w.kernel[a], w.stride[a], w.dilation[a],
-                 static_cast<bool>(w.causal[a])};
-  }
-  p.batch = q.size(0);
-  p.heads = q.size(rank + 1);
-  p.dim = q.size(rank + 2);
-  p.heads_kv = kv.size(rank + 1);
-  p.dim_v = dim_v;
-  return p;
-}
-
-void require_cpu_dense(std::initializer_list<at::Tensor const*> ts) {
-  for (auto const* t : ts) {
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "natten: expected dense CPU tensors");
-  }
-}
-
-template <typename Entry, typename Table>
-auto lookup(Table const& table, cpu::CpuOp op, int rank, DType dtype, char const* name) {
-  for (Entry const& e : table) {
-    if (e.op == op && e.rank == rank && e.dtype == dtype) return e.fn;
-  }
-  TORCH_CHECK(false, "natten: no CPU kernel ", name, " for rank ", rank, " and dtype ",
-              static_cast<int>(dtype));
-}
-
 cpu::CpuTileConfig tile_config(std::vector<int64_t> const& q_tile, int64_t kv_chunk) {
   cpu::CpuTileConfig c;
   for (size_t a = 0; a < q_tile.size(); ++a) c.q_tile[a] = q_tile[a];
@@ -130,58 +76,30 @@ cpu::CpuTileConfig tile_config(std::vector<int64_t> const& q_tile, int64_t kv_ch
   return c;
 }
 
-void run_fused(cpu::CpuOp op, NaProblem const& p, FnaTensors const& t, at::Tensor const& q,
-               std::vector<int64_t> const& q_tile, int64_t kv_chunk) {
-  auto fn = lookup<cpu::FusedKernelEntry>(cpu::kFusedKernelTable, op, p.rank, dtype_of(q),
-                                          "fused attention");
-  fn(p, t, tile_config(q_tile, kv_chunk), TorchHostServices{});
-}
-
-void run_unfused(cpu::CpuOp op, NaProblem const& p, NaUnfusedTensors const& t,
-                 at::Tensor const& like, char const* name) {
-  auto fn = lookup<cpu::UnfusedKernelEntry>(cpu::kUnfusedKernelTable, op, p.rank, dtype_of(like),
-                                            name);
-  fn(p, t, TorchHostServices{});
-}
-
-void* ptr(std::optional<at::Tensor> const& t) { return t ? t->data_ptr() : nullptr; }
-
 // out [B,*S,H,Dv] and lse [B,*S,H] are preallocated by the caller.
 void fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
                  std::optional<at::Tensor> extra_v, Window const& w, double scale,
                  std::vector<int64_t> q_tile, int64_t kv_chunk, at::Tensor out, at::Tensor lse) {
-  require_cpu_dense({&q, &k, &v, &out, &lse});
+  require_dense(c10::kCPU, {&q, &k, &v, &out, &lse});
   NaProblem p = make_problem(q, k, v.size(-1), w);
   p.scale = scale;
   p.num_extra = extra_k ? extra_k->size(1) : 0;
-  FnaTensors t;
-  t.q = q.data_ptr();
-  t.k = k.data_ptr();
-  t.v = v.data_ptr();
-  t.extra_k = ptr(extra_k);
-  t.extra_v = ptr(extra_v);
-  t.out = out.data_ptr();
-  t.lse = lse.data_ptr();
-  run_fused(cpu::CpuOp::k_fna_fwd, p, t, q, q_tile, kv_chunk);
+  auto fn = find_kernel(cpu::dispatch::fna_fwd, p.rank, dtype_of(q), "cpu fused forward");
+  fn(p, fused_tensors(q, k, v, extra_k, extra_v, out, lse), tile_config(q_tile, kv_chunk),
+     TorchHostServices{});
 }
 
 void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
                   std::optional<at::Tensor> extra_v, at::Tensor out, at::Tensor lse,
-                  at::Tensor d_out, std::optional<at::Tensor> d_lse, Window const& w, double scale, std::vector<int64_t> q_tile,
-                  int64_t kv_chunk, at::Tensor d_q, at::Tensor d_k, at::Tensor d_v,
-                  std::optional<at::Tensor> d_extra_k, std::optional<at::Tensor> d_extra_v) {
-  require_cpu_dense({&q, &k, &v, &out, &lse, &d_out, &d_q, &d_k, &d_v});
+                  at::Tensor d_out, std::optional<at::Tensor> d_lse, Window const& w,
+                  double scale, std::vector<int64_t> q_tile, int64_t kv_chunk, at::Tensor d_q,
+                  at::Tensor d_k, at::Tensor d_v, std::optional<at::Tensor> d_extra_k,
+                  std::optional<at::Tensor> d_extra_v) {
+  require_dense(c10::kCPU, {&q, &k, &v, &out, &lse, &d_out, &d_q, &d_k, &d_v});
   NaProblem p = make_problem(q, k, v.size(-1), w);
   p.scale = scale;
   p.num_extra = extra_k ? extra_k->size(1) : 0;
-  FnaTensors t;
-  t.q = q.data_ptr();
-  t.k = k.data_ptr();
-  t.v = v.data_ptr();
-  t.extra_k = ptr(extra_k);
-  t.extra_v = ptr(extra_v);
-  t.out = out.data_ptr();
-  t.lse = lse.data_ptr();
+  FnaTensors t = fused_tensors(q, k, v, extra_k, extra_v, out, lse);
   t.d_out = d_out.data_ptr();
   t.d_lse = ptr(d_lse);
   t.d_q = d_q.data_ptr();
@@ -189,23 +107,25 @@ void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Te
   t.d_v = d_v.data_ptr();
   t.d_extra_k = ptr(d_extra_k);
   t.d_extra_v = ptr(d_extra_v);
-  run_fused(cpu::CpuOp::k_fna_bwd, p, t, q, q_tile, kv_chunk);
+  auto fn = find_kernel(cpu::dispatch::fna_bwd, p.rank, dtype_of(q), "cpu fused backward");
+  fn(p, t, tile_config(q_tile, kv_chunk), TorchHostServices{});
 }
 
 void na_qk_forward(at::Tensor q, at::Tensor k, std::optional<at::Tensor> rpb, Window const& w,
                    at::Tensor attn) {
-  require_cpu_dense({&q, &k, &attn});
+  require_dense(c10::kCPU, {&q, &k, &attn});
   NaUnfusedTensors t;
   t.q = q.data_ptr();
   t.k = k.data_ptr();
   t.rpb = ptr(rpb);
   t.out = attn.data_ptr();
-  run_unfused(cpu::CpuOp::k_na_qk_fwd, make_problem(q, k, k.size(-1), w), t, q, "qk");
+  NaProblem const p = make_problem(q, k, k.size(-1), w);
+  find_kernel(cpu::dispatch::na_qk_fwd, p.rank, dtype_of(q), "cpu qk")(p, t, TorchHostServices{});
 }
 
 void na_qk_backward(at::Tensor d_attn, at::Tensor q, at::Tensor k, Window const& w,
                     at::Tensor d_q, at::Tensor d_k, std::optional<at::Tensor> d_rpb) {
-  require_cpu_dense({&d_attn, &q, &k, &d_q, &d_k});
+  require_dense(c10::kCPU, {&d_attn, &q, &k, &d_q, &d_k});
   NaUnfusedTensors t;
   t.d_out = d_attn.data_ptr();
   t.q = q.data_ptr();
@@ -213,24 +133,26 @@ void na_qk_backward(at::Tensor d_attn, at::Tensor q, at::Tensor k, Window const&
   t.d_q = d_q.data_ptr();
   t.d_k = d_k.data_ptr();
   t.d_rpb = ptr(d_rpb);
-  run_unfused(cpu::CpuOp::k_na_qk_bwd, make_problem(q, k, k.size(-1), w), t, q, "qk backward");
+  NaProblem const p = make_problem(q, k, k.size(-1), w);
+  find_kernel(cpu::dispatch::na_qk_bwd, p.rank, dtype_of(q), "cpu qk backward")(
+      p, t, TorchHostServices{});
 }
 
 // attn [B,*S,H,K] plays the query's role in the problem shape (its last dim is not D).
 void na_av_forward(at::Tensor attn, at::Tensor v, Window const& w, at::Tensor out) {
-  require_cpu_dense({&attn, &v, &out});
+  require_dense(c10::kCPU, {&attn, &v, &out});
   NaUnfusedTensors t;
   t.attn = attn.data_ptr();
   t.v = v.data_ptr();
   t.out = out.data_ptr();
   NaProblem p = make_problem(attn, v, v.size(-1), w);
   p.dim = v.size(-1);
-  run_unfused(cpu::CpuOp::k_na_av_fwd, p, t, v, "av");
+  find_kernel(cpu::dispatch::na_av_fwd, p.rank, dtype_of(v), "cpu av")(p, t, TorchHostServices{});
 }
 
 void na_av_backward(at::Tensor d_out, at::Tensor attn, at::Tensor v, Window const& w,
                     at::Tensor d_attn, at::Tensor d_v) {
-  require_cpu_dense({&d_out, &attn, &v, &d_attn, &d_v});
+  require_dense(c10::kCPU, {&d_out, &attn, &v, &d_attn, &d_v});
   NaUnfusedTensors t;
   t.d_out = d_out.data_ptr();
   t.attn = attn.data_ptr();
@@ -239,7 +161,8 @@ void na_av_backward(at::Tensor d_out, at::Tensor attn, at::Tensor v, Window cons
   t.d_v = d_v.data_ptr();
   NaProblem p = make_problem(attn, v, v.size(-1), w);
   p.dim = v.size(-1);
-  run_unfused(cpu::CpuOp::k_na_av_bwd, p, t, v, "av backward");
+  find_kernel(cpu::dispatch::na_av_bwd, p.rank, dtype_of(v), "cpu av backward")(
+      p, t, TorchHostServices{});
 }
 
 std::tuple<int64_t, int64_t, int64_t> axis_window_at(int64_t extent, int64_t kernel,
@@ -256,25 +179,35 @@ int64_t visible_pairs(int64_t extent, int64_t kernel, int64_t stride, int64_t di
 }
 
 }  // namespace
-}  // namespace natten
+}  // namespace natten::binding
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  using namespace natten;
+  using namespace natten::binding;
   namespace py = pybind11;
   py::class_<Window>(m, "Window")
       .def(py::init([](std::vector<int64_t> k, std::vector<int64_t> s, std::vector<int64_t> d,
                        std::vector<bool> c) { return Window{k, s, d, c}; }),
            py::arg("kernel_size"), py::arg("stride"), py::arg("dilation"), py::arg("is_causal"));
-  m.def("fna_forward", &fna_forward);
-  m.def("fna_backward", &fna_backward);
-  m.def("na_qk_forward", &na_qk_forward);
-  m.def("na_qk_backward", &na_qk_backward);
-  m.def("na_av_forward", &na_av_forward);
-  m.def("na_av_backward", &na_av_backward);
+  m.def("cpu_fna_forward", &fna_forward);
+  m.def("cpu_fna_backward", &fna_backward);
+  m.def("cpu_na_qk_forward", &na_qk_forward);
+  m.def("cpu_na_qk_backward", &na_qk_backward);
+  m.def("cpu_na_av_forward", &na_av_forward);
+  m.def("cpu_na_av_backward", &na_av_backward);
   m.def("axis_window", &axis_window_at, py::arg("extent"), py::arg("kernel"), py::arg("stride"),
         py::arg("dilation"), py::arg("causal"), py::arg("x"),
         "(start, first, last) of the window of coordinate x, in dilation-group coordinates");
   m.def("axis_visible_pairs", &visible_pairs, py::arg("extent"), py::arg("kernel"),
         py::arg("stride"), py::arg("dilation"), py::arg("causal"),
         "visible (query, key) pairs along one axis, summed over its queries");
+#ifdef NATTEN_WITH_CUDA
+  register_cuda(m);
+#endif
+  m.attr("with_cuda") = py::bool_(
+#ifdef NATTEN_WITH_CUDA
+      true
+#else
+      false
+#endif
+  );
 }

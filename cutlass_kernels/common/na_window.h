@@ -68,6 +68,43 @@ NA_HOST_DEVICE void tile_key_range(AxisSpec const& a, int64_t group_len, int64_t
   *last = axis_window(a, group_len, x_end - 1).last;
 }
 
+// Queries of one dilation group that see key `yi`, as group coordinates [first, last]
+// (empty when first > last). A query sees yi iff window.first <= yi <= window.last; both bounds
+// are non-decreasing in the query coordinate, so the queries with window.last >= yi form a
+// suffix of the group and those with window.first <= yi a prefix, and their intersection is
+// one contiguous range. Each end is found by binary search over axis_window itself, so the
+// inverse can never disagree with the forward definition.
+struct AxisRange {
+  int64_t first;
+  int64_t last;
+};
+
+NA_HOST_DEVICE AxisRange axis_inverse_window(AxisSpec const& a, int64_t group_len, int64_t yi) {
+  // Smallest xi in [0, group_len] with window(xi).last >= yi (group_len: none).
+  int64_t lo = 0, hi = group_len;
+  while (lo < hi) {
+    int64_t const mid = lo + (hi - lo) / 2;
+    if (axis_window(a, group_len, mid).last >= yi) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  int64_t const first = lo;
+  // Smallest xi in [0, group_len] with window(xi).first > yi; the range ends just before it.
+  lo = 0;
+  hi = group_len;
+  while (lo < hi) {
+    int64_t const mid = lo + (hi - lo) / 2;
+    if (axis_window(a, group_len, mid).first > yi) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return {first, lo - 1};
+}
+
 // Number of (query, key) pairs visible along one axis, summed over all queries of the axis.
 // Visibility is a product over axes, so the total over a grid is the product of these.
 NA_HOST_DEVICE int64_t axis_visible_pairs(AxisSpec const& a) {

@@ -1,5 +1,5 @@
-// The CPU kernel entry points. Each (op, rank, element type) is instantiated in its own file
-// under generated/ and reached through the generated dispatch table.
+// The CPU kernel entry points. Each (op, rank, element type) is instantiated in its own
+// generated file and reached through the generated dispatch table (autogen/).
 #pragma once
 
 #include "common/na_params.h"
@@ -7,10 +7,6 @@
 #include "cpu/host_services.h"
 
 namespace natten::cpu {
-
-using FusedKernel = void (*)(NaProblem const&, FnaTensors const&, CpuTileConfig const&,
-                             HostServices const&);
-using UnfusedKernel = void (*)(NaProblem const&, NaUnfusedTensors const&, HostServices const&);
 
 template <int Rank, typename T>
 void fna_forward(NaProblem const&, FnaTensors const&, CpuTileConfig const&, HostServices const&);

@@ -7,9 +7,12 @@ from typing import Dict, List, Optional
 from natten._checks import FusedProblem
 from natten.backends.base import Backend
 from natten.backends.cpu import CpuBackend
+from natten.backends.flex import FlexBackend
+from natten.backends.reference import ReferenceBackend
 
-# Preference order for backend=None: the first available one that supports the problem.
-_BACKENDS: Dict[str, Backend] = {b.name: b for b in (CpuBackend(),)}
+# Preference order for backend=None: the first available one that supports the problem. On
+# GPUs the tiled FlexAttention backend outruns the one-warp-per-query reference kernels.
+_BACKENDS: Dict[str, Backend] = {b.name: b for b in (CpuBackend(), FlexBackend(), ReferenceBackend())}
 KNOWN_BACKENDS = ("cpu", "reference", "cutlass-fna", "hopper-fna", "flex-fna")
 
 

@@ -21,6 +21,25 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
+
+
+def missing_kernels(family: str, ops, rank: int, dtype: torch.dtype) -> Optional[str]:
+    """Why the build lacks the instantiations an op needs (from the generated manifest that
+    lists exactly what natten._C was compiled with), or None when all are there."""
+    try:
+        from natten._manifest import INSTANTIATIONS
+    except ImportError:
+        return "natten._C is not built"
+    name = _DTYPE_NAMES[dtype]
+    absent = [op for op in ops if (family, op, rank, name) not in INSTANTIATIONS]
+    if absent:
+        return (f"this build has no {family} kernels {', '.join(absent)} for rank {rank} and "
+                f"{name} (see NATTEN_KERNEL_FILTER)")
+    return None
+
+
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

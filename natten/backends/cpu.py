@@ -5,21 +5,9 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
-import torch
-
-from natten._checks import FusedProblem, Window
-from natten.backends.base import Backend, Tile, lse_dtype, new_output
-
-
-def _C():
-    from natten import _C
-
-    return _C
-
-
-def _window_arg(window: Window):
-    return _C().Window(list(window.kernel_size), list(window.stride), list(window.dilation),
-                       list(window.is_causal))
+from natten._checks import FusedProblem
+from natten.backends.base import Tile, missing_kernels
+from natten.backends.compiled import CompiledBackend, extension
 
 
 # Keys per chunk of the fused kernels; a chunk's scores stay in the core's cache.
@@ -49,14 +37,13 @@ def _kv_tile(rank: int) -> Tile:
     return (side,) * (rank - 1) + (_KV_CHUNK // side ** (rank - 1),)
 
 
-class CpuBackend(Backend):
+class CpuBackend(CompiledBackend):
     name = "cpu"
     device_type = "cpu"
-    supports_unfused = True
 
     def is_available(self) -> bool:
         try:
-            _C()
+            extension()
         except ImportError:
             return False
         return True
@@ -64,7 +51,7 @@ class CpuBackend(Backend):
     def unsupported(self, problem: FusedProblem) -> Optional[str]:
         if problem.device.type != "cpu":
             return f"inputs are on {problem.device}, the cpu backend runs on the CPU"
-        return None
+        return missing_kernels(self.name, ("fna_fwd", "fna_bwd"), problem.rank, problem.dtype)
 
     def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile) -> Optional[str]:
         # Any positive tile works: query tiles are clipped to each dilation group, and the key
@@ -74,44 +61,5 @@ class CpuBackend(Backend):
     def default_tiles(self, problem: FusedProblem, backward: bool) -> Tuple[Tile, Tile]:
         return _default_q_tile(problem), _kv_tile(problem.rank)
 
-    def fna_forward(self, q, k, v, extra_k, extra_v, window, scale, q_tile, kv_tile):
-        out = new_output((*q.shape[:-1], v.shape[-1]), q.dtype, q.device)
-        lse = new_output(q.shape[:-1], lse_dtype(q.dtype), q.device)
-        _C().fna_forward(q, k, v, extra_k, extra_v, _window_arg(window), scale, list(q_tile),
-                         math.prod(kv_tile), out, lse)
-        return out, lse
-
-    def fna_backward(self, d_out, d_lse, q, k, v, extra_k, extra_v, out, lse, window, scale, q_tile,
-                     kv_tile):
-        d_q = new_output(q.shape, q.dtype, q.device)
-        d_k = new_output(k.shape, k.dtype, k.device)
-        d_v = new_output(v.shape, v.dtype, v.device)
-        d_ek = None if extra_k is None else new_output(extra_k.shape, q.dtype, q.device)
-        d_ev = None if extra_v is None else new_output(extra_v.shape, q.dtype, q.device)
-        _C().fna_backward(q, k, v, extra_k, extra_v, out, lse, d_out, d_lse, _window_arg(window), scale,
-                          list(q_tile), math.prod(kv_tile), d_q, d_k, d_v, d_ek, d_ev)
-        return d_q, d_k, d_v, d_ek, d_ev
-
-    def na_qk(self, q, k, rpb, window):
-        attn = new_output((*q.shape[:-1], math.prod(window.kernel_size)), q.dtype, q.device)
-        _C().na_qk_forward(q, k, rpb, _window_arg(window), attn)
-        return attn
-
-    def na_qk_backward(self, d_attn, q, k, has_rpb, window):
-        d_q = new_output(q.shape, q.dtype, q.device)
-        d_k = new_output(k.shape, k.dtype, k.device)
-        rpb_shape = (q.shape[-2], *(2 * x - 1 for x in window.kernel_size))
-        d_rpb = new_output(rpb_shape, q.dtype, q.device) if has_rpb else None
-        _C().na_qk_backward(d_attn, q, k, _window_arg(window), d_q, d_k, d_rpb)
-        return d_q, d_k, d_rpb
-
-    def na_av(self, attn, v, window):
-        out = new_output((*attn.shape[:-1], v.shape[-1]), v.dtype, v.device)
-        _C().na_av_forward(attn, v, _window_arg(window), out)
-        return out
-
-    def na_av_backward(self, d_out, attn, v, window):
-        d_attn = new_output(attn.shape, attn.dtype, attn.device)
-        d_v = new_output(v.shape, v.dtype, v.device)
-        _C().na_av_backward(d_out, attn, v, _window_arg(window), d_attn, d_v)
-        return d_attn, d_v
+    def _tile_args(self, q_tile: Tile, kv_tile: Tile) -> list:
+        return [list(q_tile), math.prod(kv_tile)]

@@ -1,0 +1,87 @@
+// Helpers shared by the torch binding translation units: tensors to NaProblem, dtype mapping
+// and dispatch-table lookups. Argument validation happens in Python (natten/_checks.py)
+// before any of this is reached; the TORCH_CHECKs guard the binding's own contract.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+#include "common/na_params.h"
+
+namespace natten::binding {
+
+inline DType dtype_of(at::Tensor const& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "natten: unsupported dtype ", t.scalar_type());
+  }
+}
+
+// Window parameters as passed from Python: one entry per axis.
+struct Window {
+  std::vector<int64_t> kernel, stride, dilation;
+  std::vector<bool> causal;
+};
+
+// Problem of a heads-last query-like tensor [B, *S, H, D] and a key-like one [B, *S, Hkv, *].
+inline NaProblem make_problem(at::Tensor const& q, at::Tensor const& kv, int64_t dim_v,
+                              Window const& w) {
+  int const rank = static_cast<int>(w.kernel.size());
+  TORCH_CHECK(rank >= 1 && rank <= 3 && q.dim() == rank + 3, "natten: bad rank");
+  NaProblem p;
+  p.rank = rank;
+  for (int a = 0; a < rank; ++a) {
+    p.axis[a] = {q.size(1 + a), w.kernel[a], w.stride[a], w.dilation[a],
+                 static_cast<bool>(w.causal[a])};
+  }
+  p.batch = q.size(0);
+  p.heads = q.size(rank + 1);
+  p.dim = q.size(rank + 2);
+  p.heads_kv = kv.size(rank + 1);
+  p.dim_v = dim_v;
+  return p;
+}
+
+inline void require_dense(c10::DeviceType device, std::initializer_list<at::Tensor const*> ts) {
+  for (auto const* t : ts) {
+    TORCH_CHECK(t->device().type() == device && t->is_contiguous(),
+                "natten: expected dense tensors on ", device);
+  }
+}
+
+inline void* ptr(std::optional<at::Tensor> const& t) { return t ? t->data_ptr() : nullptr; }
+
+// Entry of a generated dispatch table (rank, dtype) -> function; tables end in a null entry.
+template <typename Entry>
+auto find_kernel(Entry const* table, int rank, DType dtype, char const* what) {
+  for (; table->fn != nullptr; ++table) {
+    if (table->rank == rank && table->dtype == dtype) return table->fn;
+  }
+  TORCH_CHECK(false, "natten: this build has no ", what, " kernel for rank ", rank,
+              " and dtype ", static_cast<int>(dtype), " (see NATTEN_KERNEL_FILTER)");
+}
+
+inline FnaTensors fused_tensors(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
+                                std::optional<at::Tensor> const& extra_k,
+                                std::optional<at::Tensor> const& extra_v, at::Tensor const& out,
+                                at::Tensor const& lse) {
+  FnaTensors t;
+  t.q = q.data_ptr();
+  t.k = k.data_ptr();
+  t.v = v.data_ptr();
+  t.extra_k = ptr(extra_k);
+  t.extra_v = ptr(extra_v);
+  t.out = out.data_ptr();
+  t.lse = lse.data_ptr();
+  return t;
+}
+
+// CUDA functions of the module, defined in cuda_binding.cpp when built with CUDA.
+void register_cuda(pybind11::module_& m);
+
+}  // namespace natten::binding

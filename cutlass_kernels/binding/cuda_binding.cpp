@@ -1,0 +1,125 @@
+// The CUDA entry points of natten._C (built only with CUDA): tensors to NaProblem + raw
+// pointers on the current stream, then the generated dispatch table of the kernel family.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "binding/binding_common.h"
+#include "dispatch_reference.h"
+
+namespace natten::binding {
+namespace {
+
+cudaStream_t stream_of(at::Tensor const& t) {
+  return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+void fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
+                 std::optional<at::Tensor> extra_v, Window const& w, double scale, at::Tensor out,
+                 at::Tensor lse) {
+  require_dense(c10::kCUDA, {&q, &k, &v, &out, &lse});
+  c10::cuda::CUDAGuard guard(q.device());
+  NaProblem p = make_problem(q, k, v.size(-1), w);
+  p.scale = scale;
+  p.num_extra = extra_k ? extra_k->size(1) : 0;
+  auto fn = find_kernel(reference::dispatch::fna_fwd, p.rank, dtype_of(q), "reference forward");
+  fn(p, fused_tensors(q, k, v, extra_k, extra_v, out, lse), stream_of(q));
+}
+
+void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
+                  std::optional<at::Tensor> extra_v, at::Tensor out, at::Tensor lse,
+                  at::Tensor d_out, std::optional<at::Tensor> d_lse, Window const& w,
+                  double scale, at::Tensor d_q, at::Tensor d_k, at::Tensor d_v,
+                  std::optional<at::Tensor> d_extra_k, std::optional<at::Tensor> d_extra_v) {
+  require_dense(c10::kCUDA, {&q, &k, &v, &out, &lse, &d_out, &d_q, &d_k, &d_v});
+  c10::cuda::CUDAGuard guard(q.device());
+  NaProblem p = make_problem(q, k, v.size(-1), w);
+  p.scale = scale;
+  p.num_extra = extra_k ? extra_k->size(1) : 0;
+  FnaTensors t = fused_tensors(q, k, v, extra_k, extra_v, out, lse);
+  t.d_out = d_out.data_ptr();
+  t.d_lse = ptr(d_lse);
+  t.d_q = d_q.data_ptr();
+  t.d_k = d_k.data_ptr();
+  t.d_v = d_v.data_ptr();
+  t.d_extra_k = ptr(d_extra_k);
+  t.d_extra_v = ptr(d_extra_v);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(reference::fna_backward_workspace_floats(p))},
+                                   q.options().dtype(at::kFloat));
+  auto fn = find_kernel(reference::dispatch::fna_bwd, p.rank, dtype_of(q), "reference backward");
+  fn(p, t, workspace.data_ptr<float>(), stream_of(q));
+}
+
+void na_qk_forward(at::Tensor q, at::Tensor k, std::optional<at::Tensor> rpb, Window const& w,
+                   at::Tensor attn) {
+  require_dense(c10::kCUDA, {&q, &k, &attn});
+  c10::cuda::CUDAGuard guard(q.device());
+  NaUnfusedTensors t;
+  t.q = q.data_ptr();
+  t.k = k.data_ptr();
+  t.rpb = ptr(rpb);
+  t.out = attn.data_ptr();
+  NaProblem const p = make_problem(q, k, k.size(-1), w);
+  find_kernel(reference::dispatch::na_qk_fwd, p.rank, dtype_of(q), "reference qk")(p, t,
+                                                                                  stream_of(q));
+}
+
+void na_qk_backward(at::Tensor d_attn, at::Tensor q, at::Tensor k, Window const& w,
+                    at::Tensor d_q, at::Tensor d_k, std::optional<at::Tensor> d_rpb) {
+  require_dense(c10::kCUDA, {&d_attn, &q, &k, &d_q, &d_k});
+  c10::cuda::CUDAGuard guard(q.device());
+  NaUnfusedTensors t;
+  t.d_out = d_attn.data_ptr();
+  t.q = q.data_ptr();
+  t.k = k.data_ptr();
+  t.d_q = d_q.data_ptr();
+  t.d_k = d_k.data_ptr();
+  // The bias gradient sums over batch and tokens: accumulate in float32, then convert.
+  std::optional<at::Tensor> accum;
+  if (d_rpb) accum = at::zeros(d_rpb->sizes(), d_rpb->options().dtype(at::kFloat));
+  NaProblem const p = make_problem(q, k, k.size(-1), w);
+  find_kernel(reference::dispatch::na_qk_bwd, p.rank, dtype_of(q), "reference qk backward")(
+      p, t, accum ? accum->data_ptr<float>() : nullptr, stream_of(q));
+  if (d_rpb) d_rpb->copy_(*accum);
+}
+
+void na_av_forward(at::Tensor attn, at::Tensor v, Window const& w, at::Tensor out) {
+  require_dense(c10::kCUDA, {&attn, &v, &out});
+  c10::cuda::CUDAGuard guard(v.device());
+  NaUnfusedTensors t;
+  t.attn = attn.data_ptr();
+  t.v = v.data_ptr();
+  t.out = out.data_ptr();
+  NaProblem p = make_problem(attn, v, v.size(-1), w);
+  p.dim = v.size(-1);
+  find_kernel(reference::dispatch::na_av_fwd, p.rank, dtype_of(v), "reference av")(p, t,
+                                                                                  stream_of(v));
+}
+
+void na_av_backward(at::Tensor d_out, at::Tensor attn, at::Tensor v, Window const& w,
+                    at::Tensor d_attn, at::Tensor d_v) {
+  require_dense(c10::kCUDA, {&d_out, &attn, &v, &d_attn, &d_v});
+  c10::cuda::CUDAGuard guard(v.device());
+  NaUnfusedTensors t;
+  t.d_out = d_out.data_ptr();
+  t.attn = attn.data_ptr();
+  t.v = v.data_ptr();
+  t.d_attn = d_attn.data_ptr();
+  t.d_v = d_v.data_ptr();
+  NaProblem p = make_problem(attn, v, v.size(-1), w);
+  p.dim = v.size(-1);
+  find_kernel(reference::dispatch::na_av_bwd, p.rank, dtype_of(v), "reference av backward")(
+      p, t, stream_of(v));
+}
+
+}  // namespace
+
+void register_cuda(pybind11::module_& m) {
+  m.def("reference_fna_forward", &fna_forward);
+  m.def("reference_fna_backward", &fna_backward);
+  m.def("reference_na_qk_forward", &na_qk_forward);
+  m.def("reference_na_qk_backward", &na_qk_backward);
+  m.def("reference_na_av_forward", &na_av_forward);
+  m.def("reference_na_av_backward", &na_av_backward);
+}
+
+}  // namespace natten::binding

@@ -1,0 +1,257 @@
+// Unfused neighbourhood attention, reference CUDA kernels: attn = q.k (+ rpb) over each
+// query's window, out = attn.v, and the gradients of both (SPEC section 1; layouts in
+// na_params.h; same window-offset convention as the CPU backend: offset i along an axis
+// stands for key group coordinate window.start + i, visible when inside [first, last]).
+//
+// Query-side work (attn, out, d_attn, dQ) is one warp per (b, query, head) walking the
+// window's offsets; key-side gradients (dK, dV) are one warp per (b, key, kv head) walking the
+// queries that see the key (inverse window) and the query heads of its group, so no two
+// warps write one element. Only d_rpb is accumulated with atomics (float32, by the caller's
+// buffer).
+#pragma once
+
+#include "reference/common.cuh"
+
+namespace natten::reference {
+namespace detail {
+
+template <int Rank, typename T, int kPer>
+__global__ void __launch_bounds__(kThreads)
+    na_qk_forward_kernel(Problem<Rank> const P, NaUnfusedTensors const t) {
+  int const lane = lane_id();
+  int64_t const N = P.tokens, H = P.heads, Hkv = P.heads_kv, D = P.dim, kw = P.window;
+  int64_t const rows = P.batch * N * H;
+  auto const* q = static_cast<T const*>(t.q);
+  auto const* k = static_cast<T const*>(t.k);
+  auto const* rpb = static_cast<T const*>(t.rpb);
+  auto* attn = static_cast<T*>(t.out);
+
+  for (int64_t row = first_warp(); row < rows; row += warp_stride()) {
+    int64_t const h = row % H;
+    int64_t const x = (row / H) % N;
+    int64_t const b = row / (H * N);
+    T const* k_head = k + (b * N * Hkv + h / P.group) * D;
+    T const* bias = rpb != nullptr ? rpb + h * P.rpb_size : nullptr;
+    Row<kPer> qr;
+    qr.load(q + row * D, D, lane, 1.f);
+    T* dst = attn + row * kw;
+    for_each_offset(P, x, [&](int64_t j, int64_t y, int64_t ri, bool visible) {
+      if (!visible) {
+        if (lane == 0) store_float(dst + j, -INFINITY);
+        return;
+      }
+      float s = warp_sum(qr.partial_dot(k_head + y * Hkv * D, D, lane));
+      if (lane == 0) {
+        if (bias != nullptr) s += to_float(bias[ri]);
+        store_float(dst + j, s);
+      }
+    });
+  }
+}
+
+// dQ = sum_j d_attn[j] k_j over visible offsets; d_rpb[h, ri] += d_attn[j].
+template <int Rank, typename T, int kPer>
+__global__ void __launch_bounds__(kThreads)
+    na_qk_backward_dq_kernel(Problem<Rank> const P, NaUnfusedTensors const t,
+                             float* d_rpb_accum) {
+  int const lane = lane_id();
+  int64_t const N = P.tokens, H = P.heads, Hkv = P.heads_kv, D = P.dim, kw = P.window;
+  int64_t const rows = P.batch * N * H;
+  auto const* d_attn = static_cast<T const*>(t.d_out);
+  auto const* k = static_cast<T const*>(t.k);
+  auto* d_q = static_cast<T*>(t.d_q);
+
+  for (int64_t row = first_warp(); row < rows; row += warp_stride()) {
+    int64_t const h = row % H;
+    int64_t const x = (row / H) % N;
+    int64_t const b = row / (H * N);
+    T const* k_head = k + (b * N * Hkv + h / P.group) * D;
+    T const* g = d_attn + row * kw;
+    float* bias_grad = d_rpb_accum != nullptr ? d_rpb_accum + h * P.rpb_size : nullptr;
+    Row<kPer> dq;
+    dq.zero();
+    for_each_offset(P, x, [&](int64_t j, int64_t y, int64_t ri, bool visible) {
+      if (!visible) return;
+      float const gj = to_float(g[j]);
+      dq.axpy(gj, k_head + y * Hkv * D, D, lane);
+      if (bias_grad != nullptr && lane == 0) atomicAdd(bias_grad + ri, gj);
+    });
+    dq.store(d_q + row * D, D, lane, 1.f);
+  }
+}
+
+// dK[y] = sum over queries x that see y and heads h of the group: d_attn[x, h, j(x, y)] q[x, h].
+template <int Rank, typename T, int kPer>
+__global__ void __launch_bounds__(kThreads)
+    na_qk_backward_dk_kernel(Problem<Rank> const P, NaUnfusedTensors const t) {
+  int const lane = lane_id();
+  int64_t const N = P.tokens, H = P.heads, Hkv = P.heads_kv, D = P.dim, kw = P.window;
+  int64_t const rows = P.batch * N * Hkv;
+  auto const* d_attn = static_cast<T const*>(t.d_out);
+  auto const* q = static_cast<T const*>(t.q);
+  auto* d_k = static_cast<T*>(t.d_k);
+
+  for (int64_t row = first_warp(); row < rows; row += warp_stride()) {
+    // row = (b * N + y) * Hkv + hk
+    int64_t const hk = row % Hkv;
+    int64_t const y = (row / Hkv) % N;
+    int64_t const b = row / (Hkv * N);
+    Row<kPer> dk;
+    dk.zero();
+    for_each_query_of_key(P, y, [&](int64_t x, int64_t j) {
+      for (int64_t h = hk * P.group; h < (hk + 1) * P.group; ++h) {
+        int64_t const q_row = (b * N + x) * H + h;
+        dk.axpy(to_float(d_attn[q_row * kw + j]), q + q_row * D, D, lane);
+      }
+    });
+    dk.store(d_k + row * D, D, lane, 1.f);
+  }
+}
+
+template <int Rank, typename T, int kPer>
+__global__ void __launch_bounds__(kThreads)
+    na_av_forward_kernel(Problem<Rank> const P, NaUnfusedTensors const t) {
+  int const lane = lane_id();
+  int64_t const N = P.tokens, H = P.heads, Hkv = P.heads_kv, Dv = P.dim_v, kw = P.window;
+  int64_t const rows = P.batch * N * H;
+  auto const* attn = static_cast<T const*>(t.attn);
+  auto const* v = static_cast<T const*>(t.v);
+  auto* out = static_cast<T*>(t.out);
+
+  for (int64_t row = first_warp(); row < rows; row += warp_stride()) {
+    int64_t const h = row % H;
+    int64_t const x = (row / H) % N;
+    int64_t const b = row / (H * N);
+    T const* v_head = v + (b * N * Hkv + h / P.group) * Dv;
+    T const* a = attn + row * kw;
+    Row<kPer> o;
+    o.zero();
+    // Invisible offsets are skipped, not multiplied: their weights may be -inf or NaN.
+    for_each_offset(P, x, [&](int64_t j, int64_t y, int64_t, bool visible) {
+      if (visible) o.axpy(to_float(a[j]), v_head + y * Hkv * Dv, Dv, lane);
+    });
+    o.store(out + row * Dv, Dv, lane, 1.f);
+  }
+}
+
+// d_attn[x, h, j] = dO[x, h] . v[key j] at visible offsets, 0 elsewhere.
+template <int Rank, typename T, int kPer>
+__global__ void __launch_bounds__(kThreads)
+    na_av_backward_dattn_kernel(Problem<Rank> const P, NaUnfusedTensors const t) {
+  int const lane = lane_id();
+  int64_t const N = P.tokens, H = P.heads, Hkv = P.heads_kv, Dv = P.dim_v, kw = P.window;
+  int64_t const rows = P.batch * N * H;
+  auto const* d_out = static_cast<T const*>(t.d_out);
+  auto const* v = static_cast<T const*>(t.v);
+  auto* d_attn = static_cast<T*>(t.d_attn);
+
+  for (int64_t row = first_warp(); row < rows; row += warp_stride()) {
+    int64_t const h = row % H;
+    int64_t const x = (row / H) % N;
+    int64_t const b = row / (H * N);
+    T const* v_head = v + (b * N * Hkv + h / P.group) * Dv;
+    Row<kPer> go;
+    go.load(d_out + row * Dv, Dv, lane, 1.f);
+    T* dst = d_attn + row * kw;
+    for_each_offset(P, x, [&](int64_t j, int64_t y, int64_t, bool visible) {
+      if (!visible) {
+        if (lane == 0) store_float(dst + j, 0.f);
+        return;
+      }
+      float const s = warp_sum(go.partial_dot(v_head + y * Hkv * Dv, Dv, lane));
+      if (lane == 0) store_float(dst + j, s);
+    });
+  }
+}
+
+// dV[y] = sum over queries x that see y and heads h of the group: attn[x, h, j(x, y)] dO[x, h].
+template <int Rank, typename T, int kPer>
+__global__ void __launch_bounds__(kThreads)
+    na_av_backward_dv_kernel(Problem<Rank> const P, NaUnfusedTensors const t) {
+  int const lane = lane_id();
+  int64_t const N = P.tokens, H = P.heads, Hkv = P.heads_kv, Dv = P.dim_v, kw = P.window;
+  int64_t const rows = P.batch * N * Hkv;
+  auto const* attn = static_cast<T const*>(t.attn);
+  auto const* d_out = static_cast<T const*>(t.d_out);
+  auto* d_v = static_cast<T*>(t.d_v);
+
+  for (int64_t row = first_warp(); row < rows; row += warp_stride()) {
+    int64_t const hk = row % Hkv;
+    int64_t const y = (row / Hkv) % N;
+    int64_t const b = row / (Hkv * N);
+    Row<kPer> dv;
+    dv.zero();
+    for_each_query_of_key(P, y, [&](int64_t x, int64_t j) {
+      for (int64_t h = hk * P.group; h < (hk + 1) * P.group; ++h) {
+        int64_t const q_row = (b * N + x) * H + h;
+        dv.axpy(to_float(attn[q_row * kw + j]), d_out + q_row * Dv, Dv, lane);
+      }
+    });
+    dv.store(d_v + row * Dv, Dv, lane, 1.f);
+  }
+}
+
+}  // namespace detail
+
+template <int Rank, typename T>
+void na_qk_forward(NaProblem const& p, NaUnfusedTensors const& t, cudaStream_t stream) {
+  using namespace detail;
+  Problem<Rank> const P = make_problem<Rank>(p, "na_qk_forward");
+  int64_t const rows = P.batch * P.tokens * P.heads;
+  if (rows == 0) return;
+  with_row_slots(P.dim, [&](auto slots) {
+    constexpr int kPer = decltype(slots)::value;
+    na_qk_forward_kernel<Rank, T, kPer><<<grid_blocks(rows), kThreads, 0, stream>>>(P, t);
+    check_launch("na_qk_forward_kernel");
+  });
+}
+
+template <int Rank, typename T>
+void na_qk_backward(NaProblem const& p, NaUnfusedTensors const& t, float* d_rpb_accum,
+                    cudaStream_t stream) {
+  using namespace detail;
+  Problem<Rank> const P = make_problem<Rank>(p, "na_qk_backward");
+  int64_t const q_rows = P.batch * P.tokens * P.heads;
+  int64_t const k_rows = P.batch * P.tokens * P.heads_kv;
+  if (q_rows == 0) return;
+  with_row_slots(P.dim, [&](auto slots) {
+    constexpr int kPer = decltype(slots)::value;
+    na_qk_backward_dq_kernel<Rank, T, kPer>
+        <<<grid_blocks(q_rows), kThreads, 0, stream>>>(P, t, d_rpb_accum);
+    check_launch("na_qk_backward_dq_kernel");
+    na_qk_backward_dk_kernel<Rank, T, kPer><<<grid_blocks(k_rows), kThreads, 0, stream>>>(P, t);
+    check_launch("na_qk_backward_dk_kernel");
+  });
+}
+
+template <int Rank, typename T>
+void na_av_forward(NaProblem const& p, NaUnfusedTensors const& t, cudaStream_t stream) {
+  using namespace detail;
+  Problem<Rank> const P = make_problem<Rank>(p, "na_av_forward");
+  int64_t const rows = P.batch * P.tokens * P.heads;
+  if (rows == 0) return;
+  with_row_slots(P.dim_v, [&](auto slots) {
+    constexpr int kPer = decltype(slots)::value;
+    na_av_forward_kernel<Rank, T, kPer><<<grid_blocks(rows), kThreads, 0, stream>>>(P, t);
+    check_launch("na_av_forward_kernel");
+  });
+}
+
+template <int Rank, typename T>
+void na_av_backward(NaProblem const& p, NaUnfusedTensors const& t, cudaStream_t stream) {
+  using namespace detail;
+  Problem<Rank> const P = make_problem<Rank>(p, "na_av_backward");
+  int64_t const q_rows = P.batch * P.tokens * P.heads;
+  int64_t const k_rows = P.batch * P.tokens * P.heads_kv;
+  if (q_rows == 0) return;
+  with_row_slots(P.dim_v, [&](auto slots) {
+    constexpr int kPer = decltype(slots)::value;
+    na_av_backward_dattn_kernel<Rank, T, kPer>
+        <<<grid_blocks(q_rows), kThreads, 0, stream>>>(P, t);
+    check_launch("na_av_backward_dattn_kernel");
+    na_av_backward_dv_kernel<Rank, T, kPer><<<grid_blocks(k_rows), kThreads, 0, stream>>>(P, t);
+    check_launch("na_av_backward_dv_kernel");
+  });
+}
+
+}  // namespace natten::reference
