@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "common/na_params.h"
@@ -66,10 +67,14 @@ auto find_kernel(Entry const* table, int rank, DType dtype, char const* what) {
               " and dtype ", static_cast<int>(dtype), " (see NATTEN_KERNEL_FILTER)");
 }
 
-inline FnaTensors fused_tensors(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
-                                std::optional<at::Tensor> const& extra_k,
-                                std::optional<at::Tensor> const& extra_v, at::Tensor const& out,
-                                at::Tensor const& lse) {
+// Problem and pointers of a fused call; the backward adds its gradients to the result.
+inline std::pair<NaProblem, FnaTensors> fused_call(
+    at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
+    std::optional<at::Tensor> const& extra_k, std::optional<at::Tensor> const& extra_v,
+    at::Tensor const& out, at::Tensor const& lse, Window const& w, double scale) {
+  NaProblem p = make_problem(q, k, v.size(-1), w);
+  p.scale = scale;
+  p.num_extra = extra_k ? extra_k->size(1) : 0;
   FnaTensors t;
   t.q = q.data_ptr();
   t.k = k.data_ptr();
@@ -78,7 +83,21 @@ inline FnaTensors fused_tensors(at::Tensor const& q, at::Tensor const& k, at::Te
   t.extra_v = ptr(extra_v);
   t.out = out.data_ptr();
   t.lse = lse.data_ptr();
-  return t;
+  return {p, t};
+}
+
+inline void add_gradients(FnaTensors& t, at::Tensor const& d_out,
+                          std::optional<at::Tensor> const& d_lse, at::Tensor const& d_q,
+                          at::Tensor const& d_k, at::Tensor const& d_v,
+                          std::optional<at::Tensor> const& d_extra_k,
+                          std::optional<at::Tensor> const& d_extra_v) {
+  t.d_out = d_out.data_ptr();
+  t.d_lse = ptr(d_lse);
+  t.d_q = d_q.data_ptr();
+  t.d_k = d_k.data_ptr();
+  t.d_v = d_v.data_ptr();
+  t.d_extra_k = ptr(d_extra_k);
+  t.d_extra_v = ptr(d_extra_v);
 }
 
 // CUDA functions of the module, defined in cuda_binding.cpp when built with CUDA.

@@ -1,6 +1,6 @@
 // The CUDA entry points of natten._C (built only with CUDA): tensors to NaProblem + raw
 // pointers on the current stream, then the generated dispatch table of the kernel family.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "binding/binding_common.h"
@@ -10,7 +10,7 @@ namespace natten::binding {
 namespace {
 
 cudaStream_t stream_of(at::Tensor const& t) {
-  return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
 void fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
@@ -18,11 +18,9 @@ void fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Ten
                  at::Tensor lse) {
   require_dense(c10::kCUDA, {&q, &k, &v, &out, &lse});
   c10::cuda::CUDAGuard guard(q.device());
-  NaProblem p = make_problem(q, k, v.size(-1), w);
-  p.scale = scale;
-  p.num_extra = extra_k ? extra_k->size(1) : 0;
+  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
   auto fn = find_kernel(reference::dispatch::fna_fwd, p.rank, dtype_of(q), "reference forward");
-  fn(p, fused_tensors(q, k, v, extra_k, extra_v, out, lse), stream_of(q));
+  fn(p, t, stream_of(q));
 }
 
 void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
@@ -32,17 +30,8 @@ void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Te
                   std::optional<at::Tensor> d_extra_k, std::optional<at::Tensor> d_extra_v) {
   require_dense(c10::kCUDA, {&q, &k, &v, &out, &lse, &d_out, &d_q, &d_k, &d_v});
   c10::cuda::CUDAGuard guard(q.device());
-  NaProblem p = make_problem(q, k, v.size(-1), w);
-  p.scale = scale;
-  p.num_extra = extra_k ? extra_k->size(1) : 0;
-  FnaTensors t = fused_tensors(q, k, v, extra_k, extra_v, out, lse);
-  t.d_out = d_out.data_ptr();
-  t.d_lse = ptr(d_lse);
-  t.d_q = d_q.data_ptr();
-  t.d_k = d_k.data_ptr();
-  t.d_v = d_v.data_ptr();
-  t.d_extra_k = ptr(d_extra_k);
-  t.d_extra_v = ptr(d_extra_v);
+  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
+  add_gradients(t, d_out, d_lse, d_q, d_k, d_v, d_extra_k, d_extra_v);
   at::Tensor workspace = at::empty({static_cast<int64_t>(reference::fna_backward_workspace_floats(p))},
                                    q.options().dtype(at::kFloat));
   auto fn = find_kernel(reference::dispatch::fna_bwd, p.rank, dtype_of(q), "reference backward");

@@ -81,12 +81,9 @@ void fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Ten
                  std::optional<at::Tensor> extra_v, Window const& w, double scale,
                  std::vector<int64_t> q_tile, int64_t kv_chunk, at::Tensor out, at::Tensor lse) {
   require_dense(c10::kCPU, {&q, &k, &v, &out, &lse});
-  NaProblem p = make_problem(q, k, v.size(-1), w);
-  p.scale = scale;
-  p.num_extra = extra_k ? extra_k->size(1) : 0;
+  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
   auto fn = find_kernel(cpu::dispatch::fna_fwd, p.rank, dtype_of(q), "cpu fused forward");
-  fn(p, fused_tensors(q, k, v, extra_k, extra_v, out, lse), tile_config(q_tile, kv_chunk),
-     TorchHostServices{});
+  fn(p, t, tile_config(q_tile, kv_chunk), TorchHostServices{});
 }
 
 void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
@@ -96,17 +93,8 @@ void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Te
                   at::Tensor d_k, at::Tensor d_v, std::optional<at::Tensor> d_extra_k,
                   std::optional<at::Tensor> d_extra_v) {
   require_dense(c10::kCPU, {&q, &k, &v, &out, &lse, &d_out, &d_q, &d_k, &d_v});
-  NaProblem p = make_problem(q, k, v.size(-1), w);
-  p.scale = scale;
-  p.num_extra = extra_k ? extra_k->size(1) : 0;
-  FnaTensors t = fused_tensors(q, k, v, extra_k, extra_v, out, lse);
-  t.d_out = d_out.data_ptr();
-  t.d_lse = ptr(d_lse);
-  t.d_q = d_q.data_ptr();
-  t.d_k = d_k.data_ptr();
-  t.d_v = d_v.data_ptr();
-  t.d_extra_k = ptr(d_extra_k);
-  t.d_extra_v = ptr(d_extra_v);
+  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
+  add_gradients(t, d_out, d_lse, d_q, d_k, d_v, d_extra_k, d_extra_v);
   auto fn = find_kernel(cpu::dispatch::fna_bwd, p.rank, dtype_of(q), "cpu fused backward");
   fn(p, t, tile_config(q_tile, kv_chunk), TorchHostServices{});
 }

@@ -1,0 +1,297 @@
+"""GPU benchmark: every natten CUDA backend against dense SDPA and row-major flex.
+
+For each problem of benchmarks/problems.py (bfloat16, [B, *S, H, D]) and each pass (forward;
+forward+backward unless --no-backprop), times:
+
+* every natten backend usable on the device (natten.backends.names_for_device), through
+  natten.na{1,2,3}d(..., backend=name);
+* dense torch.nn.functional.scaled_dot_product_attention on the same tokens (no mask,
+  heads-first): the cost of ignoring the neighbourhood;
+* torch.compile(flex_attention) with the plain row-major NA block mask (no token tiling).
+
+Times: CUDA events around each call, after warm-up, median over --repeat runs; peak memory is
+torch.cuda.max_memory_allocated after a reset. Effective TFLOP/s use the exact NA flop count
+(natten.flops.fna_flops, 2 flops per multiply-add; forward+backward counted 3.5x forward, the
+backward being 2.5x) for every row, SDPA included. Correctness guard: each natten backend's
+forward output against the row-major flex output (rel err; > 2e-2 is flagged).
+
+    python3 benchmarks/gpu_bench.py [--problems P1,P3] [--backends flex-fna] [--repeat N]
+        [--warmup N] [--no-backprop] [--json PATH]
+    python3 benchmarks/gpu_bench.py --device cpu --tiny     # smoke run without a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from typing import Callable, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this source tree before any installed natten
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import natten  # noqa: E402
+from natten._checks import check_fused  # noqa: E402
+from natten.backends import flex as flex_backend  # noqa: E402
+from natten.flops import fna_flops  # noqa: E402
+from problems import PROBLEMS, TINY, Problem  # noqa: E402
+
+GUARD_REL_ERR = 2e-2
+BACKWARD_FACTOR = 2.5
+
+
+def progress(msg: str) -> None:
+    print(f"[gpu_bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int):
+    """(median ms, peak bytes or None)."""
+    for _ in range(warmup):
+        fn()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeat):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    return statistics.median(times), peak
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
+
+
+# ----------------------------------------------------------------------------------------
+# One problem
+# ----------------------------------------------------------------------------------------
+
+
+def run_problem(p: Problem, device: torch.device, dtype: torch.dtype, backends: List[str],
+                passes: List[str], warmup: int, repeat: int) -> List[dict]:
+    B, S, H, D = p.batch, p.spatial, p.heads, p.dim
+    N = p.tokens
+    kernel, stride = p.kernel, p.per_axis("stride", 1)
+    dilation, causal = p.per_axis("dilation", 1), p.per_axis("causal", False)
+    na = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[p.rank]
+    flops_fwd = 2 * fna_flops(B, H, S, D, kernel, stride, dilation, causal)
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, d_out = (torch.randn(B, *S, H, D, generator=gen).to(device=device, dtype=dtype)
+                      for _ in range(4))
+    scale = D ** -0.5
+    rows: List[dict] = []
+
+    def record(impl: str, pass_: str, ms: float, peak: Optional[int], **extra):
+        flops = flops_fwd * (1 + BACKWARD_FACTOR if pass_ == "fwd+bwd" else 1)
+        rows.append(dict(problem=p.name, impl=impl, pass_=pass_, ms=ms,
+                         tflops=flops / (ms * 1e-3) / 1e12,
+                         peak_mib=None if peak is None else peak / 2**20, **extra))
+
+    def leaves():
+        return [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+
+    # ---- flex, row-major NA block mask (also the correctness reference) ----
+    progress(f"{p.name}: flex row-major block mask")
+    problem, _ = check_fused(p.rank, q, k, v, kernel, stride, dilation, causal, None, None, None)
+    layout = flex_backend.get_layout(problem, None, None)
+    flex = flex_backend.compiled_flex()
+    qf, kf, vf = flex_backend._prepare(layout, q, k, v, None, None, 0)
+
+    def flex_row_major(qf=qf, kf=kf, vf=vf):
+        return flex(qf, kf, vf, block_mask=layout.block_mask, scale=scale)
+
+    def to_heads_last(out_f):
+        return out_f.transpose(1, 2).index_select(1, layout.q_scatter).reshape(B, *S, H, D)
+
+    progress(f"{p.name}: compiling flex (row-major) forward")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = to_heads_last(flex_row_major())
+        stats = dict(blocks=int(layout.block_mask.kv_num_blocks.sum() + layout.block_mask.full_kv_num_blocks.sum()))
+        if "fwd" in passes:
+            ms, peak = time_ms(flex_row_major, device, warmup, repeat)
+            record("flex row-major", "fwd", ms, peak, **stats)
+    if "fwd+bwd" in passes:
+        if device.type == "cpu":
+            progress(f"{p.name}: flex row-major backward skipped (FlexAttention has no CPU backward)")
+        else:
+            qg, kg, vg = leaves()
+            d_out_f = flex_backend._heads_first(d_out, layout.q_gather)
+            real = torch.zeros(layout.num_q, dtype=torch.bool, device=device)
+            real[layout.q_scatter] = True
+            d_out_f = d_out_f * real[:, None]  # padding rows carry no gradient
+
+            def flex_row_major_bwd():
+                a, b, c = flex_backend._prepare(layout, qg, kg, vg, None, None, 0)
+                out = flex(a, b, c, block_mask=layout.block_mask, scale=scale)
+                torch.autograd.backward(out, d_out_f)
+
+            progress(f"{p.name}: compiling flex (row-major) backward")
+            ms, peak = time_ms(flex_row_major_bwd, device, warmup, repeat)
+            record("flex row-major", "fwd+bwd", ms, peak, **stats)
+
+    # ---- dense SDPA, heads-first, no mask ----
+    qh, kh, vh, doh = (t.reshape(B, N, H, D).transpose(1, 2).contiguous() for t in (q, k, v, d_out))
+    if "fwd" in passes:
+        progress(f"{p.name}: dense SDPA forward")
+        with torch.no_grad():
+            ms, peak = time_ms(lambda: F.scaled_dot_product_attention(qh, kh, vh), device, warmup, repeat)
+        record("sdpa dense", "fwd", ms, peak)
+    if "fwd+bwd" in passes:
+        progress(f"{p.name}: dense SDPA forward+backward")
+        qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (qh, kh, vh))
+        ms, peak = time_ms(lambda: F.scaled_dot_product_attention(qg, kg, vg).backward(doh), device,
+                           warmup, repeat)
+        record("sdpa dense", "fwd+bwd", ms, peak)
+
+    # ---- natten backends ----
+    for name in backends:
+        kwargs = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal, backend=name)
+        try:
+            progress(f"{p.name}: natten {name} forward (first call compiles / builds masks)")
+            with torch.no_grad():
+                out = na(q, k, v, **kwargs)
+            err = rel_err(out, reference)
+            guard = dict(rel_err_vs_flex=err, flagged=err > GUARD_REL_ERR)
+            if err > GUARD_REL_ERR:
+                progress(f"{p.name}: WARNING natten {name} differs from row-major flex: rel err {err:.2e}")
+            if "fwd" in passes:
+                with torch.no_grad():
+                    ms, peak = time_ms(lambda: na(q, k, v, **kwargs), device, warmup, repeat)
+                record(f"natten {name}", "fwd", ms, peak, **guard)
+            if "fwd+bwd" in passes:
+                qg, kg, vg = leaves()
+                progress(f"{p.name}: natten {name} forward+backward")
+                ms, peak = time_ms(lambda: na(qg, kg, vg, **kwargs).backward(d_out), device, warmup, repeat)
+                record(f"natten {name}", "fwd+bwd", ms, peak, **guard)
+        except (ValueError, NotImplementedError, RuntimeError) as e:
+            msg = " ".join(str(e).split())[:200]
+            progress(f"{p.name}: natten {name} failed: {msg}")
+            rows.append(dict(problem=p.name, impl=f"natten {name}", pass_="-", error=msg))
+
+    # speedup over dense SDPA, per pass
+    sdpa = {r["pass_"]: r["ms"] for r in rows if r["impl"] == "sdpa dense"}
+    for r in rows:
+        if "ms" in r and r["pass_"] in sdpa:
+            r["speedup_vs_sdpa"] = sdpa[r["pass_"]] / r["ms"]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(problems: List[Problem], rows: List[dict], device: torch.device) -> None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\ntorch {torch.__version__}, {name}, natten backends: "
+          f"{', '.join(sorted({r['impl'] for r in rows if r['impl'].startswith('natten')}))}")
+    for p in problems:
+        print("  " + p.describe())
+    header = ("problem", "impl", "pass", "ms", "TFLOP/s", "vs SDPA", "peak MiB", "rel err", "note")
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append((r["problem"], r["impl"], "-", "-", "-", "-", "-", "-", "error: " + r["error"][:60]))
+            continue
+        note = "FLAGGED > 2e-2" if r.get("flagged") else ""
+        table.append((r["problem"], r["impl"], r["pass_"], _fmt(r["ms"], ".3f"), _fmt(r["tflops"], ".3g"),
+                      _fmt(r.get("speedup_vs_sdpa"), ".2f") + ("x" if r.get("speedup_vs_sdpa") else ""),
+                      _fmt(r["peak_mib"], ".0f"), _fmt(r.get("rel_err_vs_flex"), ".1e"), note))
+    widths = [max(len(str(row[i])) for row in [header] + table) for i in range(len(header))]
+    print()
+    for n, row in enumerate([header] + table):
+        print("  ".join(str(c).ljust(w) if i < 3 or i == 8 else str(c).rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--problems", default=",".join(PROBLEMS), help="comma list of P1..P5 (default: all)")
+    ap.add_argument("--backends", default=None,
+                    help="comma list of natten backends (default: every one usable on the device)")
+    ap.add_argument("--repeat", type=int, default=10, help="timed runs, median reported (default 10)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    ap.add_argument("--backprop", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time forward+backward (default: on; --no-backprop: forward only)")
+    ap.add_argument("--json", metavar="PATH", help="write all results as JSON")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cpu: smoke run without a GPU (float32; use with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes of the same problem kinds (smoke)")
+    args = ap.parse_args(argv)
+    if args.repeat < 1 or args.warmup < 0:
+        ap.error("--repeat must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("CUDA is not available; for a smoke run use --device cpu --tiny")
+    table = TINY if args.tiny else PROBLEMS
+    names = [n.strip() for n in args.problems.split(",") if n.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        ap.error(f"unknown problems {unknown}; choose from {', '.join(table)}")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    available = natten.backends.names_for_device(device.type)
+    if device.type == "cpu" and "flex-fna" not in available:
+        available.append("flex-fna")  # runs on CPU tensors when asked by name
+    if args.backends:
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    else:
+        backends = available
+    passes = ["fwd"] + (["fwd+bwd"] if args.backprop else [])
+
+    t0 = time.perf_counter()
+    problems = [table[n] for n in names]
+    rows: List[dict] = []
+    for p in problems:
+        progress(f"=== {p.describe()} ({time.perf_counter() - t0:.0f} s so far)")
+        rows += run_problem(p, device, dtype, backends, passes, args.warmup, args.repeat)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    progress(f"done in {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "device": str(device),
+                       "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                       "dtype": str(dtype), "backends": backends, "tiny": args.tiny,
+                       "problems": [p.__dict__ for p in problems], "results": rows}, f, indent=2)
+    print_table(problems, rows, device)
+    flagged = [r for r in rows if r.get("flagged")]
+    return 1 if flagged or any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
