@@ -242,12 +242,12 @@ def reference_qk(q, k, kernel_size, dilation=1, is_causal=False, rpb=None, strid
     N = math.prod(S)
     key_flat, valid, bias = window_table(S, kernel_size, dilation, is_causal, stride)
     K = key_flat.shape[1]
-    qf = q.to(torch.float64).reshape(B, N, H, D)
-    kf = _expand_kv_heads(k.to(torch.float64).reshape(B, N, k.shape[-2], D), H)
+    qf = q.to("cpu", torch.float64).reshape(B, N, H, D)
+    kf = _expand_kv_heads(k.to("cpu", torch.float64).reshape(B, N, k.shape[-2], D), H)
     kg = kf[:, key_flat.reshape(-1)].reshape(B, N, K, H, D)
     attn = torch.einsum("bnhd,bnkhd->bnhk", qf, kg)
     if rpb is not None:
-        rp = rpb.to(torch.float64)
+        rp = rpb.to("cpu", torch.float64)
         b = rp[(slice(None),) + tuple(bias)]  # [H, N, K]
         attn = attn + b.permute(1, 0, 2).unsqueeze(0)
     attn = attn.masked_fill(~valid.view(1, N, 1, K), float("-inf"))
@@ -265,9 +265,9 @@ def reference_av(attn, v, kernel_size, dilation=1, is_causal=False, stride=1):
     N = math.prod(S)
     key_flat, valid, _ = window_table(S, kernel_size, dilation, is_causal, stride)
     K = key_flat.shape[1]
-    af = attn.to(torch.float64).reshape(B, N, H, K)
+    af = attn.to("cpu", torch.float64).reshape(B, N, H, K)
     af = af.masked_fill(~valid.view(1, N, 1, K), 0.0)
-    vf = _expand_kv_heads(v.to(torch.float64).reshape(B, N, v.shape[-2], Dv), H)
+    vf = _expand_kv_heads(v.to("cpu", torch.float64).reshape(B, N, v.shape[-2], Dv), H)
     vg = vf[:, key_flat.reshape(-1)].reshape(B, N, K, H, Dv)
     out = torch.einsum("bnhk,bnkhd->bnhd", af, vg)
     return out.reshape(B, *S, H, Dv)
