@@ -155,13 +155,13 @@ def reference_na(
     N = math.prod(S)
     if scale is None:
         scale = D ** -0.5
-    qf = q.to(torch.float64).reshape(B, N, H, D)
-    kf = _expand_kv_heads(k.to(torch.float64).reshape(B, N, k.shape[-2], D), H)
-    vf = _expand_kv_heads(v.to(torch.float64).reshape(B, N, v.shape[-2], Dv), H)
+    qf = q.to("cpu", torch.float64).reshape(B, N, H, D)
+    kf = _expand_kv_heads(k.to("cpu", torch.float64).reshape(B, N, k.shape[-2], D), H)
+    vf = _expand_kv_heads(v.to("cpu", torch.float64).reshape(B, N, v.shape[-2], Dv), H)
     mask = na_mask(S, kernel_size, stride, dilation, is_causal)  # [N, N]
     if additional_keys is not None:
-        ak = _expand_kv_heads(additional_keys.to(torch.float64), H)
-        av = _expand_kv_heads(additional_values.to(torch.float64), H)
+        ak = _expand_kv_heads(additional_keys.to("cpu", torch.float64), H)
+        av = _expand_kv_heads(additional_values.to("cpu", torch.float64), H)
         kf = torch.cat([kf, ak], dim=1)
         vf = torch.cat([vf, av], dim=1)
         mask = torch.cat([mask, torch.ones(N, ak.shape[1], dtype=torch.bool)], dim=1)
@@ -278,6 +278,6 @@ def reference_na_unfused(q, k, v, kernel_size, dilation=1, is_causal=False, rpb=
     D = q.shape[-1]
     if scale is None:
         scale = D ** -0.5
-    attn = reference_qk(q.to(torch.float64) * scale, k, kernel_size, dilation, is_causal, rpb)
+    attn = reference_qk(q.to("cpu", torch.float64) * scale, k, kernel_size, dilation, is_causal, rpb)
     attn = torch.softmax(attn, dim=-1)
     return reference_av(attn, v, kernel_size, dilation, is_causal)
