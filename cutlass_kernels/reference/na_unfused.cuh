@@ -80,31 +80,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dK[y] = sum over queries x that see y and heads h of the group: d_attn[x, h, j(x, y)] q[x, h].
+// The transpose of a window product: dst[y] = sum over the queries x that see key y and the
+// heads h of y's group of weights[x, h, j(x, y)] * src[x, h]. It is dK of qk (weights dAttn,
+// src q) and dV of av (weights attn, src dO); walking the inverse window needs no atomics.
 template <int Rank, typename T, int kPer>
 __global__ void __launch_bounds__(kThreads)
-    na_qk_backward_dk_kernel(Problem<Rank> const P, NaUnfusedTensors const t) {
+    window_transpose_kernel(Problem<Rank> const P, T const* weights, T const* src, int64_t width,
+                            T* dst) {
   int const lane = lane_id();
-  int64_t const N = P.tokens, H = P.heads, Hkv = P.heads_kv, D = P.dim, kw = P.window;
+  int64_t const N = P.tokens, H = P.heads, Hkv = P.heads_kv, kw = P.window;
   int64_t const rows = P.batch * N * Hkv;
-  auto const* d_attn = static_cast<T const*>(t.d_out);
-  auto const* q = static_cast<T const*>(t.q);
-  auto* d_k = static_cast<T*>(t.d_k);
 
   for (int64_t row = first_warp(); row < rows; row += warp_stride()) {
     // row = (b * N + y) * Hkv + hk
     int64_t const hk = row % Hkv;
     int64_t const y = (row / Hkv) % N;
     int64_t const b = row / (Hkv * N);
-    Row<kPer> dk;
-    dk.zero();
+    Row<kPer> acc;
+    acc.zero();
     for_each_query_of_key(P, y, [&](int64_t x, int64_t j) {
       for (int64_t h = hk * P.group; h < (hk + 1) * P.group; ++h) {
         int64_t const q_row = (b * N + x) * H + h;
-        dk.axpy(to_float(d_attn[q_row * kw + j]), q + q_row * D, D, lane);
+        acc.axpy(to_float(weights[q_row * kw + j]), src + q_row * width, width, lane);
       }
     });
-    dk.store(d_k + row * D, D, lane, 1.f);
+    acc.store(dst + row * width, width, lane, 1.f);
   }
 }
 
@@ -164,33 +164,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dV[y] = sum over queries x that see y and heads h of the group: attn[x, h, j(x, y)] dO[x, h].
-template <int Rank, typename T, int kPer>
-__global__ void __launch_bounds__(kThreads)
-    na_av_backward_dv_kernel(Problem<Rank> const P, NaUnfusedTensors const t) {
-  int const lane = lane_id();
-  int64_t const N = P.tokens, H = P.heads, Hkv = P.heads_kv, Dv = P.dim_v, kw = P.window;
-  int64_t const rows = P.batch * N * Hkv;
-  auto const* attn = static_cast<T const*>(t.attn);
-  auto const* d_out = static_cast<T const*>(t.d_out);
-  auto* d_v = static_cast<T*>(t.d_v);
-
-  for (int64_t row = first_warp(); row < rows; row += warp_stride()) {
-    int64_t const hk = row % Hkv;
-    int64_t const y = (row / Hkv) % N;
-    int64_t const b = row / (Hkv * N);
-    Row<kPer> dv;
-    dv.zero();
-    for_each_query_of_key(P, y, [&](int64_t x, int64_t j) {
-      for (int64_t h = hk * P.group; h < (hk + 1) * P.group; ++h) {
-        int64_t const q_row = (b * N + x) * H + h;
-        dv.axpy(to_float(attn[q_row * kw + j]), d_out + q_row * Dv, Dv, lane);
-      }
-    });
-    dv.store(d_v + row * Dv, Dv, lane, 1.f);
-  }
-}
-
 }  // namespace detail
 
 template <int Rank, typename T>
@@ -219,8 +192,10 @@ void na_qk_backward(NaProblem const& p, NaUnfusedTensors const& t, float* d_rpb_
     na_qk_backward_dq_kernel<Rank, T, kPer>
         <<<grid_blocks(q_rows), kThreads, 0, stream>>>(P, t, d_rpb_accum);
     check_launch("na_qk_backward_dq_kernel");
-    na_qk_backward_dk_kernel<Rank, T, kPer><<<grid_blocks(k_rows), kThreads, 0, stream>>>(P, t);
-    check_launch("na_qk_backward_dk_kernel");
+    window_transpose_kernel<Rank, T, kPer><<<grid_blocks(k_rows), kThreads, 0, stream>>>(
+        P, static_cast<T const*>(t.d_out), static_cast<T const*>(t.q), P.dim,
+        static_cast<T*>(t.d_k));
+    check_launch("window_transpose_kernel (dK)");
   });
 }
 
@@ -249,8 +224,10 @@ void na_av_backward(NaProblem const& p, NaUnfusedTensors const& t, cudaStream_t 
     na_av_backward_dattn_kernel<Rank, T, kPer>
         <<<grid_blocks(q_rows), kThreads, 0, stream>>>(P, t);
     check_launch("na_av_backward_dattn_kernel");
-    na_av_backward_dv_kernel<Rank, T, kPer><<<grid_blocks(k_rows), kThreads, 0, stream>>>(P, t);
-    check_launch("na_av_backward_dv_kernel");
+    window_transpose_kernel<Rank, T, kPer><<<grid_blocks(k_rows), kThreads, 0, stream>>>(
+        P, static_cast<T const*>(t.attn), static_cast<T const*>(t.d_out), P.dim_v,
+        static_cast<T*>(t.d_v));
+    check_launch("window_transpose_kernel (dV)");
   });
 }
 
