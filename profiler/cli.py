@@ -21,9 +21,6 @@ from .timing import PASSES, Timing, time_pass
 
 PROG = "natten-profiler"
 
-# Every backend the project defines (SPEC section 3), for --dry-run listings.
-KNOWN_BACKENDS = ("cpu", "reference", "cutlass-fna", "hopper-fna", "flex-fna")
-
 FLOPS_NOTE = (
     "FLOPs: exact count over visible (query, key) pairs (natten.flops), 2 flops per "
     "multiply-add, softmax not counted; fwd+bwd counts 3.5x forward (backward = 2.5x forward)."
@@ -263,6 +260,8 @@ def progress(msg: str) -> None:
 
 
 def dry_run(problem: Problem, requested: Optional[list], out) -> dict:
+    from natten.backends import KNOWN_BACKENDS
+
     available = device_backends(problem.device)
     names = list(requested) if requested else list(dict.fromkeys(list(available) + list(KNOWN_BACKENDS)))
     listing = []
