@@ -27,8 +27,10 @@ def main() -> int:
     args = parser.parse_args()
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        print("compile check: nvcc not found", file=sys.stderr)
-        return 1
+        # CI must prove the kernels build; elsewhere a machine without the toolkit skips it.
+        required = os.environ.get("CI", "").lower() in ("1", "true")
+        print(f"compile check: nvcc not found{'' if required else ', skipped'}", file=sys.stderr)
+        return 1 if required else 0
     kernels = [k for k in registry.kernels(True, args.filter) if k.family.cuda]
     out_dir = generate.ROOT / "build" / "compile_check"
     out_dir.mkdir(parents=True, exist_ok=True)
