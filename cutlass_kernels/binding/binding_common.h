@@ -100,6 +100,58 @@ inline void add_gradients(FnaTensors& t, at::Tensor const& d_out,
   t.d_extra_v = ptr(d_extra_v);
 }
 
+// Problems and pointers of the unfused ops. attn [B,*S,H,K] plays the query's role in av's
+// problem shape (its last dim is not D).
+inline std::pair<NaProblem, NaUnfusedTensors> qk_call(at::Tensor const& q, at::Tensor const& k,
+                                                      std::optional<at::Tensor> const& rpb,
+                                                      at::Tensor const& attn, Window const& w) {
+  NaUnfusedTensors t;
+  t.q = q.data_ptr();
+  t.k = k.data_ptr();
+  t.rpb = ptr(rpb);
+  t.out = attn.data_ptr();
+  return {make_problem(q, k, k.size(-1), w), t};
+}
+
+inline std::pair<NaProblem, NaUnfusedTensors> qk_backward_call(
+    at::Tensor const& d_attn, at::Tensor const& q, at::Tensor const& k, at::Tensor const& d_q,
+    at::Tensor const& d_k, Window const& w) {
+  NaUnfusedTensors t;
+  t.d_out = d_attn.data_ptr();
+  t.q = q.data_ptr();
+  t.k = k.data_ptr();
+  t.d_q = d_q.data_ptr();
+  t.d_k = d_k.data_ptr();
+  return {make_problem(q, k, k.size(-1), w), t};
+}
+
+inline NaProblem av_problem(at::Tensor const& attn, at::Tensor const& v, Window const& w) {
+  NaProblem p = make_problem(attn, v, v.size(-1), w);
+  p.dim = v.size(-1);
+  return p;
+}
+
+inline std::pair<NaProblem, NaUnfusedTensors> av_call(at::Tensor const& attn, at::Tensor const& v,
+                                                      at::Tensor const& out, Window const& w) {
+  NaUnfusedTensors t;
+  t.attn = attn.data_ptr();
+  t.v = v.data_ptr();
+  t.out = out.data_ptr();
+  return {av_problem(attn, v, w), t};
+}
+
+inline std::pair<NaProblem, NaUnfusedTensors> av_backward_call(
+    at::Tensor const& d_out, at::Tensor const& attn, at::Tensor const& v, at::Tensor const& d_attn,
+    at::Tensor const& d_v, Window const& w) {
+  NaUnfusedTensors t;
+  t.d_out = d_out.data_ptr();
+  t.attn = attn.data_ptr();
+  t.v = v.data_ptr();
+  t.d_attn = d_attn.data_ptr();
+  t.d_v = d_v.data_ptr();
+  return {av_problem(attn, v, w), t};
+}
+
 // CUDA functions of the module, defined in cuda_binding.cpp when built with CUDA.
 void register_cuda(pybind11::module_& m);
 

@@ -42,12 +42,7 @@ void na_qk_forward(at::Tensor q, at::Tensor k, std::optional<at::Tensor> rpb, Wi
                    at::Tensor attn) {
   require_dense(c10::kCUDA, {&q, &k, &attn});
   c10::cuda::CUDAGuard guard(q.device());
-  NaUnfusedTensors t;
-  t.q = q.data_ptr();
-  t.k = k.data_ptr();
-  t.rpb = ptr(rpb);
-  t.out = attn.data_ptr();
-  NaProblem const p = make_problem(q, k, k.size(-1), w);
+  auto const [p, t] = qk_call(q, k, rpb, attn, w);
   find_kernel(reference::dispatch::na_qk_fwd, p.rank, dtype_of(q), "reference qk")(p, t,
                                                                                   stream_of(q));
 }
@@ -56,16 +51,10 @@ void na_qk_backward(at::Tensor d_attn, at::Tensor q, at::Tensor k, Window const&
                     at::Tensor d_q, at::Tensor d_k, std::optional<at::Tensor> d_rpb) {
   require_dense(c10::kCUDA, {&d_attn, &q, &k, &d_q, &d_k});
   c10::cuda::CUDAGuard guard(q.device());
-  NaUnfusedTensors t;
-  t.d_out = d_attn.data_ptr();
-  t.q = q.data_ptr();
-  t.k = k.data_ptr();
-  t.d_q = d_q.data_ptr();
-  t.d_k = d_k.data_ptr();
+  auto const [p, t] = qk_backward_call(d_attn, q, k, d_q, d_k, w);
   // The bias gradient sums over batch and tokens: accumulate in float32, then convert.
   std::optional<at::Tensor> accum;
   if (d_rpb) accum = at::zeros(d_rpb->sizes(), d_rpb->options().dtype(at::kFloat));
-  NaProblem const p = make_problem(q, k, k.size(-1), w);
   find_kernel(reference::dispatch::na_qk_bwd, p.rank, dtype_of(q), "reference qk backward")(
       p, t, accum ? accum->data_ptr<float>() : nullptr, stream_of(q));
   if (d_rpb) d_rpb->copy_(*accum);
@@ -74,12 +63,7 @@ void na_qk_backward(at::Tensor d_attn, at::Tensor q, at::Tensor k, Window const&
 void na_av_forward(at::Tensor attn, at::Tensor v, Window const& w, at::Tensor out) {
   require_dense(c10::kCUDA, {&attn, &v, &out});
   c10::cuda::CUDAGuard guard(v.device());
-  NaUnfusedTensors t;
-  t.attn = attn.data_ptr();
-  t.v = v.data_ptr();
-  t.out = out.data_ptr();
-  NaProblem p = make_problem(attn, v, v.size(-1), w);
-  p.dim = v.size(-1);
+  auto const [p, t] = av_call(attn, v, out, w);
   find_kernel(reference::dispatch::na_av_fwd, p.rank, dtype_of(v), "reference av")(p, t,
                                                                                   stream_of(v));
 }
@@ -88,14 +72,7 @@ void na_av_backward(at::Tensor d_out, at::Tensor attn, at::Tensor v, Window cons
                     at::Tensor d_attn, at::Tensor d_v) {
   require_dense(c10::kCUDA, {&d_out, &attn, &v, &d_attn, &d_v});
   c10::cuda::CUDAGuard guard(v.device());
-  NaUnfusedTensors t;
-  t.d_out = d_out.data_ptr();
-  t.attn = attn.data_ptr();
-  t.v = v.data_ptr();
-  t.d_attn = d_attn.data_ptr();
-  t.d_v = d_v.data_ptr();
-  NaProblem p = make_problem(attn, v, v.size(-1), w);
-  p.dim = v.size(-1);
+  auto const [p, t] = av_backward_call(d_out, attn, v, d_attn, d_v, w);
   find_kernel(reference::dispatch::na_av_bwd, p.rank, dtype_of(v), "reference av backward")(
       p, t, stream_of(v));
 }

@@ -102,53 +102,29 @@ void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Te
 void na_qk_forward(at::Tensor q, at::Tensor k, std::optional<at::Tensor> rpb, Window const& w,
                    at::Tensor attn) {
   require_dense(c10::kCPU, {&q, &k, &attn});
-  NaUnfusedTensors t;
-  t.q = q.data_ptr();
-  t.k = k.data_ptr();
-  t.rpb = ptr(rpb);
-  t.out = attn.data_ptr();
-  NaProblem const p = make_problem(q, k, k.size(-1), w);
+  auto const [p, t] = qk_call(q, k, rpb, attn, w);
   find_kernel(cpu::dispatch::na_qk_fwd, p.rank, dtype_of(q), "cpu qk")(p, t, TorchHostServices{});
 }
 
 void na_qk_backward(at::Tensor d_attn, at::Tensor q, at::Tensor k, Window const& w,
                     at::Tensor d_q, at::Tensor d_k, std::optional<at::Tensor> d_rpb) {
   require_dense(c10::kCPU, {&d_attn, &q, &k, &d_q, &d_k});
-  NaUnfusedTensors t;
-  t.d_out = d_attn.data_ptr();
-  t.q = q.data_ptr();
-  t.k = k.data_ptr();
-  t.d_q = d_q.data_ptr();
-  t.d_k = d_k.data_ptr();
+  auto [p, t] = qk_backward_call(d_attn, q, k, d_q, d_k, w);
   t.d_rpb = ptr(d_rpb);
-  NaProblem const p = make_problem(q, k, k.size(-1), w);
   find_kernel(cpu::dispatch::na_qk_bwd, p.rank, dtype_of(q), "cpu qk backward")(
       p, t, TorchHostServices{});
 }
 
-// attn [B,*S,H,K] plays the query's role in the problem shape (its last dim is not D).
 void na_av_forward(at::Tensor attn, at::Tensor v, Window const& w, at::Tensor out) {
   require_dense(c10::kCPU, {&attn, &v, &out});
-  NaUnfusedTensors t;
-  t.attn = attn.data_ptr();
-  t.v = v.data_ptr();
-  t.out = out.data_ptr();
-  NaProblem p = make_problem(attn, v, v.size(-1), w);
-  p.dim = v.size(-1);
+  auto const [p, t] = av_call(attn, v, out, w);
   find_kernel(cpu::dispatch::na_av_fwd, p.rank, dtype_of(v), "cpu av")(p, t, TorchHostServices{});
 }
 
 void na_av_backward(at::Tensor d_out, at::Tensor attn, at::Tensor v, Window const& w,
                     at::Tensor d_attn, at::Tensor d_v) {
   require_dense(c10::kCPU, {&d_out, &attn, &v, &d_attn, &d_v});
-  NaUnfusedTensors t;
-  t.d_out = d_out.data_ptr();
-  t.attn = attn.data_ptr();
-  t.v = v.data_ptr();
-  t.d_attn = d_attn.data_ptr();
-  t.d_v = d_v.data_ptr();
-  NaProblem p = make_problem(attn, v, v.size(-1), w);
-  p.dim = v.size(-1);
+  auto const [p, t] = av_backward_call(d_out, attn, v, d_attn, d_v, w);
   find_kernel(cpu::dispatch::na_av_bwd, p.rank, dtype_of(v), "cpu av backward")(
       p, t, TorchHostServices{});
 }
