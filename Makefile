@@ -18,7 +18,7 @@ build:
 autogen:
 	$(PYTHON) -m autogen
 
-# CUDA kernels compiled by nvcc alone for sm_80 and sm_90a: no GPU or CUDA torch needed.
+# CUDA kernels compiled by nvcc alone for the targets of each family: no GPU or CUDA torch needed.
 cuda-compile-check:
 	$(PYTHON) -m autogen.compile_check
 

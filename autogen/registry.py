@@ -64,12 +64,14 @@ class Family:
     cuda: bool
     namespace: str
     head_dims: Optional[tuple] = None  # None: any head dim
+    archs: tuple = ()  # CUDA targets the family must compile for (the nvcc compile check)
 
 
 FAMILIES = (
     Family("cpu", CPU_OPS, (1, 2, 3), ("float32", "float64", "float16", "bfloat16"), False, "natten::cpu"),
+    # Plain CUDA: every GPU CUDA 13 targets, from Turing (sm_75) on.
     Family("reference", REFERENCE_OPS, (1, 2, 3), ("float32", "float16", "bfloat16"), True,
-           "natten::reference"),
+           "natten::reference", archs=("75", "80", "90a")),
 )
 
 
