@@ -43,6 +43,7 @@ import natten  # noqa: E402
 from natten._checks import check_fused  # noqa: E402
 from natten.backends import flex as flex_backend  # noqa: E402
 from natten.flops import fna_flops  # noqa: E402
+from natten.profiler.timing import measure  # noqa: E402
 from problems import PROBLEMS, TINY, Problem  # noqa: E402
 
 GUARD_REL_ERR = 2e-2
@@ -59,26 +60,11 @@ def progress(msg: str) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int):
-    """(median ms, peak bytes or None)."""
-    for _ in range(warmup):
-        fn()
+    """(median ms, peak bytes or None), timed by the profiler's own timer."""
     cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeat):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = measure(fn, device, warmup, repeat)
     peak = torch.cuda.max_memory_allocated() if cuda else None
     return statistics.median(times), peak
 
