@@ -8,6 +8,8 @@ PIP ?= $(PYTHON) -m pip
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install ninja pytest fvcore
+	# CUTLASS/CuTe headers only: the package's Python dependencies are not needed to build.
+	$(PIP) install --no-deps 'nvidia-cutlass>=4.2,<5'
 	$(PIP) install --no-build-isolation -e .
 
 # Rebuild the extension in place after editing C++ (incremental with ninja).

@@ -43,22 +43,17 @@ def gencode(arch: str) -> str:
     return f"-gencode=arch=compute_{target},code=sm_{target}"
 
 
-def cutlass_include() -> list:
-    """CUTLASS/CuTe headers of the installed nvidia-cutlass package, if present."""
-    try:
-        import cutlass_library
-    except ImportError:
-        return []
-    path = pathlib.Path(cutlass_library.__file__).parent / "source" / "include"
-    return [str(path)] if path.is_dir() else []
-
-
 def extension():
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     archs = cuda_archs(torch)
-    files = generate.render(registry.kernels(bool(archs), os.environ.get("NATTEN_KERNEL_FILTER", "")))
+    cutlass = registry.cutlass_include()
+    if archs and cutlass is None:
+        print("natten: nvidia-cutlass is not installed, so the CUTLASS kernel families are left out "
+              "(pip install --no-deps nvidia-cutlass)", file=sys.stderr)
+    files = generate.render(registry.kernels(bool(archs), os.environ.get("NATTEN_KERNEL_FILTER", ""),
+                                             with_cutlass=cutlass is not None))
     generate.write(files)
     cpu_arch = os.environ.get("NATTEN_CPU_ARCH", "native")
     # -fopenmp: at::parallel_for is inline header code that is serial without it.
@@ -74,7 +69,7 @@ def extension():
     return CUDAExtension(
         name="natten._C",
         sources=[*sources, "cutlass_kernels/binding/cuda_binding.cpp"],
-        include_dirs=include_dirs + cutlass_include(),
+        include_dirs=include_dirs + ([cutlass] if cutlass else []),
         extra_compile_args={"cxx": cxx + ["-DNATTEN_WITH_CUDA"], "nvcc": nvcc},
         extra_link_args=["-fopenmp"],
     )

@@ -17,7 +17,7 @@ import time
 
 from autogen import generate, registry
 
-DEFAULT_FILTER = "*:bfloat16:*:2"
+DEFAULT_FILTER = "reference:bfloat16:*:2,sm80:bfloat16:128:2"
 
 
 def main() -> int:
@@ -31,6 +31,11 @@ def main() -> int:
         required = os.environ.get("CI", "").lower() in ("1", "true")
         print(f"compile check: nvcc not found{'' if required else ', skipped'}", file=sys.stderr)
         return 1 if required else 0
+    cutlass = registry.cutlass_include()
+    if cutlass is None:
+        print("compile check: nvidia-cutlass is not installed (pip install --no-deps nvidia-cutlass)",
+              file=sys.stderr)
+        return 1
     kernels = [k for k in registry.kernels(True, args.filter) if k.family.cuda]
     out_dir = generate.ROOT / "build" / "compile_check"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -40,7 +45,7 @@ def main() -> int:
         src = out_dir / f"{k.name}.cu"
         src.write_text(generate.instance(k))
         gencodes = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in k.family.archs]
-        cmd = [nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", *gencodes, f"-I{include}",
+        cmd = [nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", *gencodes, f"-I{include}", f"-I{cutlass}",
                "-c", str(src), "-o", str(out_dir / f"{k.name}.o")]
         start = time.time()
         result = subprocess.run(cmd, capture_output=True, text=True)

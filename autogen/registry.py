@@ -9,6 +9,7 @@ the generated translation units. A build may narrow the GPU instantiations with 
 from __future__ import annotations
 
 import fnmatch
+import pathlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,6 +28,9 @@ class Op:
     function: str  # C++ function template
     header: str    # header that defines it, relative to cutlass_kernels/
     signature: str  # parameter list of the instantiation
+    # Tiled families: rank -> ((query box, key box), ...) instantiated per head dim. The
+    # profiler may pick any of them; natten/backends/sm80.py picks a default by rule.
+    tiles: Optional[dict] = None
 
 
 _CPU_FUSED = "NaProblem const&, FnaTensors const&, CpuTileConfig const&, HostServices const&"
@@ -55,6 +59,23 @@ REFERENCE_OPS = (
 )
 
 
+_SM80_SIG = "NaProblem const&, FnaTensors const&, cudaStream_t"
+SM80_OPS = (
+    Op("fna_fwd", "fna_forward", "sm80/fna_forward.cuh", _SM80_SIG, tiles={
+        1: (((128,), (64,)), ((64,), (64,))),
+        2: (((8, 16), (8, 8)), ((16, 8), (8, 8)), ((8, 8), (8, 8))),
+        3: (((4, 4, 8), (4, 4, 4)), ((2, 8, 8), (2, 4, 8)), ((4, 4, 4), (4, 4, 4))),
+    }),
+    # The dK/dV kernel holds a 64-key box against query boxes of 64 (registers bound both).
+    Op("fna_bwd", "fna_backward", "sm80/fna_backward.cuh",
+       "NaProblem const&, FnaTensors const&, float*, cudaStream_t", tiles={
+           1: (((64,), (64,)),),
+           2: (((8, 8), (8, 8)),),
+           3: (((4, 4, 4), (4, 4, 4)),),
+       }),
+)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -65,14 +86,24 @@ class Family:
     namespace: str
     head_dims: Optional[tuple] = None  # None: any head dim
     archs: tuple = ()  # CUDA targets the family must compile for (the nvcc compile check)
+    decl_header: str = ""  # declares the op templates (for the dispatch table)
+    cutlass: bool = False  # needs the CUTLASS/CuTe headers of the nvidia-cutlass package
 
 
 FAMILIES = (
-    Family("cpu", CPU_OPS, (1, 2, 3), ("float32", "float64", "float16", "bfloat16"), False, "natten::cpu"),
+    Family("cpu", CPU_OPS, (1, 2, 3), ("float32", "float64", "float16", "bfloat16"), False, "natten::cpu",
+           decl_header="cpu/kernels.h"),
     # Plain CUDA: every GPU CUDA 13 targets, from Turing (sm_75) on.
     Family("reference", REFERENCE_OPS, (1, 2, 3), ("float32", "float16", "bfloat16"), True,
-           "natten::reference", archs=("75", "80", "90a")),
+           "natten::reference", archs=("75", "80", "90a"), decl_header="reference/kernels.h"),
+    # Tensor cores through CuTe (mma.sync, cp.async): Ampere and every later GPU.
+    Family("sm80", SM80_OPS, (1, 2, 3), ("float16", "bfloat16"), True, "natten::sm80",
+           head_dims=(32, 64, 128), archs=("80", "90a"), decl_header="sm80/kernels.h", cutlass=True),
 )
+
+
+def _dims(box) -> str:
+    return "x".join(map(str, box))
 
 
 @dataclass(frozen=True)
@@ -81,10 +112,24 @@ class Kernel:
     op: Op
     rank: int
     dtype: str
+    head_dim: Optional[int] = None  # tiled families: the instantiation's (padded) head dim
+    q_tile: Optional[tuple] = None
+    kv_tile: Optional[tuple] = None
 
     @property
     def name(self) -> str:
-        return f"{self.op.name}_{self.rank}d_{DTYPES[self.dtype][0]}_{self.family.name}"
+        tiled = ""
+        if self.head_dim is not None:
+            tiled = f"_hd{self.head_dim}_q{_dims(self.q_tile)}_kv{_dims(self.kv_tile)}"
+        return f"{self.op.name}_{self.rank}d_{DTYPES[self.dtype][0]}{tiled}_{self.family.name}"
+
+    @property
+    def template_args(self) -> str:
+        args = [str(self.rank), self.cpp_type]
+        if self.head_dim is not None:
+            box = lambda t: f"Box<{', '.join(map(str, t))}>"  # noqa: E731
+            args += [str(self.head_dim), box(self.q_tile), box(self.kv_tile)]
+        return ", ".join(args)
 
     @property
     def cpp_type(self) -> str:
@@ -102,24 +147,45 @@ class Kernel:
         """pattern: family:dtype:head_dim:rank, each field a glob (head_dim is '*' for the
         families that serve any head dim); missing trailing fields match anything."""
         fields = (pattern.split(":") + ["*"] * 4)[:4]
-        values = (self.family.name, self.dtype, "*", str(self.rank))
+        values = (self.family.name, self.dtype, "*" if self.head_dim is None else str(self.head_dim),
+                  str(self.rank))
         return all(fnmatch.fnmatch(v, f) or (f in DTYPES and DTYPES[f][0] == v) or
                    (v in DTYPES and DTYPES[v][0] == f) for v, f in zip(values, fields))
 
 
-def kernels(with_cuda: bool, kernel_filter: str = "") -> list:
+def kernels(with_cuda: bool, kernel_filter: str = "", with_cutlass: bool = True) -> list:
     """Instantiations of a build: every CPU kernel, and the CUDA ones the filter admits
-    (comma-separated patterns, see Kernel.matches; empty admits all)."""
+    (comma-separated patterns, see Kernel.matches; empty admits all); families that need the
+    CUTLASS headers only `with_cutlass`."""
     patterns = [p for p in kernel_filter.split(",") if p.strip()]
     out = []
     for family in FAMILIES:
-        if family.cuda and not with_cuda:
+        if (family.cuda and not with_cuda) or (family.cutlass and not with_cutlass):
             continue
         for op in family.ops:
             for rank in family.ranks:
                 for dtype in family.dtypes:
-                    k = Kernel(family, op, rank, dtype)
-                    if family.cuda and patterns and not any(k.matches(p.strip()) for p in patterns):
-                        continue
-                    out.append(k)
+                    for k in _variants(family, op, rank, dtype):
+                        if family.cuda and patterns and not any(k.matches(p.strip()) for p in patterns):
+                            continue
+                        out.append(k)
     return out
+
+
+def _variants(family: Family, op: Op, rank: int, dtype: str):
+    if op.tiles is None:
+        yield Kernel(family, op, rank, dtype)
+        return
+    for head_dim in family.head_dims:
+        for q_tile, kv_tile in op.tiles[rank]:
+            yield Kernel(family, op, rank, dtype, head_dim, q_tile, kv_tile)
+
+
+def cutlass_include() -> Optional[str]:
+    """CUTLASS/CuTe headers of the installed nvidia-cutlass package (None when absent)."""
+    try:
+        import cutlass_library
+    except ImportError:
+        return None
+    path = pathlib.Path(cutlass_library.__file__).parent / "source" / "include"
+    return str(path) if (path / "cute").is_dir() else None

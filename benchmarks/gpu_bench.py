@@ -43,7 +43,10 @@ import natten  # noqa: E402
 from natten._checks import check_fused  # noqa: E402
 from natten.backends import flex as flex_backend  # noqa: E402
 from natten.flops import fna_flops  # noqa: E402
-from natten.profiler.timing import measure  # noqa: E402
+try:
+    from natten.profiler.timing import measure  # noqa: E402
+except ImportError:  # an in-place build (setup.py build_ext --inplace) maps no natten.profiler
+    from profiler.timing import measure  # noqa: E402
 from problems import PROBLEMS, TINY, Problem  # noqa: E402
 
 GUARD_REL_ERR = 2e-2
@@ -80,7 +83,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_problem(p: Problem, device: torch.device, dtype: torch.dtype, backends: List[str],
-                passes: List[str], warmup: int, repeat: int) -> List[dict]:
+                passes: List[str], warmup: int, repeat: int, peers: bool = True) -> List[dict]:
     B, S, H, D = p.batch, p.spatial, p.heads, p.dim
     N = p.tokens
     kernel, stride = p.kernel, p.per_axis("stride", 1)
@@ -103,6 +106,52 @@ def run_problem(p: Problem, device: torch.device, dtype: torch.dtype, backends: 
     def leaves():
         return [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
 
+    reference = None
+    if peers:
+        reference = _peers(p, q, k, v, d_out, scale, device, passes, warmup, repeat, record, leaves)
+
+    # ---- natten backends ----
+    for name in backends:
+        kwargs = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal, backend=name)
+        try:
+            progress(f"{p.name}: natten {name} forward (first call compiles / builds masks)")
+            with torch.no_grad():
+                out = na(q, k, v, **kwargs)
+            guard = {}
+            if reference is not None:
+                err = rel_err(out, reference)
+                guard = dict(rel_err_vs_flex=err, flagged=err > GUARD_REL_ERR)
+                if err > GUARD_REL_ERR:
+                    progress(f"{p.name}: WARNING natten {name} differs from row-major flex: rel err {err:.2e}")
+            if "fwd" in passes:
+                with torch.no_grad():
+                    ms, peak = time_ms(lambda: na(q, k, v, **kwargs), device, warmup, repeat)
+                record(f"natten {name}", "fwd", ms, peak, **guard)
+            if "fwd+bwd" in passes:
+                qg, kg, vg = leaves()
+                progress(f"{p.name}: natten {name} forward+backward")
+                ms, peak = time_ms(lambda: na(qg, kg, vg, **kwargs).backward(d_out), device, warmup, repeat)
+                record(f"natten {name}", "fwd+bwd", ms, peak, **guard)
+        except (ValueError, NotImplementedError, RuntimeError) as e:
+            msg = " ".join(str(e).split())[:200]
+            progress(f"{p.name}: natten {name} failed: {msg}")
+            rows.append(dict(problem=p.name, impl=f"natten {name}", pass_="-", error=msg))
+
+    # speedup over dense SDPA, per pass
+    sdpa = {r["pass_"]: r["ms"] for r in rows if r["impl"] == "sdpa dense"}
+    for r in rows:
+        if "ms" in r and r["pass_"] in sdpa:
+            r["speedup_vs_sdpa"] = sdpa[r["pass_"]] / r["ms"]
+    return rows
+
+
+def _peers(p: Problem, q, k, v, d_out, scale, device, passes, warmup, repeat, record, leaves):
+    """Times row-major flex and dense SDPA; returns the row-major flex output (heads-last), the
+    reference the natten backends are checked against."""
+    B, S, H, D = p.batch, p.spatial, p.heads, p.dim
+    N = p.tokens
+    kernel, stride = p.kernel, p.per_axis("stride", 1)
+    dilation, causal = p.per_axis("dilation", 1), p.per_axis("causal", False)
     # ---- flex, row-major NA block mask (also the correctness reference) ----
     progress(f"{p.name}: flex row-major block mask")
     problem, _ = check_fused(p.rank, q, k, v, kernel, stride, dilation, causal, None, None, None)
@@ -156,38 +205,7 @@ def run_problem(p: Problem, device: torch.device, dtype: torch.dtype, backends: 
         ms, peak = time_ms(lambda: F.scaled_dot_product_attention(qg, kg, vg).backward(doh), device,
                            warmup, repeat)
         record("sdpa dense", "fwd+bwd", ms, peak)
-
-    # ---- natten backends ----
-    for name in backends:
-        kwargs = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal, backend=name)
-        try:
-            progress(f"{p.name}: natten {name} forward (first call compiles / builds masks)")
-            with torch.no_grad():
-                out = na(q, k, v, **kwargs)
-            err = rel_err(out, reference)
-            guard = dict(rel_err_vs_flex=err, flagged=err > GUARD_REL_ERR)
-            if err > GUARD_REL_ERR:
-                progress(f"{p.name}: WARNING natten {name} differs from row-major flex: rel err {err:.2e}")
-            if "fwd" in passes:
-                with torch.no_grad():
-                    ms, peak = time_ms(lambda: na(q, k, v, **kwargs), device, warmup, repeat)
-                record(f"natten {name}", "fwd", ms, peak, **guard)
-            if "fwd+bwd" in passes:
-                qg, kg, vg = leaves()
-                progress(f"{p.name}: natten {name} forward+backward")
-                ms, peak = time_ms(lambda: na(qg, kg, vg, **kwargs).backward(d_out), device, warmup, repeat)
-                record(f"natten {name}", "fwd+bwd", ms, peak, **guard)
-        except (ValueError, NotImplementedError, RuntimeError) as e:
-            msg = " ".join(str(e).split())[:200]
-            progress(f"{p.name}: natten {name} failed: {msg}")
-            rows.append(dict(problem=p.name, impl=f"natten {name}", pass_="-", error=msg))
-
-    # speedup over dense SDPA, per pass
-    sdpa = {r["pass_"]: r["ms"] for r in rows if r["impl"] == "sdpa dense"}
-    for r in rows:
-        if "ms" in r and r["pass_"] in sdpa:
-            r["speedup_vs_sdpa"] = sdpa[r["pass_"]] / r["ms"]
-    return rows
+    return reference
 
 
 # ----------------------------------------------------------------------------------------
@@ -238,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                     help="cpu: smoke run without a GPU (float32; use with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes of the same problem kinds (smoke)")
+    ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                    help="time dense SDPA and row-major flex too (and check outputs against the latter)")
     args = ap.parse_args(argv)
     if args.repeat < 1 or args.warmup < 0:
         ap.error("--repeat must be >= 1 and --warmup >= 0")
@@ -264,7 +284,7 @@ def main(argv=None) -> int:
     rows: List[dict] = []
     for p in problems:
         progress(f"=== {p.describe()} ({time.perf_counter() - t0:.0f} s so far)")
-        rows += run_problem(p, device, dtype, backends, passes, args.warmup, args.repeat)
+        rows += run_problem(p, device, dtype, backends, passes, args.warmup, args.repeat, args.peers)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     progress(f"done in {time.perf_counter() - t0:.0f} s")

@@ -29,7 +29,7 @@ def _tiles(name_q, q_tile, name_kv, kv_tile, backend, problem, backward):
     default_q, default_kv = backend.default_tiles(problem, backward)
     q_tile = q_tile or default_q
     kv_tile = kv_tile or default_kv
-    reason = backend.check_tiles(problem, q_tile, kv_tile)
+    reason = backend.check_tiles(problem, q_tile, kv_tile, backward)
     if reason is not None:
         raise ValueError(f"{name_q}={q_tile} / {name_kv}={kv_tile} do not fit backend {backend.name!r}: {reason}")
     return list(q_tile), list(kv_tile)

@@ -41,7 +41,8 @@ def test_tables_and_manifest_list_exactly_the_translation_units():
     manifest = files[generate.MANIFEST]
     namespace = {}
     exec(manifest, namespace)
-    assert set(namespace["INSTANTIATIONS"]) == {(k.family.name, k.op.name, k.rank, k.dtype) for k in kernels}
+    assert set(namespace["INSTANTIATIONS"]) == {
+        (k.family.name, k.op.name, k.rank, k.dtype, k.head_dim, k.q_tile, k.kv_tile) for k in kernels}
 
 
 def test_runtime_manifest_matches_the_build():
@@ -49,5 +50,19 @@ def test_runtime_manifest_matches_the_build():
     from natten import _C
 
     built = registry.kernels(bool(_C.with_cuda))
-    assert {("cpu", k.op.name, k.rank, k.dtype) for k in built if k.family.name == "cpu"} <= set(
-        manifest.INSTANTIATIONS)
+    assert {("cpu", k.op.name, k.rank, k.dtype) for k in built if k.family.name == "cpu"} <= {
+        row[:4] for row in manifest.INSTANTIATIONS}
+
+
+def test_tiled_family_instantiates_each_head_dim_and_tile_pair():
+    kernels = [k for k in registry.kernels(True, "sm80:bf16:64:2") if k.family.name == "sm80"]
+    fwd = [k for k in kernels if k.op.name == "fna_fwd"]
+    assert {(k.q_tile, k.kv_tile) for k in fwd} == set(registry.SM80_OPS[0].tiles[2])
+    assert {(k.head_dim, k.rank, k.dtype) for k in kernels} == {(64, 2, "bfloat16")}
+    k = fwd[0]
+    assert k.name == f"fna_fwd_2d_bf16_hd64_q{'x'.join(map(str, k.q_tile))}_kv{'x'.join(map(str, k.kv_tile))}_sm80"
+    files = generate.render(kernels)
+    text = files[generate.OUT_DIR / f"{k.name}.cu"]
+    assert f"fna_forward<2, __nv_bfloat16, 64, Box<{', '.join(map(str, k.q_tile))}>" in text
+    table = files[generate.OUT_DIR / "dispatch_sm80.h"]
+    assert table.count("&fna_forward<") == len(fwd)

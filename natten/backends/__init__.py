@@ -9,10 +9,13 @@ from natten.backends.base import Backend
 from natten.backends.cpu import CpuBackend
 from natten.backends.flex import FlexBackend
 from natten.backends.reference import ReferenceBackend
+from natten.backends.sm80 import Sm80Backend
 
 # Preference order for backend=None: the first available one that supports the problem. On
-# GPUs the tiled FlexAttention backend outruns the one-warp-per-query reference kernels.
-_BACKENDS: Dict[str, Backend] = {b.name: b for b in (CpuBackend(), FlexBackend(), ReferenceBackend())}
+# GPUs the fused tensor-core kernels come first; the tiled FlexAttention backend (float32,
+# odd head dims) outruns the one-warp-per-query reference kernels.
+_BACKENDS: Dict[str, Backend] = {b.name: b for b in (CpuBackend(), Sm80Backend(), FlexBackend(),
+                                                     ReferenceBackend())}
 KNOWN_BACKENDS = ("cpu", "reference", "cutlass-fna", "hopper-fna", "flex-fna")
 
 

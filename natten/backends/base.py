@@ -33,7 +33,8 @@ def missing_kernels(family: str, ops, rank: int, dtype: torch.dtype) -> Optional
     except ImportError:
         return "natten._C is not built"
     name = _DTYPE_NAMES[dtype]
-    absent = [op for op in ops if (family, op, rank, name) not in INSTANTIATIONS]
+    present = {row[:4] for row in INSTANTIATIONS}
+    absent = [op for op in ops if (family, op, rank, name) not in present]
     if absent:
         return (f"this build has no {family} kernels {', '.join(absent)} for rank {rank} and "
                 f"{name} (see NATTEN_KERNEL_FILTER)")
@@ -57,7 +58,8 @@ class Backend:
         """Why this backend cannot run the fused problem, or None when it can."""
         raise NotImplementedError
 
-    def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile) -> Optional[str]:
+    def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile,
+                    backward: bool = False) -> Optional[str]:
         """Why the tile shapes do not fit this backend and problem, or None."""
         raise NotImplementedError
 

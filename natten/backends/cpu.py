@@ -53,7 +53,8 @@ class CpuBackend(CompiledBackend):
             return f"inputs are on {problem.device}, the cpu backend runs on the CPU"
         return missing_kernels(self.name, ("fna_fwd", "fna_bwd"), problem.rank, problem.dtype)
 
-    def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile) -> Optional[str]:
+    def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile,
+                    backward: bool = False) -> Optional[str]:
         # Any positive tile works: query tiles are clipped to each dilation group, and the key
         # tile only bounds how many keys are scored at once (its product is the chunk size).
         return None
@@ -61,5 +62,5 @@ class CpuBackend(CompiledBackend):
     def default_tiles(self, problem: FusedProblem, backward: bool) -> Tuple[Tile, Tile]:
         return _default_q_tile(problem), _kv_tile(problem.rank)
 
-    def _tile_args(self, q_tile: Tile, kv_tile: Tile) -> list:
+    def _tile_args(self, q, v, q_tile: Tile, kv_tile: Tile) -> list:
         return [list(q_tile), math.prod(kv_tile)]

@@ -538,7 +538,8 @@ class FlexBackend(Backend):
                         f"{_MAX_HEAD_DIM_CUDA}, the largest FlexAttention runs on CUDA")
         return None
 
-    def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile) -> Optional[str]:
+    def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile,
+                    backward: bool = False) -> Optional[str]:
         for name, tile in (("q", q_tile), ("kv", kv_tile)):
             n = math.prod(tile)
             if not _is_pow2(n) or n < _MIN_BLOCK:

@@ -32,7 +32,8 @@ class ReferenceBackend(CompiledBackend):
             return f"head dims {problem.dim}/{problem.dim_v} exceed {MAX_HEAD_DIM}"
         return missing_kernels(self.name, ("fna_fwd", "fna_bwd"), problem.rank, problem.dtype)
 
-    def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile) -> Optional[str]:
+    def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile,
+                    backward: bool = False) -> Optional[str]:
         # One warp per query: the kernels have no tiles, so any shape is accepted and ignored.
         return None
 

@@ -1,0 +1,182 @@
+// Fused neighbourhood attention forward for SM80+ (mma.sync + cp.async).
+//
+// One CTA per (query box, head, batch). Its mainloop walks the key boxes of KeyWalk and then
+// the additional keys, FlashAttention-2 style: S = Q.K^T (tensor cores, fp32 accumulators), the
+// mask only on boxes that are not fully visible, an online softmax in registers, O += P.V with
+// P taken straight from the accumulators. K(n+1) streams in while P.V(n) runs and V(n) while
+// Q.K^T(n) runs. The epilogue writes O (through shared memory, as whole 16-byte pieces) and the
+// natural-log LSE.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "sm80/launch.h"
+#include "sm80/mainloop.cuh"
+
+namespace natten::sm80 {
+
+template <class Traits, int Rank, int M, int N>
+struct ForwardSmem {
+  using Element = typename Traits::Element;
+  alignas(128) Element q[M * Traits::kHeadDim];  // also the output staging tile
+  alignas(128) Element k[N * Traits::kHeadDim];
+  alignas(128) Element v[N * Traits::kHeadDim];
+  RowTable<Rank, M> rows;
+};
+
+// Online softmax over one block of scores s (rowcol view, already scaled by scale * log2(e)
+// and masked with -inf): updates the running row max / partial row sums, rescales o, and turns
+// s into unnormalised probabilities exp2(s - max).
+template <int kRows, class S, class O>
+__device__ __forceinline__ void online_softmax(S& s, O& o, float (&row_max)[kRows],
+                                               float (&row_sum)[kRows]) {
+  CUTE_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    float mx = row_max[i];
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s); ++j) mx = fmaxf(mx, s(i, j));
+    mx = quad_max(mx);
+    // A row with nothing visible yet keeps max -inf; use 0 so that exp2 gives 0, not NaN.
+    float const m_use = mx == -INFINITY ? 0.f : mx;
+    float const alpha = exp2f(row_max[i] - m_use);
+    row_max[i] = mx;
+    float sum = 0.f;
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s); ++j) {
+      float const e = exp2f(s(i, j) - m_use);
+      s(i, j) = e;
+      sum += e;
+    }
+    row_sum[i] = row_sum[i] * alpha + sum;
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(o); ++j) o(i, j) *= alpha;
+  }
+}
+
+template <int Rank, class Traits, class QBox, class KVBox>
+__global__ void __launch_bounds__(Traits::kThreads)
+    fna_forward_kernel(Params<Rank> const p) {
+#if NATTEN_SM80_DEVICE_CODE
+  using Element = typename Traits::Element;
+  constexpr int M = QBox::kSize, N = KVBox::kSize, D = Traits::kHeadDim;
+  constexpr int kThreads = Traits::kThreads;
+  using Smem = ForwardSmem<Traits, Rank, M, N>;
+  extern __shared__ __align__(128) char smem_raw[];
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  int const tid = threadIdx.x;
+  int const b = blockIdx.z, h = blockIdx.y, hk = h / p.group;
+
+  GroupCoords<Rank> g;
+  int q_origin[Rank];
+  if (!decompose_tile<Rank, QBox>(p, blockIdx.x, true, g, q_origin)) return;
+  KeyWalk<Rank, QBox, KVBox> walk;
+  walk.init(p, g, q_origin);
+  int const steps = walk.tiles + ceil_div(p.num_extra, N);
+
+  Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename Traits::template SmemRows<M>{});
+  Tensor sK = make_tensor(make_smem_ptr(sm.k), typename Traits::template SmemRows<N>{});
+  Tensor sV = make_tensor(make_smem_ptr(sm.v), typename Traits::template SmemRows<N>{});
+  Tensor sVt = make_tensor(make_smem_ptr(sm.v), typename Traits::template SmemRowsT<N>{});
+
+  build_row_table<Rank, QBox, kThreads>(p, g, q_origin, sm.rows, tid);
+  __syncthreads();
+
+  auto const* q = static_cast<Element const*>(p.q);
+  auto q_row = [&](int r) -> Element const* {
+    int64_t const t = sm.rows.token[r];
+    return t < 0 ? nullptr : q + ((int64_t(b) * p.tokens + t) * p.heads + h) * p.dim;
+  };
+  gather_rows<M, D, kThreads, Element>(sQ, q_row, p.dim, q, tid);
+  load_keys<Rank, Traits>(p, g, key_slice<Rank, KVBox>(walk, 0), b, hk, sK, p.k, p.extra_k, p.dim,
+                          tid);
+  cp_async_fence();
+
+  typename Traits::TiledMma mma;
+  Tensor acc_o = partition_fragment_C(mma, Shape<Int<M>, Int<D>>{});
+  clear(acc_o);
+  Tensor o_rc = make_tensor(acc_o.data(), rowcol(acc_o.layout()));
+  constexpr int kRows = decltype(size<0>(o_rc))::value;
+  float row_max[kRows], row_sum[kRows];
+  CUTE_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    row_max[i] = -INFINITY;
+    row_sum[i] = 0.f;
+  }
+  auto const coords = acc_coords<Traits, M, N>(tid);
+
+  for (int n = 0; n < steps; ++n) {
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<M>, Int<N>>{});
+    clear(acc_s);
+    cp_async_wait<0>();
+    __syncthreads();  // K(n) landed; every warp is done with V(n-1)
+    load_keys<Rank, Traits>(p, g, key_slice<Rank, KVBox>(walk, n), b, hk, sV, p.v, p.extra_v,
+                            p.dim_v, tid);
+    cp_async_fence();
+
+    gemm_ss<Traits>(acc_s, sQ, sK, tid);
+    Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+    CUTE_UNROLL
+    for (int i = 0; i < size(s_rc); ++i) s_rc(i) *= p.scale_log2;
+    mask_scores<Rank, KVBox>(p, walk, n, s_rc, coords, sm.rows, -INFINITY);
+    online_softmax(s_rc, o_rc, row_max, row_sum);
+    Tensor probs = convert<Element>(acc_s);
+    Tensor probs_a = make_tensor(probs.data(), acc_as_a(probs.layout()));
+
+    cp_async_wait<0>();
+    __syncthreads();  // V(n) landed; every warp is done with K(n)
+    if (n + 1 < steps) {
+      load_keys<Rank, Traits>(p, g, key_slice<Rank, KVBox>(walk, n + 1), b, hk, sK, p.k,
+                              p.extra_k, p.dim, tid);
+      cp_async_fence();
+    }
+    gemm_rs<Traits>(acc_o, probs_a, sVt, tid);
+  }
+
+  // Epilogue: normalise, stage O in shared memory, write whole rows; LSE from lane 0 of a quad.
+  float lse[kRows];
+  CUTE_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    float const l = quad_sum(row_sum[i]);
+    float const inv = l > 0.f ? 1.f / l : 0.f;
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(o_rc); ++j) o_rc(i, j) *= inv;
+    lse[i] = l > 0.f ? row_max[i] * 0.6931471805599453f + logf(l) : -INFINITY;  // log2 -> ln
+  }
+  __syncthreads();  // every warp is done reading sQ and sV
+  store_acc<Traits>(acc_o, sQ, tid);
+  __syncthreads();
+  auto* out = static_cast<Element*>(p.out);
+  auto out_row = [&](int r) -> Element* {
+    int64_t const t = sm.rows.token[r];
+    return t < 0 ? nullptr : out + ((int64_t(b) * p.tokens + t) * p.heads + h) * p.dim_v;
+  };
+  scatter_rows<M, D, kThreads, Element>(sQ, out_row, p.dim_v, tid);
+  if (tid % 4 == 0) {
+    auto const o_coords = acc_coords<Traits, M, D>(tid);
+    CUTE_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      int64_t const t = sm.rows.token[get<0>(o_coords(i, 0))];
+      if (t >= 0) p.lse[(int64_t(b) * p.tokens + t) * p.heads + h] = lse[i];
+    }
+  }
+#endif
+}
+
+template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
+void fna_forward(NaProblem const& problem, FnaTensors const& t, cudaStream_t stream) {
+  using Traits = MmaTraits<T, HeadDim, 4>;
+  int const q_box[3] = {QBox::extent(0), QBox::extent(1), QBox::extent(2)};
+  int const kv_box[3] = {KVBox::extent(0), KVBox::extent(1), KVBox::extent(2)};
+  Params<Rank> const p = make_params<Rank>(problem, t, HeadDim, q_box, kv_box, "fna_forward");
+  if (p.batch == 0 || p.heads == 0 || p.tokens == 0) return;
+  int64_t q_tiles = 1;
+  for (int a = 0; a < Rank; ++a) q_tiles *= int64_t(p.axis[a].q_tiles) * p.axis[a].spec.dilation;
+  launch(fna_forward_kernel<Rank, Traits, QBox, KVBox>, dim3(grid_x(q_tiles), p.heads, p.batch),
+         Traits::kThreads, sizeof(ForwardSmem<Traits, Rank, QBox::kSize, KVBox::kSize>), stream,
+         "fna_forward", p);
+}
+
+}  // namespace natten::sm80

@@ -1,0 +1,117 @@
+// Key-side pieces of the SM80 mainloops: where the keys of a step live, their loads, and the
+// score mask of the query-box-major kernels (forward and dQ). The dK/dV kernel owns one key
+// slice instead of walking them, and addresses its loads and gradient stores through the same
+// KeySlice, so every kernel agrees on which key rows exist.
+#pragma once
+
+#include "sm80/mma.cuh"
+#include "sm80/tile_geometry.cuh"
+
+namespace natten::sm80 {
+
+// The keys of one step: a key box of the CTA's dilation group, or a slice of the additional
+// keys (which have no grid position, so every query sees them).
+template <int Rank, class KVBox>
+struct KeySlice {
+  int origin[Rank];  // group coordinates of the box; unused for additional keys
+  int extra_first;   // first additional key of the slice; -1 for a box of the grid
+
+  // Row of key r in a [B, *S, Hkv, ...] (box) or [B, E, Hkv, ...] (additional keys) tensor, or
+  // -1 for a key past the group's end or past the last additional key.
+  __device__ int64_t row(Params<Rank> const& p, GroupCoords<Rank> const& g, int b, int hk,
+                         int r) const {
+    return extra_first < 0 ? grid_row(p, g, b, hk, r) : extra_row(p, b, hk, r);
+  }
+  __device__ int64_t grid_row(Params<Rank> const& p, GroupCoords<Rank> const& g, int b, int hk,
+                              int r) const {
+    int c[Rank];
+    bool ok = true;
+#pragma unroll
+    for (int a = 0; a < Rank; ++a) {
+      c[a] = origin[a] + KVBox::offset(r, a);
+      ok = ok && c[a] < g.length[a];
+    }
+    return ok ? (int64_t(b) * p.tokens + g.token(p, c)) * p.heads_kv + hk : -1;
+  }
+  __device__ int64_t extra_row(Params<Rank> const& p, int b, int hk, int r) const {
+    int const e = extra_first + r;
+    return e < p.num_extra ? (int64_t(b) * p.num_extra + e) * p.heads_kv + hk : -1;
+  }
+};
+
+// Step n of a KeyWalk: its key boxes first, then the slices of the additional keys. A KeyWalk
+// has at least one box, so box 0 stands in as the (unused) origin of an additional-key slice:
+// no branch, which the forward's tight register budget notices.
+template <int Rank, class KVBox, class Walk>
+__device__ __forceinline__ KeySlice<Rank, KVBox> key_slice(Walk const& walk, int n) {
+  KeySlice<Rank, KVBox> k;
+  k.extra_first = n < walk.tiles ? -1 : (n - walk.tiles) * KVBox::kSize;
+  walk.origin(n < walk.tiles ? n : 0, k.origin);
+  return k;
+}
+
+// Loads the key (or value) rows of a slice into s; rows that do not exist are zero-filled.
+template <int Rank, class Traits, class KVBox, class S>
+__device__ __forceinline__ void load_keys(Params<Rank> const& p, GroupCoords<Rank> const& g,
+                                          KeySlice<Rank, KVBox> const& keys, int b, int hk, S& s,
+                                          void const* grid_ptr, void const* extra_ptr, int dim,
+                                          int tid) {
+  using Element = typename Traits::Element;
+  constexpr int N = KVBox::kSize, D = Traits::kHeadDim, kThreads = Traits::kThreads;
+  auto const* grid = static_cast<Element const*>(grid_ptr);
+  // Two gathers rather than one with a per-row choice: the forward's registers are tight.
+  if (keys.extra_first < 0) {
+    auto row = [&](int r) -> Element const* {
+      int64_t const i = keys.grid_row(p, g, b, hk, r);
+      return i < 0 ? nullptr : grid + i * dim;
+    };
+    gather_rows<N, D, kThreads, Element>(s, row, dim, grid, tid);
+  } else {
+    auto const* extra = static_cast<Element const*>(extra_ptr);
+    auto row = [&](int r) -> Element const* {
+      int64_t const i = keys.extra_row(p, b, hk, r);
+      return i < 0 ? nullptr : extra + i * dim;
+    };
+    gather_rows<N, D, kThreads, Element>(s, row, dim, grid, tid);
+  }
+}
+
+// Sets invisible elements of walk step n's scores (or probabilities) to `masked` (nothing to
+// do on fully visible key boxes). rows: the query (row) table; coords: accumulator coordinates
+// as (row, col). Callers mask scaled scores with -inf or probabilities with 0, never raw
+// scores: a negative or zero softmax scale would turn a raw -inf into +inf or NaN.
+template <int Rank, class KVBox, class Walk, class Scores, class Coords, class Rows>
+__device__ __forceinline__ void mask_scores(Params<Rank> const& p, Walk const& walk, int n,
+                                            Scores& s, Coords const& coords, Rows const& rows,
+                                            float masked) {
+  constexpr int N = KVBox::kSize;
+  if (n < walk.tiles) {
+    int o[Rank];
+    walk.origin(n, o);
+    if (walk.full(o)) return;
+    CUTE_UNROLL
+    for (int i = 0; i < size<0>(s); ++i) {
+      int const r = get<0>(coords(i, 0));
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(s); ++j) {
+        int const c = get<1>(coords(0, j));
+        int kc[Rank];
+#pragma unroll
+        for (int a = 0; a < Rank; ++a) kc[a] = o[a] + KVBox::offset(c, a);
+        if (!sees(rows, r, kc)) s(i, j) = masked;
+      }
+    }
+  } else {
+    int const e0 = (n - walk.tiles) * N;
+    if (e0 + N <= p.num_extra) return;
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s); ++j) {
+      if (e0 + get<1>(coords(0, j)) >= p.num_extra) {
+        CUTE_UNROLL
+        for (int i = 0; i < size<0>(s); ++i) s(i, j) = masked;
+      }
+    }
+  }
+}
+
+}  // namespace natten::sm80

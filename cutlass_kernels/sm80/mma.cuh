@@ -1,0 +1,228 @@
+// Tensor-core building blocks of the SM80 kernels (CuTe): shared-memory layouts, the tiled MMA,
+// shared->register copies and the two GEMM shapes every kernel is made of:
+//   gemm_ss: acc += A.B^T with both operands in shared memory (scores: Q.K^T, dO.V^T, K.Q^T);
+//   gemm_rs: acc += A.B with A in registers (probabilities or score gradients straight from the
+//            accumulators of a gemm_ss) and B read transposed from shared memory (P.V, dS.K).
+// Plus gathers of token rows (global -> shared with cp.async) and the accumulator views used
+// by the softmax and the masks.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+#include <type_traits>
+
+// Device code of these kernels needs SM80 instructions (cp.async, bf16 mma.sync). A build that
+// also targets older GPUs for other families compiles the kernels empty for those targets; the
+// backend never launches them there (it checks the compute capability first).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define NATTEN_SM80_DEVICE_CODE 1
+#else
+#define NATTEN_SM80_DEVICE_CODE 0
+#endif
+
+namespace natten::sm80 {
+
+using namespace cute;
+
+// The CUDA storage type of the instantiation table -> the CUTLASS element type.
+template <typename T> struct ElementOf;
+template <> struct ElementOf<__half> { using type = cutlass::half_t; };
+template <> struct ElementOf<__nv_bfloat16> { using type = cutlass::bfloat16_t; };
+
+template <typename T, int HeadDim, int kWarps>
+struct MmaTraits {
+  using Element = typename ElementOf<T>::type;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kHeadDim = HeadDim;
+  static_assert(HeadDim % 32 == 0, "head dim must be a multiple of 32");
+
+  using Atom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
+                                  SM80_16x8x16_F32F16F16F32_TN, SM80_16x8x16_F32BF16BF16F32_TN>;
+  // Warps stacked along M (16 rows each); N tiled by 16 so that two 8-wide atoms pair up into
+  // the 16-wide K slices the register-A GEMM consumes.
+  using TiledMma = TiledMMA<MMA_Atom<Atom>, Layout<Shape<Int<kWarps>, _1, _1>>,
+                            Tile<Int<16 * kWarps>, _16, _16>>;
+
+  // Rows of 64 (or 32) elements with an XOR swizzle: ldmatrix reads 8 rows x 16 bytes without
+  // bank conflicts, and 16-byte cp.async chunks stay contiguous.
+  static constexpr int kSmemK = HeadDim % 64 == 0 ? 64 : 32;
+  using SmemAtom = decltype(composition(Swizzle<kSmemK == 64 ? 3 : 2, 3, 3>{},
+                                        Layout<Shape<_8, Int<kSmemK>>, Stride<Int<kSmemK>, _1>>{}));
+  template <int Rows>
+  using SmemRows = decltype(tile_to_shape(SmemAtom{}, Shape<Int<Rows>, Int<HeadDim>>{}));
+  // The same rows seen transposed, (HeadDim, Rows): the B operand of gemm_rs.
+  template <int Rows>
+  using SmemRowsT = decltype(composition(SmemRows<Rows>{},
+                                         make_layout(Shape<Int<HeadDim>, Int<Rows>>{}, GenRowMajor{})));
+
+  // A score-shaped (rows x rows) operand kept in shared memory (the dK/dV kernel's dS and P).
+  template <int M, int N>
+  using SmemScores = decltype(tile_to_shape(
+      composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}), Shape<Int<M>, Int<N>>{}));
+
+  using CopyA = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
+  using CopyBT = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
+  using CopyC = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>;
+};
+
+// ---------------------------------------------------------------------------------------------
+// GEMMs
+// ---------------------------------------------------------------------------------------------
+
+// acc += A.B^T over the K mode of the shared-memory tiles sA (M, K) and sB (N, K); loads of
+// K-slice i+1 overlap the MMAs of slice i.
+template <class Traits, class Acc, class SA, class SB>
+__device__ __forceinline__ void gemm_ss(Acc& acc, SA const& sA, SB const& sB, int tid) {
+  typename Traits::TiledMma mma;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor rA = thr.partition_fragment_A(sA);
+  Tensor rB = thr.partition_fragment_B(sB);
+  auto copy_a = make_tiled_copy_A(typename Traits::CopyA{}, mma);
+  auto copy_b = make_tiled_copy_B(typename Traits::CopyA{}, mma);
+  auto thr_a = copy_a.get_thread_slice(tid);
+  auto thr_b = copy_b.get_thread_slice(tid);
+  Tensor tsA = thr_a.partition_S(sA);
+  Tensor trA = thr_a.retile_D(rA);
+  Tensor tsB = thr_b.partition_S(sB);
+  Tensor trB = thr_b.retile_D(rB);
+  copy(copy_a, tsA(_, _, _0{}), trA(_, _, _0{}));
+  copy(copy_b, tsB(_, _, _0{}), trB(_, _, _0{}));
+  CUTE_UNROLL
+  for (int i = 0; i < size<2>(rA); ++i) {
+    if (i + 1 < size<2>(rA)) {
+      copy(copy_a, tsA(_, _, i + 1), trA(_, _, i + 1));
+      copy(copy_b, tsB(_, _, i + 1), trB(_, _, i + 1));
+    }
+    cute::gemm(mma, rA(_, _, i), rB(_, _, i), acc);
+  }
+}
+
+// acc += A.B with A already in registers (in the A-operand layout) and sBt the (N, K) view of a
+// shared-memory tile stored (K, N) row by row, read with transposing ldmatrix.
+template <class Traits, class Acc, class RA, class SBt>
+__device__ __forceinline__ void gemm_rs(Acc& acc, RA const& rA, SBt const& sBt, int tid) {
+  typename Traits::TiledMma mma;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor rB = thr.partition_fragment_B(sBt);
+  auto copy_b = make_tiled_copy_B(typename Traits::CopyBT{}, mma);
+  auto thr_b = copy_b.get_thread_slice(tid);
+  Tensor tsB = thr_b.partition_S(sBt);
+  Tensor trB = thr_b.retile_D(rB);
+  copy(copy_b, tsB(_, _, _0{}), trB(_, _, _0{}));
+  CUTE_UNROLL
+  for (int i = 0; i < size<2>(rA); ++i) {
+    if (i + 1 < size<2>(rA)) copy(copy_b, tsB(_, _, i + 1), trB(_, _, i + 1));
+    cute::gemm(mma, rA(_, _, i), rB(_, _, i), acc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accumulator views
+// ---------------------------------------------------------------------------------------------
+
+// ((2, 2), M, N) accumulator layout of m16n8 atoms -> (rows (2, M), cols (2, N)): a thread holds
+// two rows (lane/4 and lane/4 + 8) and two adjacent columns of each atom.
+template <class L>
+__device__ __forceinline__ auto rowcol(L const& acc) {
+  auto l = logical_divide(acc, Shape<_2>{});
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
+
+// Accumulators of an (M, N) product reused as the A operand of a product over N: m16n8k16
+// takes A as ((2, 2, 2), M, N / 2), i.e. two neighbouring n8 atoms make one k16 slice.
+template <class L>
+__device__ __forceinline__ auto acc_as_a(L const& acc) {
+  auto l = logical_divide(acc, Shape<Underscore, Underscore, _2>{});
+  return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
+}
+
+template <class To, class Engine, class Layout>
+__device__ __forceinline__ auto convert(Tensor<Engine, Layout> const& t) {
+  Tensor out = make_tensor<To>(t.layout());
+  CUTE_UNROLL
+  for (int i = 0; i < size(t); ++i) out(i) = To(t(i));
+  return out;
+}
+
+// Coordinates (row, col) of every accumulator element of this thread, viewed like rowcol().
+template <class Traits, int M, int N>
+__device__ __forceinline__ auto acc_coords(int tid) {
+  typename Traits::TiledMma mma;
+  Tensor c = mma.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
+  return make_tensor(c.data(), rowcol(c.layout()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Global <-> shared
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void cp_async_16(void* smem, void const* gmem, bool valid) {
+  uint32_t const dst = cast_smem_ptr_to_uint(smem);
+  int const bytes = valid ? 16 : 0;  // 0: zero-fill, nothing read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_fence() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Gathers `Rows` token rows into the swizzled tile s (Rows, HeadDim). row(r) gives the first
+// element of row r in global memory, or nullptr for a row to zero-fill; columns at or past
+// `dim` are zero-filled too (head dims padded up to the instantiation's).
+template <int Rows, int HeadDim, int kThreads, class Element, class S, class RowFn>
+__device__ __forceinline__ void gather_rows(S& s, RowFn const& row, int dim, void const* any,
+                                            int tid) {
+  constexpr int kChunk = 16 / sizeof(Element);
+  constexpr int kPerRow = HeadDim / kChunk;
+  static_assert(kThreads % kPerRow == 0, "threads must cover whole rows");
+  constexpr int kRowStep = kThreads / kPerRow;
+  int const col = (tid % kPerRow) * kChunk;
+  bool const col_ok = col < dim;
+  CUTE_UNROLL
+  for (int r = tid / kPerRow; r < Rows; r += kRowStep) {
+    Element const* src = row(r);
+    bool const ok = col_ok && src != nullptr;
+    cp_async_16(&s(r, col), ok ? static_cast<void const*>(src + col) : any, ok);
+  }
+}
+
+// Writes `Rows` rows of the tile s (Rows, HeadDim) to global memory; row(r) as in gather_rows
+// (nullptr: not written), only the first `dim` columns.
+template <int Rows, int HeadDim, int kThreads, class Element, class S, class RowFn>
+__device__ __forceinline__ void scatter_rows(S const& s, RowFn const& row, int dim, int tid) {
+  constexpr int kChunk = 16 / sizeof(Element);
+  constexpr int kPerRow = HeadDim / kChunk;
+  constexpr int kRowStep = kThreads / kPerRow;
+  int const col = (tid % kPerRow) * kChunk;
+  if (col >= dim) return;
+  CUTE_UNROLL
+  for (int r = tid / kPerRow; r < Rows; r += kRowStep) {
+    Element* dst = row(r);
+    if (dst != nullptr) *reinterpret_cast<uint4*>(dst + col) = *reinterpret_cast<uint4 const*>(&s(r, col));
+  }
+}
+
+// Accumulators (converted to Element) -> the shared tile s, through the MMA's C layout.
+template <class Traits, class Acc, class S>
+__device__ __forceinline__ void store_acc(Acc const& acc, S& s, int tid) {
+  using Element = typename Traits::Element;
+  typename Traits::TiledMma mma;
+  Tensor r = convert<Element>(acc);
+  auto copy_c = make_tiled_copy_C(typename Traits::CopyC{}, mma);
+  auto thr_c = copy_c.get_thread_slice(tid);
+  copy(copy_c, thr_c.retile_S(r), thr_c.partition_D(s));
+}
+
+// Sum / max over the four lanes of a quad (the threads sharing an accumulator row).
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+}  // namespace natten::sm80

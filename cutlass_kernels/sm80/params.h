@@ -1,0 +1,120 @@
+// Problem parameters of the SM80 fused kernels, built on the host from NaProblem and passed to
+// every kernel by value. Torch-free and CuTe-free so that host code can include it.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/na_params.h"
+
+namespace natten::sm80 {
+
+// Query/key tile shapes are boxes of the token grid with compile-time extents; tokens of a box
+// are numbered row-major (the last axis varies fastest), like the grid itself.
+template <int E0, int E1 = 1, int E2 = 1>
+struct Box {
+  static constexpr int kSize = E0 * E1 * E2;
+  NA_HOST_DEVICE static constexpr int extent(int a) { return a == 0 ? E0 : a == 1 ? E1 : E2; }
+  // Offset along axis `a` of the box's token `j`. Extents are powers of two, so this is shifts.
+  NA_HOST_DEVICE static constexpr int offset(int j, int a) {
+    unsigned const u = static_cast<unsigned>(j);
+    return static_cast<int>(a == 0   ? u / unsigned(E1 * E2)
+                            : a == 1 ? (u / unsigned(E2)) % unsigned(E1)
+                                     : u % unsigned(E2));
+  }
+};
+
+struct AxisParams {
+  AxisSpec spec;
+  int group_max;         // ceil(extent / dilation): length of the longest dilation group
+  int q_tiles;           // query tiles per dilation group (ceil(group_max / query box extent))
+  int kv_tiles;          // key tiles per dilation group (ceil(group_max / key box extent))
+  int64_t token_stride;  // flat token index = sum over axes of coordinate * token_stride
+};
+
+template <int Rank>
+struct Params {
+  AxisParams axis[Rank];
+  int64_t tokens;
+  int batch, heads, heads_kv, group, dim, dim_v, num_extra;
+  float scale;       // softmax scale
+  float scale_log2;  // scale * log2(e): exponentials are exp2
+  // [B, *S, H, D] etc., as described in common/na_params.h.
+  void const* q;
+  void const* k;
+  void const* v;
+  void const* extra_k;
+  void const* extra_v;
+  void* out;
+  float* lse;
+  // Backward only.
+  void const* d_out;
+  float const* d_lse;
+  float* delta;  // [B, *S, H]: rowsum(dO * O) - dLSE
+  void* d_q;
+  void* d_k;
+  void* d_v;
+  void* d_extra_k;
+  void* d_extra_v;
+};
+
+// Validates what these kernels need beyond the generic checks and fills the parameters.
+// `head_dim` is the instantiation's head dim: D and Dv may be smaller (zero-padded in shared
+// memory) when they are multiples of 8 (rows are moved in 16-byte pieces).
+template <int Rank>
+Params<Rank> make_params(NaProblem const& p, FnaTensors const& t, int head_dim,
+                         int const* q_box, int const* kv_box, char const* op) {
+  auto fail = [&](std::string const& what) {
+    throw std::invalid_argument(std::string("natten sm80 ") + op + ": " + what);
+  };
+  if (p.rank != Rank) fail("problem rank " + std::to_string(p.rank) + " != kernel rank");
+  if (p.heads_kv <= 0 || p.heads % p.heads_kv != 0) fail("heads not a multiple of heads_kv");
+  if (p.dim > head_dim || p.dim_v > head_dim || p.dim % 8 != 0 || p.dim_v % 8 != 0) {
+    fail("head dims " + std::to_string(p.dim) + "/" + std::to_string(p.dim_v) +
+         " must be multiples of 8 and at most " + std::to_string(head_dim));
+  }
+  Params<Rank> P{};
+  int64_t stride = 1;
+  for (int a = Rank - 1; a >= 0; --a) {
+    AxisSpec const& ax = p.axis[a];
+    if (ax.extent < 1 || ax.kernel < 1 || ax.dilation < 1 || ax.stride < 1 ||
+        ax.stride > ax.kernel || ax.kernel * ax.dilation > ax.extent) {
+      fail("invalid window on axis " + std::to_string(a));
+    }
+    AxisParams& A = P.axis[a];
+    A.spec = ax;
+    A.group_max = static_cast<int>((ax.extent + ax.dilation - 1) / ax.dilation);
+    A.q_tiles = (A.group_max + q_box[a] - 1) / q_box[a];
+    A.kv_tiles = (A.group_max + kv_box[a] - 1) / kv_box[a];
+    A.token_stride = stride;
+    stride *= ax.extent;
+  }
+  P.tokens = stride;
+  P.batch = static_cast<int>(p.batch);
+  P.heads = static_cast<int>(p.heads);
+  P.heads_kv = static_cast<int>(p.heads_kv);
+  P.group = static_cast<int>(p.heads / p.heads_kv);
+  P.dim = static_cast<int>(p.dim);
+  P.dim_v = static_cast<int>(p.dim_v);
+  P.num_extra = static_cast<int>(p.num_extra);
+  P.scale = static_cast<float>(p.scale);
+  P.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  P.q = t.q;
+  P.k = t.k;
+  P.v = t.v;
+  P.extra_k = t.extra_k;
+  P.extra_v = t.extra_v;
+  P.out = t.out;
+  P.lse = static_cast<float*>(t.lse);
+  P.d_out = t.d_out;
+  P.d_lse = static_cast<float const*>(t.d_lse);
+  P.d_q = t.d_q;
+  P.d_k = t.d_k;
+  P.d_v = t.d_v;
+  P.d_extra_k = t.d_extra_k;
+  P.d_extra_v = t.d_extra_v;
+  return P;
+}
+
+}  // namespace natten::sm80

@@ -1,0 +1,193 @@
+// Which tiles a CTA works on and which of their score elements are visible.
+//
+// A tile is a box of one dilation group (a sub-grid whose neighbourhood is a plain window, see
+// common/na_window.h), so dilation costs nothing. The forward (and dQ) kernels own a query box
+// and walk the key boxes covering the union of its queries' windows, starting at the union's
+// first key (not at a global grid of boxes: that would add a partial box per axis). The dK/dV
+// kernel owns a key box and walks the query boxes whose windows reach it. Both bounds of a
+// window are non-decreasing in the query coordinate, so a box's union and intersection of
+// windows come from its two end queries per axis.
+#pragma once
+
+#include "sm80/params.h"
+
+namespace natten::sm80 {
+
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// One dilation group's part of the grid a tile lives in.
+template <int Rank>
+struct GroupCoords {
+  int residue[Rank];  // dilation residue per axis
+  int length[Rank];   // tokens of the group per axis
+
+  // Flat token of group coordinates g (each < length).
+  __device__ int64_t token(Params<Rank> const& p, int const* g) const {
+    int64_t t = 0;
+#pragma unroll
+    for (int a = 0; a < Rank; ++a) {
+      t += (int64_t(g[a]) * p.axis[a].spec.dilation + residue[a]) * p.axis[a].token_stride;
+    }
+    return t;
+  }
+
+  __device__ AxisWindow window(Params<Rank> const& p, int a, int x) const {
+    return axis_window(p.axis[a].spec, length[a], x);
+  }
+};
+
+// Splits a linear tile index over the axes (row-major; per axis residue-major, then tile) into
+// a dilation group and the tile's origin. False when the tile starts past the end of its group
+// (groups of a non-divisible extent differ in length by one).
+template <int Rank, class Box>
+__device__ bool decompose_tile(Params<Rank> const& p, int index, bool query_tiles,
+                               GroupCoords<Rank>& g, int* origin) {
+  bool inside = true;
+#pragma unroll
+  for (int a = Rank - 1; a >= 0; --a) {
+    int const per_group = query_tiles ? p.axis[a].q_tiles : p.axis[a].kv_tiles;
+    int const n = per_group * int(p.axis[a].spec.dilation);
+    int const u = index % n;
+    index /= n;
+    g.residue[a] = u / per_group;
+    g.length[a] = int(group_length(p.axis[a].spec, g.residue[a]));
+    origin[a] = (u % per_group) * Box::extent(a);
+    inside = inside && origin[a] < g.length[a];
+  }
+  return inside;
+}
+
+// Per token of a box: its flat token (-1 past the group's end) and, per axis, the window of
+// that token as a query ([first, last], empty for a token past the end). Lives in shared
+// memory; one table per query box visited.
+template <int Rank, int N>
+struct RowTable {
+  int64_t token[N];
+  int first[Rank][N];
+  int last[Rank][N];
+};
+
+template <int Rank, class Box, int kThreads>
+__device__ void build_row_table(Params<Rank> const& p, GroupCoords<Rank> const& g,
+                                int const* origin, RowTable<Rank, Box::kSize>& t, int tid) {
+  for (int r = tid; r < Box::kSize; r += kThreads) {
+    int c[Rank];
+    bool valid = true;
+#pragma unroll
+    for (int a = 0; a < Rank; ++a) {
+      c[a] = origin[a] + Box::offset(r, a);
+      valid = valid && c[a] < g.length[a];
+    }
+    t.token[r] = valid ? g.token(p, c) : -1;
+#pragma unroll
+    for (int a = 0; a < Rank; ++a) {
+      if (valid) {
+        AxisWindow const w = g.window(p, a, c[a]);
+        t.first[a][r] = int(w.first);
+        t.last[a][r] = int(w.last);
+      } else {
+        t.first[a][r] = 1;
+        t.last[a][r] = 0;
+      }
+    }
+  }
+}
+
+// Whether query row r of a row table sees the key at group coordinates k.
+template <int Rank, int N>
+__device__ __forceinline__ bool sees(RowTable<Rank, N> const& t, int r, int const* k) {
+  bool ok = true;
+#pragma unroll
+  for (int a = 0; a < Rank; ++a) ok = ok && t.first[a][r] <= k[a] && k[a] <= t.last[a][r];
+  return ok;
+}
+
+// The key boxes a query box reaches: forward and dQ.
+template <int Rank, class QBox, class KVBox>
+struct KeyWalk {
+  int first[Rank];       // first key of the union of the query windows
+  int count[Rank];       // key boxes along the axis
+  int full_first[Rank];  // keys every (real) query of the box sees: [full_first, full_last]
+  int full_last[Rank];
+  int tiles;
+
+  __device__ void init(Params<Rank> const& p, GroupCoords<Rank> const& g, int const* q_origin) {
+    tiles = 1;
+#pragma unroll
+    for (int a = 0; a < Rank; ++a) {
+      int const q_last = min(q_origin[a] + QBox::extent(a), g.length[a]) - 1;
+      AxisWindow const w0 = g.window(p, a, q_origin[a]);
+      AxisWindow const w1 = g.window(p, a, q_last);
+      first[a] = int(w0.first);
+      count[a] = ceil_div(int(w1.last - w0.first) + 1, KVBox::extent(a));
+      full_first[a] = int(w1.first);
+      full_last[a] = int(w0.last);
+      tiles *= count[a];
+    }
+  }
+
+  __device__ void origin(int n, int* o) const {
+#pragma unroll
+    for (int a = Rank - 1; a >= 0; --a) {
+      o[a] = first[a] + (n % count[a]) * KVBox::extent(a);
+      n /= count[a];
+    }
+  }
+
+  // Every query of the box sees every key of the key box at o (no mask needed).
+  __device__ bool full(int const* o) const {
+    bool ok = true;
+#pragma unroll
+    for (int a = 0; a < Rank; ++a) {
+      ok = ok && o[a] >= full_first[a] && o[a] + KVBox::extent(a) - 1 <= full_last[a];
+    }
+    return ok;
+  }
+};
+
+// The query boxes whose windows reach a key box: dK/dV.
+template <int Rank, class QBox, class KVBox>
+struct QueryWalk {
+  int first[Rank];  // first query that sees a key of the box
+  int count[Rank];  // query boxes along the axis
+  int k_last[Rank];  // last real key of the key box
+  int tiles;
+
+  __device__ void init(Params<Rank> const& p, GroupCoords<Rank> const& g, int const* k_origin) {
+    tiles = 1;
+#pragma unroll
+    for (int a = 0; a < Rank; ++a) {
+      k_last[a] = min(k_origin[a] + KVBox::extent(a), g.length[a]) - 1;
+      AxisRange const r0 = axis_inverse_window(p.axis[a].spec, g.length[a], k_origin[a]);
+      AxisRange const r1 = axis_inverse_window(p.axis[a].spec, g.length[a], k_last[a]);
+      first[a] = int(r0.first);
+      count[a] = r1.last >= r0.first ? ceil_div(int(r1.last - r0.first) + 1, QBox::extent(a)) : 0;
+      tiles *= count[a];
+    }
+  }
+
+  __device__ void origin(int n, int* o) const {
+#pragma unroll
+    for (int a = Rank - 1; a >= 0; --a) {
+      o[a] = first[a] + (n % count[a]) * QBox::extent(a);
+      n /= count[a];
+    }
+  }
+
+  // Every query of the query box at q_o is real and sees every key of the (whole, real) key
+  // box at k_o.
+  __device__ bool full(Params<Rank> const& p, GroupCoords<Rank> const& g, int const* q_o,
+                       int const* k_o) const {
+    bool ok = true;
+#pragma unroll
+    for (int a = 0; a < Rank; ++a) {
+      int const q_end = q_o[a] + QBox::extent(a) - 1;
+      int const k_end = k_o[a] + KVBox::extent(a) - 1;
+      ok = ok && q_end < g.length[a] && k_end < g.length[a] &&
+           g.window(p, a, q_end).first <= k_o[a] && g.window(p, a, q_o[a]).last >= k_end;
+    }
+    return ok;
+  }
+};
+
+}  // namespace natten::sm80

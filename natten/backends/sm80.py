@@ -1,0 +1,131 @@
+"""The cutlass-fna backend: fused kernels on tensor cores (CuTe, mma.sync + cp.async) for
+Ampere and every later NVIDIA GPU, from the `sm80` family of natten._C.
+
+Which (rank, dtype, head dim, query box, key box) instantiations exist comes from the generated
+manifest; a problem's head dims are padded up to the smallest instantiated head dim that holds
+them (multiples of 8 only: rows move in 16-byte pieces).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+from natten._checks import FusedProblem
+from natten.backends.base import Tile
+from natten.backends.compiled import CompiledBackend, extension
+
+FAMILY = "sm80"
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# A 64-query box keeps fewer keys in flight per query than a 128-query one, but loads each key
+# box for fewer queries: count its work as this much dearer (a guess; the profiler measures).
+_SMALL_BOX_PENALTY = 1.15
+
+
+def _instantiations() -> list:
+    try:
+        from natten._manifest import INSTANTIATIONS
+    except ImportError:
+        return []
+    return [row for row in INSTANTIATIONS if row[0] == FAMILY]
+
+
+def _op(backward: bool) -> str:
+    return "fna_bwd" if backward else "fna_fwd"
+
+
+def head_dims(rank: int, dtype: torch.dtype, backward: bool) -> List[int]:
+    name = _DTYPES.get(dtype)
+    return sorted({row[4] for row in _instantiations() if row[1] == _op(backward) and row[2] == rank
+                   and row[3] == name})
+
+
+def configs(problem: FusedProblem, backward: bool) -> List[Tuple[Tile, Tile]]:
+    """(query box, key box) pairs instantiated for the problem's rank, dtype and head dim."""
+    hd = instantiated_head_dim(problem, backward)
+    name = _DTYPES.get(problem.dtype)
+    return [(row[5], row[6]) for row in _instantiations() if row[1] == _op(backward) and
+            row[2] == problem.rank and row[3] == name and row[4] == hd]
+
+
+def instantiated_head_dim(problem: FusedProblem, backward: bool) -> Optional[int]:
+    need = max(problem.dim, problem.dim_v)
+    fits = [d for d in head_dims(problem.rank, problem.dtype, backward) if d >= need]
+    return fits[0] if fits else None
+
+
+def walk_cost(problem: FusedProblem, q_box: Tile, kv_box: Tile) -> float:
+    """Score elements a problem computes per (batch, head) with these boxes: per axis, the query
+    boxes of every dilation group times the keys their walk covers (the union of t consecutive
+    windows spans about t + k - 1 keys, counted in whole key boxes)."""
+    cost = 1.0
+    for L, k, d, tq, tk in zip(problem.spatial, problem.window.kernel_size, problem.window.dilation,
+                               q_box, kv_box):
+        group = math.ceil(L / d)
+        span = min(tq + k - 1, group)
+        cost *= d * math.ceil(group / tq) * tq * math.ceil(span / tk) * tk
+    return cost * (1.0 if math.prod(q_box) >= 128 else _SMALL_BOX_PENALTY)
+
+
+class Sm80Backend(CompiledBackend):
+    name = "cutlass-fna"
+    device_type = "cuda"
+    supports_unfused = False
+
+    def _kernel(self, op: str):
+        return getattr(extension(), f"{FAMILY}_{op}")
+
+    def is_available(self) -> bool:
+        try:
+            return (bool(extension().with_cuda) and hasattr(extension(), f"{FAMILY}_fna_forward")
+                    and torch.cuda.is_available())
+        except ImportError:
+            return False
+
+    def unsupported(self, problem: FusedProblem) -> Optional[str]:
+        if problem.device.type != "cuda":
+            return f"inputs are on {problem.device}; cutlass-fna runs on CUDA GPUs"
+        major, minor = torch.cuda.get_device_capability(problem.device)
+        if major < 8:
+            return (f"compute capability {major}.{minor} ({problem.device}) is not supported by cutlass-fna, "
+                    "which needs 8.0 or newer")
+        if problem.dtype not in _DTYPES:
+            return (f"{str(problem.dtype).replace('torch.', '')} is not supported by cutlass-fna, which runs "
+                    "float16 and bfloat16 (use backend='flex-fna' or 'reference')")
+        if problem.dim % 8 or problem.dim_v % 8:
+            return (f"head dims {problem.dim}/{problem.dim_v} are not supported by cutlass-fna, which needs "
+                    "multiples of 8")
+        if max(problem.batch, problem.heads) > 65535:
+            return "more than 65535 batch entries or heads are not supported by cutlass-fna"
+        for backward in (False, True) if problem.requires_grad else (False,):
+            if instantiated_head_dim(problem, backward) is None:
+                dims = head_dims(problem.rank, problem.dtype, backward)
+                what = "backward" if backward else "forward"
+                return (f"head dim {max(problem.dim, problem.dim_v)} is not supported by this build's "
+                        f"cutlass-fna {what} kernels for rank {problem.rank} and {_DTYPES[problem.dtype]} "
+                        f"(instantiated head dims: {dims or 'none'}; see NATTEN_KERNEL_FILTER)")
+        return None
+
+    def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile,
+                    backward: bool = False) -> Optional[str]:
+        available = configs(problem, backward)
+        if (tuple(q_tile), tuple(kv_tile)) in available:
+            return None
+        listed = ", ".join(f"{q}/{kv}" for q, kv in available) or "none"
+        return f"not an instantiated (query box, key box) pair; this problem has: {listed}"
+
+    def default_tiles(self, problem: FusedProblem, backward: bool) -> Tuple[Tile, Tile]:
+        """The rule: the instantiated pair of least walk_cost (ties: the larger query box)."""
+        available = configs(problem, backward)
+        if not available:
+            return (1,) * problem.rank, (1,) * problem.rank  # check_tiles reports it
+        return min(available, key=lambda c: (walk_cost(problem, *c), -math.prod(c[0])))
+
+    def _tile_args(self, q, v, q_tile: Tile, kv_tile: Tile) -> list:
+        need = max(q.shape[-1], v.shape[-1])
+        rank, name = q.dim() - 3, _DTYPES[q.dtype]
+        dims = [row[4] for row in _instantiations() if row[2] == rank and row[3] == name and
+                row[4] >= need and row[5] == tuple(q_tile) and row[6] == tuple(kv_tile)]
+        return [min(dims), list(q_tile), list(kv_tile)]
