@@ -22,7 +22,10 @@ import torch  # noqa: E402
 import natten  # noqa: E402
 from natten._checks import check_fused  # noqa: E402
 from natten.backends import flex as fb  # noqa: E402
-from natten.profiler.timing import measure  # noqa: E402
+try:
+    from natten.profiler.timing import measure  # noqa: E402
+except ImportError:  # an in-place build (setup.py build_ext --inplace) maps no natten.profiler
+    from profiler.timing import measure  # noqa: E402
 from problems import PROBLEMS  # noqa: E402
 
 # (label, query box, key box, kernel options); None boxes: row-major order.

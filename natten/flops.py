@@ -201,13 +201,20 @@ def _require_shape(val: Any, what: str, op: str) -> list:
     return list(shape)
 
 
+def _window(val: Any) -> list:
+    """(kernel_size, stride, dilation, is_causal) of an op's window argument, which holds the
+    four per-axis lists one after another."""
+    window = _constant(val)
+    rank = len(window) // 4
+    return [window[i * rank:(i + 1) * rank] for i in range(4)]
+
+
 def _fna_forward_flop_jit(inputs: list, outputs: list) -> int:
-    # (query, key, value, additional_keys, additional_values, kernel_size, stride,
-    #  dilation, is_causal, scale, backend, tile shapes...)
+    # (query, key, value, additional_keys, additional_values, window, scale, backend, tile shapes)
     q = _require_shape(inputs[0], "query", FNA_FORWARD_OP)
     v = _require_shape(inputs[2], "value", FNA_FORWARD_OP)
     extra_k = _shape(inputs[3])
-    kernel_size, stride, dilation, is_causal = (_constant(x) for x in inputs[5:9])
+    kernel_size, stride, dilation, is_causal = _window(inputs[5])
     batch, spatial, heads, head_dim = q[0], q[1:-2], q[-2], q[-1]
     return fna_flops(
         batch,
@@ -224,17 +231,17 @@ def _fna_forward_flop_jit(inputs: list, outputs: list) -> int:
 
 
 def _na_qk_flop_jit(inputs: list, outputs: list) -> int:
-    # (query, key, rpb, kernel_size, stride, dilation, is_causal)
+    # (query, key, rpb, window)
     q = _require_shape(inputs[0], "query", NA_QK_OP)
-    kernel_size, stride, dilation, is_causal = (_constant(x) for x in inputs[3:7])
+    kernel_size, stride, dilation, is_causal = _window(inputs[3])
     return na_qk_flops(q[0], q[-2], q[1:-2], q[-1], kernel_size, stride, dilation, is_causal)
 
 
 def _na_av_flop_jit(inputs: list, outputs: list) -> int:
-    # (attn, value, kernel_size, stride, dilation, is_causal)
+    # (attn, value, window)
     attn = _require_shape(inputs[0], "attn", NA_AV_OP)
     v = _require_shape(inputs[1], "value", NA_AV_OP)
-    kernel_size, stride, dilation, is_causal = (_constant(x) for x in inputs[2:6])
+    kernel_size, stride, dilation, is_causal = _window(inputs[2])
     return na_av_flops(attn[0], attn[-2], attn[1:-2], v[-1], kernel_size, stride, dilation, is_causal)
 
 

@@ -18,21 +18,13 @@ __all__ = [
 ]
 
 
-def _window_lists(window):
-    return (list(window.kernel_size), list(window.stride), list(window.dilation),
-            [int(c) for c in window.is_causal])
-
-
 def _tiles(name_q, q_tile, name_kv, kv_tile, backend, problem, backward):
     q_tile = check_tile(name_q, q_tile, problem.rank)
     kv_tile = check_tile(name_kv, kv_tile, problem.rank)
-    default_q, default_kv = backend.default_tiles(problem, backward)
-    q_tile = q_tile or default_q
-    kv_tile = kv_tile or default_kv
-    reason = backend.check_tiles(problem, q_tile, kv_tile, backward)
+    q_tile, kv_tile, reason = backends.resolve_tiles(backend, problem, q_tile, kv_tile, backward)
     if reason is not None:
         raise ValueError(f"{name_q}={q_tile} / {name_kv}={kv_tile} do not fit backend {backend.name!r}: {reason}")
-    return list(q_tile), list(kv_tile)
+    return [*q_tile, *kv_tile]
 
 
 def _fused(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale,
@@ -45,7 +37,7 @@ def _fused(rank, query, key, value, kernel_size, stride, dilation, is_causal, sc
     bwd_tiles = _tiles("backward_q_tile_shape", backward_q_tile_shape, "backward_kv_tile_shape",
                        backward_kv_tile_shape, impl, problem, True)
     out, lse = ops.fna_forward(query, key, value, additional_keys, additional_values,
-                               *_window_lists(problem.window), scale, impl.name, *tiles, *bwd_tiles)
+                               ops.pack_window(problem.window), scale, impl.name, tiles + bwd_tiles)
     return (out, lse) if return_lse else out
 
 
@@ -75,12 +67,12 @@ fused_na1d, fused_na2d, fused_na3d = na1d, na2d, na3d
 
 def _qk(rank, query, key, kernel_size, stride, dilation, is_causal, rpb):
     window = check_qk(rank, query, key, kernel_size, stride, dilation, is_causal, rpb)
-    return ops.na_qk(query, key, rpb, *_window_lists(window))
+    return ops.na_qk(query, key, rpb, ops.pack_window(window))
 
 
 def _av(rank, attn, value, kernel_size, stride, dilation, is_causal):
     window = check_av(rank, attn, value, kernel_size, stride, dilation, is_causal)
-    return ops.na_av(attn, value, *_window_lists(window))
+    return ops.na_av(attn, value, ops.pack_window(window))
 
 
 def _make_unfused(rank: int):

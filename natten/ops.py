@@ -2,8 +2,10 @@
 implementations for tracing, and autograd through the matching backward operators. Arguments
 arrive validated and normalised by natten.functional.
 
-Causal flags travel as int[] (0/1): torch.jit's tracer, which fvcore counts FLOPs with, cannot
-record bool[] arguments."""
+A window travels as one int[] (kernel_size, stride, dilation, then is_causal as 0/1) and the
+tile shapes of a call as another: each schema argument costs host time on every call (the
+autograd wrapper of torch.library re-reads the whole schema once per argument), and torch.jit's
+tracer, which fvcore counts FLOPs with, cannot record bool[] arguments."""
 
 from __future__ import annotations
 
@@ -17,8 +19,18 @@ from natten._checks import Window
 from natten.backends.base import lse_dtype
 
 
-def _window(kernel_size, stride, dilation, is_causal) -> Window:
-    return Window(tuple(kernel_size), tuple(stride), tuple(dilation), tuple(bool(c) for c in is_causal))
+def pack_window(window: Window) -> List[int]:
+    return [*window.kernel_size, *window.stride, *window.dilation, *map(int, window.is_causal)]
+
+
+def _split(values: List[int], parts: int) -> List[Tuple[int, ...]]:
+    n = len(values) // parts
+    return [tuple(values[i * n:(i + 1) * n]) for i in range(parts)]
+
+
+def _window(window: List[int]) -> Window:
+    kernel_size, stride, dilation, is_causal = _split(window, 4)
+    return Window(kernel_size, stride, dilation, tuple(bool(c) for c in is_causal))
 
 
 def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -34,20 +46,17 @@ def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 @torch.library.custom_op("natten::fna_forward", mutates_args=())
 def fna_forward(query: Tensor, key: Tensor, value: Tensor, additional_keys: Optional[Tensor],
-                additional_values: Optional[Tensor], kernel_size: List[int], stride: List[int],
-                dilation: List[int], is_causal: List[int], scale: float, backend: str,
-                q_tile_shape: List[int], kv_tile_shape: List[int], backward_q_tile_shape: List[int],
-                backward_kv_tile_shape: List[int]) -> Tuple[Tensor, Tensor]:
+                additional_values: Optional[Tensor], window: List[int], scale: float, backend: str,
+                tile_shapes: List[int]) -> Tuple[Tensor, Tensor]:
+    """tile_shapes: the query and key tiles of the forward, then those of the backward."""
+    q_tile, kv_tile, _, _ = _split(tile_shapes, 4)
     return backends.get(backend).fna_forward(
         query.contiguous(), key.contiguous(), value.contiguous(), _dense(additional_keys),
-        _dense(additional_values), _window(kernel_size, stride, dilation, is_causal), scale,
-        tuple(q_tile_shape), tuple(kv_tile_shape))
+        _dense(additional_values), _window(window), scale, q_tile, kv_tile)
 
 
 @fna_forward.register_fake
-def _(query, key, value, additional_keys, additional_values, kernel_size, stride, dilation,
-      is_causal, scale, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape,
-      backward_kv_tile_shape):
+def _(query, key, value, additional_keys, additional_values, window, scale, backend, tile_shapes):
     out = query.new_empty((*query.shape[:-1], value.shape[-1]))
     lse = query.new_empty(query.shape[:-1], dtype=lse_dtype(query.dtype))
     return out, lse
@@ -56,31 +65,30 @@ def _(query, key, value, additional_keys, additional_values, kernel_size, stride
 @torch.library.custom_op("natten::fna_backward", mutates_args=())
 def fna_backward(d_out: Tensor, d_lse: Optional[Tensor], query: Tensor, key: Tensor, value: Tensor,
                  additional_keys: Optional[Tensor], additional_values: Optional[Tensor], out: Tensor,
-                 lse: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
-                 is_causal: List[int], scale: float, backend: str, q_tile_shape: List[int],
-                 kv_tile_shape: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 lse: Tensor, window: List[int], scale: float, backend: str,
+                 tile_shapes: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """tile_shapes: the query tile, then the key tile."""
+    q_tile, kv_tile = _split(tile_shapes, 2)
     grads = backends.get(backend).fna_backward(
         d_out.contiguous(), _dense(d_lse), query.contiguous(), key.contiguous(), value.contiguous(),
         _dense(additional_keys), _dense(additional_values), out.contiguous(), lse.contiguous(),
-        _window(kernel_size, stride, dilation, is_causal), scale, tuple(q_tile_shape),
-        tuple(kv_tile_shape))
+        _window(window), scale, q_tile, kv_tile)
     return tuple(_empty_if_none(g, query) for g in grads)
 
 
 @fna_backward.register_fake
-def _(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse, kernel_size, stride,
-      dilation, is_causal, scale, backend, q_tile_shape, kv_tile_shape):
+def _(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse, window, scale,
+      backend, tile_shapes):
     extra = [_empty_if_none(None if t is None else torch.empty_like(t), query)
              for t in (additional_keys, additional_values)]
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), *extra
 
 
 def _fna_setup(ctx, inputs, output):
-    (q, k, v, ek, ev, kernel_size, stride, dilation, is_causal, scale, backend, _, _,
-     bwd_q_tile, bwd_kv_tile) = inputs
+    q, k, v, ek, ev, window, scale, backend, tile_shapes = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, ek, ev, out, lse)
-    ctx.args = (kernel_size, stride, dilation, is_causal, scale, backend, bwd_q_tile, bwd_kv_tile)
+    ctx.args = (window, scale, backend, tile_shapes[len(tile_shapes) // 2:])
     ctx.has_extra = ek is not None
 
 
@@ -91,7 +99,7 @@ def _fna_backward(ctx, d_out, d_lse):
     d_q, d_k, d_v, d_ek, d_ev = fna_backward(d_out, d_lse, q, k, v, ek, ev, out, lse, *ctx.args)
     if not ctx.has_extra:
         d_ek = d_ev = None
-    return (d_q, d_k, d_v, d_ek, d_ev) + (None,) * 10
+    return (d_q, d_k, d_v, d_ek, d_ev) + (None,) * 4
 
 
 fna_forward.register_autograd(_fna_backward, setup_context=_fna_setup)
@@ -100,39 +108,36 @@ fna_forward.register_autograd(_fna_backward, setup_context=_fna_setup)
 # ----------------------------------------------------------------------------- unfused ops
 
 @torch.library.custom_op("natten::na_qk", mutates_args=())
-def na_qk(query: Tensor, key: Tensor, rpb: Optional[Tensor], kernel_size: List[int],
-          stride: List[int], dilation: List[int], is_causal: List[int]) -> Tensor:
+def na_qk(query: Tensor, key: Tensor, rpb: Optional[Tensor], window: List[int]) -> Tensor:
     return backends.for_unfused(query.device.type).na_qk(
-        query.contiguous(), key.contiguous(), _dense(rpb),
-        _window(kernel_size, stride, dilation, is_causal))
+        query.contiguous(), key.contiguous(), _dense(rpb), _window(window))
 
 
 @na_qk.register_fake
-def _(query, key, rpb, kernel_size, stride, dilation, is_causal):
+def _(query, key, rpb, window):
     window_size = 1
-    for k in kernel_size:
+    for k in _window(window).kernel_size:
         window_size *= k
     return query.new_empty((*query.shape[:-1], window_size))
 
 
 @torch.library.custom_op("natten::na_qk_backward", mutates_args=())
 def na_qk_backward(d_attn: Tensor, query: Tensor, key: Tensor, has_rpb: bool,
-                   kernel_size: List[int], stride: List[int], dilation: List[int],
-                   is_causal: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+                   window: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
     d_q, d_k, d_rpb = backends.for_unfused(query.device.type).na_qk_backward(
-        d_attn.contiguous(), query.contiguous(), key.contiguous(), has_rpb,
-        _window(kernel_size, stride, dilation, is_causal))
+        d_attn.contiguous(), query.contiguous(), key.contiguous(), has_rpb, _window(window))
     return d_q, d_k, _empty_if_none(d_rpb, query)
 
 
 @na_qk_backward.register_fake
-def _(d_attn, query, key, has_rpb, kernel_size, stride, dilation, is_causal):
+def _(d_attn, query, key, has_rpb, window):
+    kernel_size = _window(window).kernel_size
     rpb_shape = (query.shape[-2], *(2 * k - 1 for k in kernel_size)) if has_rpb else (0,)
     return torch.empty_like(query), torch.empty_like(key), query.new_empty(rpb_shape)
 
 
 def _qk_setup(ctx, inputs, output):
-    q, k, rpb, *window = inputs
+    q, k, rpb, window = inputs
     ctx.save_for_backward(q, k)
     ctx.window = window
     ctx.has_rpb = rpb is not None
@@ -140,49 +145,46 @@ def _qk_setup(ctx, inputs, output):
 
 def _qk_backward(ctx, d_attn):
     q, k = ctx.saved_tensors
-    d_q, d_k, d_rpb = na_qk_backward(d_attn, q, k, ctx.has_rpb, *ctx.window)
-    return d_q, d_k, d_rpb if ctx.has_rpb else None, None, None, None, None
+    d_q, d_k, d_rpb = na_qk_backward(d_attn, q, k, ctx.has_rpb, ctx.window)
+    return d_q, d_k, d_rpb if ctx.has_rpb else None, None
 
 
 na_qk.register_autograd(_qk_backward, setup_context=_qk_setup)
 
 
 @torch.library.custom_op("natten::na_av", mutates_args=())
-def na_av(attn: Tensor, value: Tensor, kernel_size: List[int], stride: List[int],
-          dilation: List[int], is_causal: List[int]) -> Tensor:
+def na_av(attn: Tensor, value: Tensor, window: List[int]) -> Tensor:
     return backends.for_unfused(value.device.type).na_av(
-        attn.contiguous(), value.contiguous(), _window(kernel_size, stride, dilation, is_causal))
+        attn.contiguous(), value.contiguous(), _window(window))
 
 
 @na_av.register_fake
-def _(attn, value, kernel_size, stride, dilation, is_causal):
+def _(attn, value, window):
     return value.new_empty((*attn.shape[:-1], value.shape[-1]))
 
 
 @torch.library.custom_op("natten::na_av_backward", mutates_args=())
-def na_av_backward(d_out: Tensor, attn: Tensor, value: Tensor, kernel_size: List[int],
-                   stride: List[int], dilation: List[int],
-                   is_causal: List[int]) -> Tuple[Tensor, Tensor]:
+def na_av_backward(d_out: Tensor, attn: Tensor, value: Tensor,
+                   window: List[int]) -> Tuple[Tensor, Tensor]:
     return backends.for_unfused(value.device.type).na_av_backward(
-        d_out.contiguous(), attn.contiguous(), value.contiguous(),
-        _window(kernel_size, stride, dilation, is_causal))
+        d_out.contiguous(), attn.contiguous(), value.contiguous(), _window(window))
 
 
 @na_av_backward.register_fake
-def _(d_out, attn, value, kernel_size, stride, dilation, is_causal):
+def _(d_out, attn, value, window):
     return torch.empty_like(attn), torch.empty_like(value)
 
 
 def _av_setup(ctx, inputs, output):
-    attn, v, *window = inputs
+    attn, v, window = inputs
     ctx.save_for_backward(attn, v)
     ctx.window = window
 
 
 def _av_backward(ctx, d_out):
     attn, v = ctx.saved_tensors
-    d_attn, d_v = na_av_backward(d_out, attn, v, *ctx.window)
-    return d_attn, d_v, None, None, None, None
+    d_attn, d_v = na_av_backward(d_out, attn, v, ctx.window)
+    return d_attn, d_v, None
 
 
 na_av.register_autograd(_av_backward, setup_context=_av_setup)

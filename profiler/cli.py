@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backprop", action="store_true", help="also time forward+backward")
     r.add_argument("--warmup", type=_non_negative, default=3, help="untimed runs before timing")
     r.add_argument("--repeat", type=_positive, default=10, help="timed runs (the median is reported)")
+    r.add_argument("--sweep-tiles", action="store_true",
+                   help="time every tile configuration a backend offers for the problem (forward tiles "
+                        "for the forward pass, backward tiles for fwd+bwd), not just its default")
     r.add_argument("--dry-run", action="store_true",
                    help="list the backends that can run the problem, and why others cannot, without timing")
     r.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
@@ -168,6 +171,33 @@ def _reason(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def fused_problem(problem: Problem, inputs: dict):
+    """natten's normalised description of the problem (raises natten's argument errors)."""
+    from natten import _checks
+
+    fused, _ = _checks.check_fused(
+        problem.rank, inputs["query"], inputs["key"], inputs["value"], problem.kernel_size,
+        problem.stride, problem.dilation, problem.is_causal, None,
+        inputs.get("additional_keys"), inputs.get("additional_values"),
+    )
+    return fused
+
+
+def _dims(tile) -> str:
+    return "x".join(map(str, tile))
+
+
+def tile_jobs(problem: Problem, backend: str, pass_name: str) -> list:
+    """(label, tiles) of every tile configuration the backend offers for a pass."""
+    from natten import backends
+
+    backward = pass_name != "forward"
+    fused = fused_problem(problem, problem.make_inputs(requires_grad=backward))
+    prefix = "backward_" if backward else ""
+    return [(f"{backend} q{_dims(q)} kv{_dims(kv)}", {f"{prefix}q_tile_shape": q, f"{prefix}kv_tile_shape": kv})
+            for q, kv in backends.get(backend).tile_configs(fused, backward)]
+
+
 def check_backend(problem: Problem, backend: str) -> Optional[str]:
     """None when ``backend`` can run ``problem``; otherwise natten's reason why not.
 
@@ -177,14 +207,9 @@ def check_backend(problem: Problem, backend: str) -> Optional[str]:
     """
     inputs = problem.make_inputs(requires_grad=False)
     try:
-        from natten import _checks, backends
+        from natten import backends
 
-        fused, _ = _checks.check_fused(
-            problem.rank, inputs["query"], inputs["key"], inputs["value"], problem.kernel_size,
-            problem.stride, problem.dilation, problem.is_causal, None,
-            inputs.get("additional_keys"), inputs.get("additional_values"),
-        )
-        return backends.get(backend).unsupported(fused)
+        return backends.get(backend).unsupported(fused_problem(problem, inputs))
     except (ValueError, TypeError) as e:
         return _reason(e)
     except (ImportError, AttributeError):
@@ -282,7 +307,8 @@ def dry_run(problem: Problem, requested: Optional[list], out) -> dict:
     return {"backends": listing}
 
 
-def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warmup: int, repeat: int, out) -> dict:
+def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warmup: int, repeat: int, out,
+                sweep: bool = False) -> dict:
     available = device_backends(problem.device)
     if requested:
         unknown = [b for b in requested if b not in available]
@@ -299,23 +325,29 @@ def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warm
 
     rows: list = []
     skipped: dict = {}
-    jobs = [(b, p) for b in names for p in passes]
-    for i, (backend, pass_name) in enumerate(jobs, 1):
+    jobs = []
+    for b in names:
+        for p in passes:
+            configs = [(b, None)]
+            if sweep and check_backend(problem, b) is None:
+                configs = tile_jobs(problem, b, p)
+            jobs += [(b, p, label, tiles) for label, tiles in configs]
+    for i, (backend, pass_name, label, tiles) in enumerate(jobs, 1):
         if backend in skipped:
             continue
-        progress(f"[{i}/{len(jobs)}] {backend} {pass_name} ...")
+        progress(f"[{i}/{len(jobs)}] {label} {pass_name} ...")
         try:
-            timing = time_pass(problem, backend, pass_name, warmup, repeat)
+            timing = time_pass(problem, backend, pass_name, warmup, repeat, tiles, label)
         except (ValueError, TypeError, NotImplementedError) as e:
             if requested:
                 raise CliError(f"backend {backend!r} cannot run this problem ({pass_name}): {_reason(e)}") from None
             if pass_name == "forward":
                 skipped[backend] = _reason(e)
                 continue
-            timing = Timing(backend, pass_name, error=_reason(e))
+            timing = Timing(label, pass_name, error=_reason(e))
         rows.append(timing)
         if not timing.error:
-            progress(f"[{i}/{len(jobs)}] {backend} {pass_name}: {timing.median_ms:.3f} ms")
+            progress(f"[{i}/{len(jobs)}] {label} {pass_name}: {timing.median_ms:.3f} ms")
 
     if not rows:
         reasons = "; ".join(f"{b}: {r}" for b, r in skipped.items())
@@ -363,7 +395,8 @@ def main(argv: Optional[list] = None, out=None) -> int:
             report.update(dry_run(problem, args.backend, out))
         else:
             passes = PASSES if args.backprop else PASSES[:1]
-            report.update(run_timings(problem, args.backend, passes, args.warmup, args.repeat, out))
+            report.update(run_timings(problem, args.backend, passes, args.warmup, args.repeat, out,
+                                      args.sweep_tiles))
     except CliError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -164,8 +164,9 @@ class Problem:
             inputs["additional_values"] = rand(B, self.extra_kv, self.heads_kv, self.dim_value)
         return inputs
 
-    def call(self, inputs: dict, backend: Optional[str]):
-        """Run the public API once on ``inputs`` with an explicit backend."""
+    def call(self, inputs: dict, backend: Optional[str], tiles: Optional[dict] = None):
+        """Run the public API once on ``inputs`` with an explicit backend (and tile shapes:
+        q_tile_shape, kv_tile_shape, backward_q_tile_shape, backward_kv_tile_shape)."""
         return self.op(
             kernel_size=self.kernel_size,
             stride=self.stride,
@@ -173,4 +174,5 @@ class Problem:
             is_causal=self.is_causal,
             backend=backend,
             **inputs,
+            **(tiles or {}),
         )

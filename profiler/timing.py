@@ -76,35 +76,36 @@ def measure(fn: Callable[[], None], device: torch.device, warmup: int, repeat: i
     return times
 
 
-def forward_fn(problem, backend: str) -> Callable[[], None]:
+def forward_fn(problem, backend: str, tiles: Optional[dict] = None) -> Callable[[], None]:
     inputs = problem.make_inputs(requires_grad=False)
 
     def run():
         with torch.no_grad():
-            problem.call(inputs, backend)
+            problem.call(inputs, backend, tiles)
 
     return run
 
 
-def fwd_bwd_fn(problem, backend: str) -> Callable[[], None]:
+def fwd_bwd_fn(problem, backend: str, tiles: Optional[dict] = None) -> Callable[[], None]:
     inputs = problem.make_inputs(requires_grad=True)
     leaves = list(inputs.values())
     shape = (problem.batch, *problem.input_size, problem.heads, problem.dim_value)
     grad_out = torch.randn(shape, dtype=torch.float32).to(device=problem.device, dtype=problem.torch_dtype)
 
     def run():
-        out = problem.call(inputs, backend)
+        out = problem.call(inputs, backend, tiles)
         torch.autograd.grad(out, leaves, grad_out)
 
     return run
 
 
-def time_pass(problem, backend: str, pass_name: str, warmup: int, repeat: int) -> Timing:
+def time_pass(problem, backend: str, pass_name: str, warmup: int, repeat: int,
+              tiles: Optional[dict] = None, label: Optional[str] = None) -> Timing:
     """Time one pass; the forward FLOP count is 2 flops per multiply-add, and a backward
     pass counts as 2.5 forward passes (so fwd+bwd = 3.5x forward)."""
     fwd = 2 * problem.forward_flops()
     factory = {"forward": forward_fn, "fwd+bwd": fwd_bwd_fn}[pass_name]
     flops = fwd if pass_name == "forward" else int(3.5 * fwd)
-    fn = factory(problem, backend)
+    fn = factory(problem, backend, tiles)
     times = measure(fn, torch.device(problem.device), warmup, repeat)
-    return Timing(backend, pass_name, times, flops)
+    return Timing(label or backend, pass_name, times, flops)

@@ -143,6 +143,7 @@ def test_default_box_rule():
     assert flex.default_box(_problem((128, 128), 32)) == (8, 16)
     assert math.prod(flex.default_box(_problem((16, 64, 64), (8, 16, 16)))) == 128
     assert flex.default_box(_problem((4096,), 255)) == (128,)
+    assert flex.default_box(_problem((128, 128), 32), 64) == (8, 8)
 
 
 def test_listed_for_cuda_only():

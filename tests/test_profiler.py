@@ -93,6 +93,23 @@ def test_backprop_and_json(tmp_path, capsys):
         assert len(r["times_ms"]) == 2 and r["median_ms"] > 0
 
 
+def test_sweep_tiles_labels_each_configuration(capsys):
+    from natten import backends
+    from natten.profiler import cli
+    from natten.profiler.problem import Problem
+
+    rc, out, err = run_main(TINY + ["--backprop", "--sweep-tiles"], capsys)
+    assert rc == 0, err
+    problem = Problem(input_size=(9, 8), batch=2, heads=2, heads_kv=None, dim=8, dim_value=None,
+                      kernel_size=(3,), stride=(1,), dilation=(1,), is_causal=(False,), extra_kv=0,
+                      dtype="float32", device="cpu", seed=0)
+    fused = cli.fused_problem(problem, problem.make_inputs())
+    q, kv = backends.get("cpu").tile_configs(fused, False)[0]
+    label = f"cpu q{'x'.join(map(str, q))} kv{'x'.join(map(str, kv))}"
+    lines = [line for line in out.splitlines() if line.startswith(label)]
+    assert [line.split()[3] for line in lines] == ["forward", "fwd+bwd"]
+
+
 def test_gqa_dims_and_rank3(capsys):
     args = ["-i", "4", "5", "6", "-n", "4", "--heads-kv", "2", "-d", "8", "--dim-value", "16",
             "-k", "3", "2", "3", "--dilation", "1", "2", "1", "--warmup", "0", "--repeat", "1", "--device", "cpu"]

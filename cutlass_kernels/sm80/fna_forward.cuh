@@ -18,27 +18,38 @@
 
 namespace natten::sm80 {
 
+// Key/value stages in flight: small head dims have short steps, so more of the walk is loaded
+// ahead to cover memory latency (a 7x7 window's whole walk is four 8x8 boxes); head dim 128
+// double-buffers, which is all its shared memory allows at two CTAs per SM.
+template <int HeadDim>
+inline constexpr int kForwardStages = HeadDim <= 32 ? 4 : HeadDim <= 64 ? 3 : 2;
+// Small head dims need few registers: ask for enough CTAs per SM to hide latency.
+template <int HeadDim>
+inline constexpr int kForwardMinBlocks = HeadDim <= 32 ? 4 : 1;
+
 template <class Traits, int Rank, int M, int N>
 struct ForwardSmem {
   using Element = typename Traits::Element;
+  static constexpr int kStages = kForwardStages<Traits::kHeadDim>;
   alignas(128) Element q[M * Traits::kHeadDim];  // also the output staging tile
-  alignas(128) Element k[N * Traits::kHeadDim];
-  alignas(128) Element v[N * Traits::kHeadDim];
+  alignas(128) Element k[kStages][N * Traits::kHeadDim];
+  alignas(128) Element v[kStages][N * Traits::kHeadDim];
   RowTable<Rank, M> rows;
 };
 
-// Online softmax over one block of scores s (rowcol view, already scaled by scale * log2(e)
-// and masked with -inf): updates the running row max / partial row sums, rescales o, and turns
-// s into unnormalised probabilities exp2(s - max).
+// Online softmax over one block of scores s (rowcol view, invisible ones -inf), which are
+// `scale_log2` times too small (1 when the caller scaled them already): updates the running row
+// max (log2 units) and partial row sums, rescales o, and turns s into unnormalised
+// probabilities exp2(s * scale_log2 - max). Needs scale_log2 > 0.
 template <int kRows, class S, class O>
 __device__ __forceinline__ void online_softmax(S& s, O& o, float (&row_max)[kRows],
-                                               float (&row_sum)[kRows]) {
+                                               float (&row_sum)[kRows], float scale_log2) {
   CUTE_UNROLL
   for (int i = 0; i < kRows; ++i) {
-    float mx = row_max[i];
+    float mx = -INFINITY;
     CUTE_UNROLL
     for (int j = 0; j < size<1>(s); ++j) mx = fmaxf(mx, s(i, j));
-    mx = quad_max(mx);
+    mx = fmaxf(row_max[i], quad_max(mx) * scale_log2);
     // A row with nothing visible yet keeps max -inf; use 0 so that exp2 gives 0, not NaN.
     float const m_use = mx == -INFINITY ? 0.f : mx;
     float const alpha = exp2f(row_max[i] - m_use);
@@ -46,7 +57,7 @@ __device__ __forceinline__ void online_softmax(S& s, O& o, float (&row_max)[kRow
     float sum = 0.f;
     CUTE_UNROLL
     for (int j = 0; j < size<1>(s); ++j) {
-      float const e = exp2f(s(i, j) - m_use);
+      float const e = exp2f(fmaf(s(i, j), scale_log2, -m_use));
       s(i, j) = e;
       sum += e;
     }
@@ -57,7 +68,7 @@ __device__ __forceinline__ void online_softmax(S& s, O& o, float (&row_max)[kRow
 }
 
 template <int Rank, class Traits, class QBox, class KVBox>
-__global__ void __launch_bounds__(Traits::kThreads)
+__global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kHeadDim>)
     fna_forward_kernel(Params<Rank> const p) {
 #if NATTEN_SM80_DEVICE_CODE
   using Element = typename Traits::Element;
@@ -76,23 +87,35 @@ __global__ void __launch_bounds__(Traits::kThreads)
   walk.init(p, g, q_origin);
   int const steps = walk.tiles + ceil_div(p.num_extra, N);
 
+  constexpr int kStages = Smem::kStages;
   Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename Traits::template SmemRows<M>{});
-  Tensor sK = make_tensor(make_smem_ptr(sm.k), typename Traits::template SmemRows<N>{});
-  Tensor sV = make_tensor(make_smem_ptr(sm.v), typename Traits::template SmemRows<N>{});
-  Tensor sVt = make_tensor(make_smem_ptr(sm.v), typename Traits::template SmemRowsT<N>{});
+  auto stage_k = [&](int s) { return make_tensor(make_smem_ptr(sm.k[s]), typename Traits::template SmemRows<N>{}); };
+  auto stage_v = [&](int s) { return make_tensor(make_smem_ptr(sm.v[s]), typename Traits::template SmemRows<N>{}); };
 
   build_row_table<Rank, QBox, kThreads>(p, g, q_origin, sm.rows, tid);
   __syncthreads();
 
+  // One cp.async group per step (keys and values together), committed even when empty so that
+  // "group n complete" is always "at most kStages - 2 groups pending". Q rides in group 0.
+  auto load_step = [&](int n) {
+    if (n < steps) {
+      int const s = n % kStages;
+      auto const keys = key_slice<Rank, KVBox>(walk, n);
+      Tensor sK = stage_k(s);
+      Tensor sV = stage_v(s);
+      load_keys<Rank, Traits>(p, g, keys, b, hk, sK, p.k, p.extra_k, p.dim, tid);
+      load_keys<Rank, Traits>(p, g, keys, b, hk, sV, p.v, p.extra_v, p.dim_v, tid);
+    }
+    cp_async_fence();
+  };
   auto const* q = static_cast<Element const*>(p.q);
   auto q_row = [&](int r) -> Element const* {
     int64_t const t = sm.rows.token[r];
     return t < 0 ? nullptr : q + ((int64_t(b) * p.tokens + t) * p.heads + h) * p.dim;
   };
   gather_rows<M, D, kThreads, Element>(sQ, q_row, p.dim, q, tid);
-  load_keys<Rank, Traits>(p, g, key_slice<Rank, KVBox>(walk, 0), b, hk, sK, p.k, p.extra_k, p.dim,
-                          tid);
-  cp_async_fence();
+  CUTE_UNROLL
+  for (int n = 0; n < kStages - 1; ++n) load_step(n);
 
   typename Traits::TiledMma mma;
   Tensor acc_o = partition_fragment_C(mma, Shape<Int<M>, Int<D>>{});
@@ -108,31 +131,28 @@ __global__ void __launch_bounds__(Traits::kThreads)
   auto const coords = acc_coords<Traits, M, N>(tid);
 
   for (int n = 0; n < steps; ++n) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // step n landed; every warp is done with step n - 1's stage
+    load_step(n + kStages - 1);  // into the stage step n - 1 used
+
+    int const s = n % kStages;
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<M>, Int<N>>{});
     clear(acc_s);
-    cp_async_wait<0>();
-    __syncthreads();  // K(n) landed; every warp is done with V(n-1)
-    load_keys<Rank, Traits>(p, g, key_slice<Rank, KVBox>(walk, n), b, hk, sV, p.v, p.extra_v,
-                            p.dim_v, tid);
-    cp_async_fence();
-
-    gemm_ss<Traits>(acc_s, sQ, sK, tid);
+    gemm_ss<Traits>(acc_s, sQ, stage_k(s), tid);
     Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
-    CUTE_UNROLL
-    for (int i = 0; i < size(s_rc); ++i) s_rc(i) *= p.scale_log2;
-    mask_scores<Rank, KVBox>(p, walk, n, s_rc, coords, sm.rows, -INFINITY);
-    online_softmax(s_rc, o_rc, row_max, row_sum);
+    if (p.scale_log2 > 0.f) {  // the usual case: the scale folds into the exponent's FMA
+      mask_scores<Rank, KVBox>(p, walk, n, s_rc, coords, sm.rows, -INFINITY);
+      online_softmax(s_rc, o_rc, row_max, row_sum, p.scale_log2);
+    } else {  // scale <= 0 reorders or flattens scores: scale before masking with -inf
+      CUTE_UNROLL
+      for (int i = 0; i < size(s_rc); ++i) s_rc(i) *= p.scale_log2;
+      mask_scores<Rank, KVBox>(p, walk, n, s_rc, coords, sm.rows, -INFINITY);
+      online_softmax(s_rc, o_rc, row_max, row_sum, 1.f);
+    }
     Tensor probs = convert<Element>(acc_s);
     Tensor probs_a = make_tensor(probs.data(), acc_as_a(probs.layout()));
-
-    cp_async_wait<0>();
-    __syncthreads();  // V(n) landed; every warp is done with K(n)
-    if (n + 1 < steps) {
-      load_keys<Rank, Traits>(p, g, key_slice<Rank, KVBox>(walk, n + 1), b, hk, sK, p.k,
-                              p.extra_k, p.dim, tid);
-      cp_async_fence();
-    }
-    gemm_rs<Traits>(acc_o, probs_a, sVt, tid);
+    gemm_rs<Traits>(acc_o, probs_a,
+                    make_tensor(make_smem_ptr(sm.v[s]), typename Traits::template SmemRowsT<N>{}), tid);
   }
 
   // Epilogue: normalise, stage O in shared memory, write whole rows; LSE from lane 0 of a quad.
@@ -145,7 +165,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int j = 0; j < size<1>(o_rc); ++j) o_rc(i, j) *= inv;
     lse[i] = l > 0.f ? row_max[i] * 0.6931471805599453f + logf(l) : -INFINITY;  // log2 -> ln
   }
-  __syncthreads();  // every warp is done reading sQ and sV
+  cp_async_wait<0>();  // the trailing (empty) groups
+  __syncthreads();     // every warp is done reading sQ and the stages
   store_acc<Traits>(acc_o, sQ, tid);
   __syncthreads();
   auto* out = static_cast<Element*>(p.out);

@@ -89,16 +89,29 @@ __device__ __forceinline__ void mask_scores(Params<Rank> const& p, Walk const& w
     int o[Rank];
     walk.origin(n, o);
     if (walk.full(o)) return;
+    // Branch-free on purpose: a short-circuit test per element compiles to branches around
+    // shared-memory loads, which cost more than the scores' whole softmax. One unsigned compare
+    // per axis tests lo <= k <= hi. Rows past the group's end have an empty window (span -1,
+    // i.e. everything visible): their scores stay finite and are never stored.
     CUTE_UNROLL
     for (int i = 0; i < size<0>(s); ++i) {
       int const r = get<0>(coords(i, 0));
+      int lo[Rank];
+      unsigned span[Rank];
+#pragma unroll
+      for (int a = 0; a < Rank; ++a) {
+        lo[a] = rows.first[a][r] - o[a];
+        span[a] = static_cast<unsigned>(rows.last[a][r] - rows.first[a][r]);
+      }
       CUTE_UNROLL
       for (int j = 0; j < size<1>(s); ++j) {
         int const c = get<1>(coords(0, j));
-        int kc[Rank];
+        bool visible = true;
 #pragma unroll
-        for (int a = 0; a < Rank; ++a) kc[a] = o[a] + KVBox::offset(c, a);
-        if (!sees(rows, r, kc)) s(i, j) = masked;
+        for (int a = 0; a < Rank; ++a) {
+          visible = visible & (static_cast<unsigned>(KVBox::offset(c, a) - lo[a]) <= span[a]);
+        }
+        s(i, j) = visible ? s(i, j) : masked;
       }
     }
   } else {

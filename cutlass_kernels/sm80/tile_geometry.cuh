@@ -96,9 +96,9 @@ __device__ void build_row_table(Params<Rank> const& p, GroupCoords<Rank> const& 
 // Whether query row r of a row table sees the key at group coordinates k.
 template <int Rank, int N>
 __device__ __forceinline__ bool sees(RowTable<Rank, N> const& t, int r, int const* k) {
-  bool ok = true;
+  bool ok = true;  // bitwise, not short-circuit: no branches in per-element masks
 #pragma unroll
-  for (int a = 0; a < Rank; ++a) ok = ok && t.first[a][r] <= k[a] && k[a] <= t.last[a][r];
+  for (int a = 0; a < Rank; ++a) ok = ok & (t.first[a][r] <= k[a]) & (k[a] <= t.last[a][r]);
   return ok;
 }
 

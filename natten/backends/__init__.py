@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from natten._checks import FusedProblem
-from natten.backends.base import Backend
+from natten._memo import memoize
+from natten.backends.base import Backend, Tile
 from natten.backends.cpu import CpuBackend
 from natten.backends.flex import FlexBackend
 from natten.backends.reference import ReferenceBackend
@@ -19,35 +20,58 @@ _BACKENDS: Dict[str, Backend] = {b.name: b for b in (CpuBackend(), Sm80Backend()
 KNOWN_BACKENDS = ("cpu", "reference", "cutlass-fna", "hopper-fna", "flex-fna")
 
 
+@memoize
+def _available() -> Dict[str, Backend]:
+    """The backends this build and machine can run, in preference order (probing some is slow
+    and the answer does not change while the process runs)."""
+    return {n: b for n, b in _BACKENDS.items() if b.is_available()}
+
+
 def get(name: str) -> Backend:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string or None, got {name!r}")
-    if name not in KNOWN_BACKENDS:
-        raise ValueError(f"backend={name!r} is unknown; choose one of {', '.join(KNOWN_BACKENDS)}")
-    backend = _BACKENDS.get(name)
-    if backend is None or not backend.is_available():
+    backend = _available().get(name)
+    if backend is None:
+        if name not in KNOWN_BACKENDS:
+            raise ValueError(f"backend={name!r} is unknown; choose one of {', '.join(KNOWN_BACKENDS)}")
         raise ValueError(f"backend={name!r} is not available in this build of natten")
     return backend
 
 
 def names_for_device(device_type: str) -> List[str]:
     """Names of the backends usable on a device type ("cpu", "cuda"), in preference order."""
-    return [n for n, b in _BACKENDS.items() if b.device_type == device_type and b.is_available()]
+    return [n for n, b in _available().items() if b.device_type == device_type]
+
+
+# A problem's device (with its index: tensors always carry one) is part of the key, so
+# answers that depend on the GPU model stay per device.
+@memoize
+def _unsupported(backend: Backend, problem: FusedProblem) -> Optional[str]:
+    return backend.unsupported(problem)
+
+
+@memoize
+def resolve_tiles(backend: Backend, problem: FusedProblem, q_tile: Optional[Tile],
+                  kv_tile: Optional[Tile], backward: bool) -> Tuple[Tile, Tile, Optional[str]]:
+    """The tiles a call runs with (the backend's defaults where not given) and why they do not
+    fit the backend, or None."""
+    default_q, default_kv = backend.default_tiles(problem, backward)
+    q_tile = q_tile or default_q
+    kv_tile = kv_tile or default_kv
+    return q_tile, kv_tile, backend.check_tiles(problem, q_tile, kv_tile, backward)
 
 
 def select(problem: FusedProblem, name: Optional[str]) -> Backend:
     """The backend asked for (failing clearly if it cannot serve), or the best that can."""
     if name is not None:
         backend = get(name)
-        reason = backend.unsupported(problem)
+        reason = _unsupported(backend, problem)
         if reason is not None:
             raise ValueError(f"backend={name!r} cannot run this problem: {reason}")
         return backend
     reasons = []
-    for backend in _BACKENDS.values():
-        if not backend.is_available():
-            continue
-        reason = backend.unsupported(problem)
+    for backend in _available().values():
+        reason = _unsupported(backend, problem)
         if reason is None:
             return backend
         reasons.append(f"{backend.name}: {reason}")
@@ -55,7 +79,7 @@ def select(problem: FusedProblem, name: Optional[str]) -> Backend:
 
 
 def for_unfused(device_type: str) -> Backend:
-    for backend in _BACKENDS.values():
-        if backend.supports_unfused and backend.device_type == device_type and backend.is_available():
+    for backend in _available().values():
+        if backend.supports_unfused and backend.device_type == device_type:
             return backend
     raise ValueError(f"no backend runs the unfused ops on {device_type} in this build of natten")

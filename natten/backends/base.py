@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -25,16 +25,26 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float1
                 torch.bfloat16: "bfloat16"}
 
 
-def missing_kernels(family: str, ops, rank: int, dtype: torch.dtype) -> Optional[str]:
-    """Why the build lacks the instantiations an op needs (from the generated manifest that
-    lists exactly what natten._C was compiled with), or None when all are there."""
+def _present():
     try:
         from natten._manifest import INSTANTIATIONS
     except ImportError:
+        return None
+    return frozenset(row[:4] for row in INSTANTIATIONS)
+
+
+# (family, op, rank, dtype) of every instantiation, gathered once: a set built per call took
+# longer than a small kernel runs.
+_PRESENT = _present()
+
+
+def missing_kernels(family: str, ops, rank: int, dtype: torch.dtype) -> Optional[str]:
+    """Why the build lacks the instantiations an op needs (from the generated manifest that
+    lists exactly what natten._C was compiled with), or None when all are there."""
+    if _PRESENT is None:
         return "natten._C is not built"
     name = _DTYPE_NAMES[dtype]
-    present = {row[:4] for row in INSTANTIATIONS}
-    absent = [op for op in ops if (family, op, rank, name) not in present]
+    absent = [op for op in ops if (family, op, rank, name) not in _PRESENT]
     if absent:
         return (f"this build has no {family} kernels {', '.join(absent)} for rank {rank} and "
                 f"{name} (see NATTEN_KERNEL_FILTER)")
@@ -65,6 +75,11 @@ class Backend:
 
     def default_tiles(self, problem: FusedProblem, backward: bool) -> Tuple[Tile, Tile]:
         raise NotImplementedError
+
+    def tile_configs(self, problem: FusedProblem, backward: bool) -> List[Tuple[Tile, Tile]]:
+        """(query tile, key tile) pairs worth timing for the problem (the profiler's
+        --sweep-tiles): the default alone, unless the backend has several kernels to pick from."""
+        return [self.default_tiles(problem, backward)]
 
     def fna_forward(self, q, k, v, extra_k, extra_v, window: Window, scale: float,
                     q_tile: Tile, kv_tile: Tile) -> Tuple[torch.Tensor, torch.Tensor]:

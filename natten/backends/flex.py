@@ -550,8 +550,9 @@ class FlexBackend(Backend):
         return None
 
     def default_tiles(self, problem: FusedProblem, backward: bool) -> Tuple[Tile, Tile]:
-        box = default_box(problem)
-        return box, box
+        # Key boxes of half a query box: finer key granularity leaves fewer keys outside every
+        # window of a query box (P2 on an H100: 1.32 ms vs 1.70 ms with 128-token key boxes).
+        return default_box(problem), default_box(problem, _DEFAULT_BLOCK // 2)
 
     def _layout(self, q, k, v, extra_k, window, q_tile, kv_tile) -> Layout:
         return get_layout(problem_of(q, k, v, extra_k, window), tuple(q_tile), tuple(kv_tile))

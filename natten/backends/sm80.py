@@ -9,11 +9,12 @@ them (multiples of 8 only: rows move in 16-byte pieces).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from natten._checks import FusedProblem
+from natten._memo import memoize
 from natten.backends.base import Tile
 from natten.backends.compiled import CompiledBackend, extension
 
@@ -32,22 +33,31 @@ def _instantiations() -> list:
     return [row for row in INSTANTIATIONS if row[0] == FAMILY]
 
 
+def _index() -> Dict[Tuple[str, int, str], Dict[int, List[Tuple[Tile, Tile]]]]:
+    index: Dict[Tuple[str, int, str], Dict[int, List[Tuple[Tile, Tile]]]] = {}
+    for _, op, rank, dtype, hd, q_box, kv_box in _instantiations():
+        index.setdefault((op, rank, dtype), {}).setdefault(hd, []).append((q_box, kv_box))
+    return index
+
+
+# (op, rank, dtype) -> head dim -> (query box, key box) pairs in manifest order; scanning the
+# manifest on every call cost more host time than a small kernel runs.
+_INDEX = _index()
+
+
 def _op(backward: bool) -> str:
     return "fna_bwd" if backward else "fna_fwd"
 
 
 def head_dims(rank: int, dtype: torch.dtype, backward: bool) -> List[int]:
-    name = _DTYPES.get(dtype)
-    return sorted({row[4] for row in _instantiations() if row[1] == _op(backward) and row[2] == rank
-                   and row[3] == name})
+    return sorted(_INDEX.get((_op(backward), rank, _DTYPES.get(dtype)), ()))
 
 
 def configs(problem: FusedProblem, backward: bool) -> List[Tuple[Tile, Tile]]:
     """(query box, key box) pairs instantiated for the problem's rank, dtype and head dim."""
     hd = instantiated_head_dim(problem, backward)
-    name = _DTYPES.get(problem.dtype)
-    return [(row[5], row[6]) for row in _instantiations() if row[1] == _op(backward) and
-            row[2] == problem.rank and row[3] == name and row[4] == hd]
+    by_dim = _INDEX.get((_op(backward), problem.rank, _DTYPES.get(problem.dtype)), {})
+    return list(by_dim.get(hd, ()))
 
 
 def instantiated_head_dim(problem: FusedProblem, backward: bool) -> Optional[int]:
@@ -123,9 +133,18 @@ class Sm80Backend(CompiledBackend):
             return (1,) * problem.rank, (1,) * problem.rank  # check_tiles reports it
         return min(available, key=lambda c: (walk_cost(problem, *c), -math.prod(c[0])))
 
+    def tile_configs(self, problem: FusedProblem, backward: bool) -> List[Tuple[Tile, Tile]]:
+        return configs(problem, backward)
+
     def _tile_args(self, q, v, q_tile: Tile, kv_tile: Tile) -> list:
-        need = max(q.shape[-1], v.shape[-1])
-        rank, name = q.dim() - 3, _DTYPES[q.dtype]
-        dims = [row[4] for row in _instantiations() if row[2] == rank and row[3] == name and
-                row[4] >= need and row[5] == tuple(q_tile) and row[6] == tuple(kv_tile)]
-        return [min(dims), list(q_tile), list(kv_tile)]
+        head_dim = _kernel_head_dim(q.dim() - 3, _DTYPES[q.dtype], max(q.shape[-1], v.shape[-1]),
+                                    tuple(q_tile), tuple(kv_tile))
+        return [head_dim, list(q_tile), list(kv_tile)]
+
+
+@memoize
+def _kernel_head_dim(rank: int, dtype: str, need: int, q_tile: Tile, kv_tile: Tile) -> int:
+    """The smallest instantiated head dim (of either op) holding `need` with these boxes."""
+    return min(hd for op in ("fna_fwd", "fna_bwd")
+               for hd, pairs in _INDEX.get((op, rank, dtype), {}).items()
+               if hd >= need and (q_tile, kv_tile) in pairs)

@@ -1,0 +1,22 @@
+"""Memoisation for the per-call planning work (backend choice, tile shapes), which depends only
+on hashable problem descriptions and would otherwise dominate the host time of small calls."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def memoize(fn):
+    """functools.lru_cache, except while torch.compile traces: there the plain function runs,
+    since Dynamo bypasses (and warns about) the cache and its keys may hold symbolic sizes."""
+    cached = functools.lru_cache(maxsize=4096)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        return cached(*args)
+
+    return call
