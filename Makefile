@@ -39,7 +39,7 @@ bench:
 # compute-sanitizer (memcheck) over a small subset of the CUDA tests.
 sanitize:
 	compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest -q -x \
-		tests/test_cuda_fused.py -k "cuda-reference and (test_dtypes or test_geometry_and_features)"
+		tests/test_cuda_fused.py -k "(cuda-reference or cuda-cutlass-fna) and (test_dtypes or test_geometry_and_features)"
 
 # On a GPU machine: build in place for the local GPU (no network needed), run every test, the
 # sanitizer subset and the benchmark (its table last).

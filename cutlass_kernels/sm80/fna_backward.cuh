@@ -242,28 +242,52 @@ struct QueryStep {
 };
 
 // Sets invisible transposed probabilities (rows: the CTA's keys, columns: the step's queries)
-// to `masked`. Keys past the group's end are in no window, so the query windows mask them too.
+// to `masked`. Keys past the group's end are in no window, so the query windows mask them too;
+// queries past their group's end have a window no key is in. Branch-free, one unsigned compare
+// per axis, like mask_scores.
 template <int Rank, class KVBox, class Scores, class Coords, class Cols>
 __device__ __forceinline__ void mask_scores_t(Params<Rank> const& p,
                                               KeySlice<Rank, KVBox> const& keys, Scores& s,
                                               Coords const& coords, Cols const& cols,
                                               float masked) {
-  CUTE_UNROLL
-  for (int i = 0; i < size<0>(s); ++i) {
-    int const r = get<0>(coords(i, 0));
-    if (keys.extra_first < 0) {
-      int kc[Rank];
+  constexpr int kRows = decltype(size<0>(s))::value;
+  if (keys.extra_first < 0) {
+    int kc[kRows][Rank];
+    CUTE_UNROLL
+    for (int i = 0; i < kRows; ++i) {
 #pragma unroll
-      for (int a = 0; a < Rank; ++a) kc[a] = keys.origin[a] + KVBox::offset(r, a);
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(s); ++j) {
-        if (!sees(cols, get<1>(coords(0, j)), kc)) s(i, j) = masked;
+      for (int a = 0; a < Rank; ++a) {
+        kc[i][a] = keys.origin[a] + KVBox::offset(get<0>(coords(i, 0)), a);
       }
-    } else {
-      bool const key_ok = keys.extra_first + r < p.num_extra;
+    }
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s); ++j) {
+      int const q = get<1>(coords(0, j));
+      int first[Rank];
+      unsigned span[Rank];
+#pragma unroll
+      for (int a = 0; a < Rank; ++a) {
+        first[a] = cols.first[a][q];
+        span[a] = static_cast<unsigned>(cols.last[a][q] - first[a]);
+      }
       CUTE_UNROLL
-      for (int j = 0; j < size<1>(s); ++j) {
-        if (!key_ok || cols.token[get<1>(coords(0, j))] < 0) s(i, j) = masked;
+      for (int i = 0; i < kRows; ++i) {
+        bool visible = true;
+#pragma unroll
+        for (int a = 0; a < Rank; ++a) {
+          visible = visible & (static_cast<unsigned>(kc[i][a] - first[a]) <= span[a]);
+        }
+        s(i, j) = visible ? s(i, j) : masked;
+      }
+    }
+  } else {
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s); ++j) {
+      bool const query_ok = cols.token[get<1>(coords(0, j))] >= 0;
+      CUTE_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        bool const key_ok = keys.extra_first + get<0>(coords(i, 0)) < p.num_extra;
+        s(i, j) = (query_ok & key_ok) ? s(i, j) : masked;
       }
     }
   }

@@ -91,8 +91,7 @@ __device__ __forceinline__ void mask_scores(Params<Rank> const& p, Walk const& w
     if (walk.full(o)) return;
     // Branch-free on purpose: a short-circuit test per element compiles to branches around
     // shared-memory loads, which cost more than the scores' whole softmax. One unsigned compare
-    // per axis tests lo <= k <= hi. Rows past the group's end have an empty window (span -1,
-    // i.e. everything visible): their scores stay finite and are never stored.
+    // per axis tests lo <= k <= hi. Rows past the group's end see nothing (never stored).
     CUTE_UNROLL
     for (int i = 0; i < size<0>(s); ++i) {
       int const r = get<0>(coords(i, 0));

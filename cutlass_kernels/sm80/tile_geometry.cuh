@@ -58,8 +58,9 @@ __device__ bool decompose_tile(Params<Rank> const& p, int index, bool query_tile
 }
 
 // Per token of a box: its flat token (-1 past the group's end) and, per axis, the window of
-// that token as a query ([first, last], empty for a token past the end). Lives in shared
-// memory; one table per query box visited.
+// that token as a query ([first, last]; [kNoKey, kNoKey] for a token past the end). Lives in
+// shared memory; one table per query box visited.
+constexpr int kNoKey = -(1 << 30);
 template <int Rank, int N>
 struct RowTable {
   int64_t token[N];
@@ -85,9 +86,9 @@ __device__ void build_row_table(Params<Rank> const& p, GroupCoords<Rank> const& 
         AxisWindow const w = g.window(p, a, c[a]);
         t.first[a][r] = int(w.first);
         t.last[a][r] = int(w.last);
-      } else {
-        t.first[a][r] = 1;
-        t.last[a][r] = 0;
+      } else {  // a window no key is in (keys are >= 0), also for the unsigned range tests
+        t.first[a][r] = kNoKey;
+        t.last[a][r] = kNoKey;
       }
     }
   }
