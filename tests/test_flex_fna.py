@@ -149,3 +149,13 @@ def test_default_box_rule():
 def test_listed_for_cuda_only():
     assert BACKEND not in natten.backends.names_for_device("cpu")
     assert BACKEND in natten.backends.names_for_device("cuda")
+
+
+def test_cuda_backward_tiles_hold_equal_token_counts():
+    problem = flex.FusedProblem(**{**_problem((128, 128), 32).__dict__, "device": torch.device("cuda")})
+    backend = flex.FlexBackend()
+    q, kv = backend.default_tiles(problem, backward=False)
+    assert (q, kv) == ((8, 16), (8, 8))
+    assert "equal token counts" in backend.check_tiles(problem, q, kv, backward=True)
+    q, kv = backend.default_tiles(problem, backward=True)
+    assert backend.check_tiles(problem, q, kv, backward=True) is None and q == kv

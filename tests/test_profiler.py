@@ -95,9 +95,8 @@ def test_backprop_and_json(tmp_path, capsys):
 
 def test_sweep_tiles_labels_each_configuration(capsys):
     from natten import backends
-    from natten.profiler import cli
-    from natten.profiler.problem import Problem
 
+    Problem = importlib.import_module(f"{MODULE}.problem").Problem
     rc, out, err = run_main(TINY + ["--backprop", "--sweep-tiles"], capsys)
     assert rc == 0, err
     problem = Problem(input_size=(9, 8), batch=2, heads=2, heads_kv=None, dim=8, dim_value=None,

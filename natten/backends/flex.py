@@ -547,13 +547,17 @@ class FlexBackend(Backend):
                         f"power of two >= {_MIN_BLOCK} (e.g. 8x16 = 128)")
             if problem.device.type == "cuda" and n > _DEFAULT_BLOCK:
                 return f"{name} tile holds {n} tokens; FlexAttention's CUDA kernels take at most {_DEFAULT_BLOCK}"
+        if backward and problem.device.type == "cuda" and math.prod(q_tile) != math.prod(kv_tile):
+            return ("FlexAttention's CUDA backward needs query and key tiles of equal token counts, "
+                    f"got {math.prod(q_tile)} and {math.prod(kv_tile)}")
         return None
 
     def default_tiles(self, problem: FusedProblem, backward: bool) -> Tuple[Tile, Tile]:
         # Measured on an H100 (bf16): 2-D windows gain from key boxes of half a query box (P2:
         # 1.32 ms against 1.70 ms with 128-token key boxes), while 3-D ones lose (P3: 11.4 ms
         # against 11.0 ms), so halving is the rule up to rank 2.
-        kv_block = _DEFAULT_BLOCK // 2 if problem.rank <= 2 else _DEFAULT_BLOCK
+        # The backward reruns flex under autograd, and its kernels need equal blocks.
+        kv_block = _DEFAULT_BLOCK // 2 if problem.rank <= 2 and not backward else _DEFAULT_BLOCK
         return default_box(problem), default_box(problem, kv_block)
 
     def _layout(self, q, k, v, extra_k, window, q_tile, kv_tile) -> Layout:
