@@ -34,6 +34,13 @@ struct AxisWindow {
   int64_t last;
 };
 
+// SPEC's constraints on one axis. natten/_checks.py enforces them before any kernel runs; GPU
+// entry points re-check them as their own contract.
+NA_HOST_DEVICE bool axis_is_valid(AxisSpec const& a) {
+  return a.extent >= 1 && a.kernel >= 1 && a.dilation >= 1 && a.stride >= 1 &&
+         a.stride <= a.kernel && a.kernel * a.dilation <= a.extent;
+}
+
 NA_HOST_DEVICE int64_t na_min(int64_t a, int64_t b) { return a < b ? a : b; }
 NA_HOST_DEVICE int64_t na_max(int64_t a, int64_t b) { return a > b ? a : b; }
 

@@ -60,10 +60,7 @@ Problem<Rank> make_problem(NaProblem const& p, char const* op) {
   int64_t stride = 1;
   for (int a = Rank - 1; a >= 0; --a) {
     AxisSpec const& ax = p.axis[a];
-    if (ax.extent < 1 || ax.kernel < 1 || ax.dilation < 1 || ax.stride < 1 ||
-        ax.stride > ax.kernel || ax.kernel * ax.dilation > ax.extent) {
-      fail("invalid window on axis " + std::to_string(a));
-    }
+    if (!axis_is_valid(ax)) fail("invalid window on axis " + std::to_string(a));
     P.axis[a] = ax;
     P.token_stride[a] = stride;
     stride *= ax.extent;

@@ -25,8 +25,23 @@ void launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t str
   }
   cudaError_t err = cudaSuccess;
   if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
+    // Consumer Ampere/Ada parts offer ~99 KiB per block against 163-227 KiB on A100/H100: say
+    // so instead of failing the launch.
+    int device = 0, limit = 0;
+    err = cudaGetDevice(&device);
+    if (err == cudaSuccess) {
+      err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    }
+    if (err == cudaSuccess && smem > static_cast<size_t>(limit)) {
+      throw std::invalid_argument(
+          std::string("natten sm80 ") + what + ": this tile configuration needs " +
+          std::to_string(smem / 1024) + " KiB of shared memory per block, the GPU offers " +
+          std::to_string(limit / 1024) + " KiB (use smaller tiles or head dims, or another backend)");
+    }
+    if (err == cudaSuccess) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(smem));
+    }
   }
   if (err == cudaSuccess) {
     kernel<<<grid, threads, smem, stream>>>(args...);

@@ -78,10 +78,7 @@ Params<Rank> make_params(NaProblem const& p, FnaTensors const& t, int head_dim,
   int64_t stride = 1;
   for (int a = Rank - 1; a >= 0; --a) {
     AxisSpec const& ax = p.axis[a];
-    if (ax.extent < 1 || ax.kernel < 1 || ax.dilation < 1 || ax.stride < 1 ||
-        ax.stride > ax.kernel || ax.kernel * ax.dilation > ax.extent) {
-      fail("invalid window on axis " + std::to_string(a));
-    }
+    if (!axis_is_valid(ax)) fail("invalid window on axis " + std::to_string(a));
     AxisParams& A = P.axis[a];
     A.spec = ax;
     A.group_max = static_cast<int>((ax.extent + ax.dilation - 1) / ax.dilation);
