@@ -327,10 +327,9 @@ def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warm
     skipped: dict = {}
     jobs = []
     for b in names:
+        sweep_b = sweep and check_backend(problem, b) is None
         for p in passes:
-            configs = [(b, None)]
-            if sweep and check_backend(problem, b) is None:
-                configs = tile_jobs(problem, b, p)
+            configs = tile_jobs(problem, b, p) if sweep_b else [(b, None)]
             jobs += [(b, p, label, tiles) for label, tiles in configs]
     for i, (backend, pass_name, label, tiles) in enumerate(jobs, 1):
         if backend in skipped:

@@ -25,17 +25,19 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float1
                 torch.bfloat16: "bfloat16"}
 
 
-def _present():
+def manifest_rows() -> Optional[tuple]:
+    """The generated manifest's rows (family, op, rank, dtype, head dim, query box, key box), or
+    None when natten._C is not built."""
     try:
         from natten._manifest import INSTANTIATIONS
     except ImportError:
         return None
-    return frozenset(row[:4] for row in INSTANTIATIONS)
+    return INSTANTIATIONS
 
 
 # (family, op, rank, dtype) of every instantiation, gathered once: a set built per call took
 # longer than a small kernel runs.
-_PRESENT = _present()
+_PRESENT = None if manifest_rows() is None else frozenset(row[:4] for row in manifest_rows())
 
 
 def missing_kernels(family: str, ops, rank: int, dtype: torch.dtype) -> Optional[str]:

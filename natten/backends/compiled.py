@@ -26,7 +26,7 @@ class CompiledBackend(Backend):
     def _kernel(self, op: str):
         return getattr(extension(), f"{self.name}_{op}")
 
-    def _tile_args(self, q, v, q_tile: Tile, kv_tile: Tile) -> list:
+    def _tile_args(self, q, v, q_tile: Tile, kv_tile: Tile, backward: bool) -> list:
         """Extra arguments the family's fused kernels take after `scale`."""
         return []
 
@@ -34,7 +34,7 @@ class CompiledBackend(Backend):
         out = new_output((*q.shape[:-1], v.shape[-1]), q.dtype, q.device)
         lse = new_output(q.shape[:-1], lse_dtype(q.dtype), q.device)
         self._kernel("fna_forward")(q, k, v, extra_k, extra_v, window_arg(window), scale,
-                                    *self._tile_args(q, v, q_tile, kv_tile), out, lse)
+                                    *self._tile_args(q, v, q_tile, kv_tile, False), out, lse)
         return out, lse
 
     def fna_backward(self, d_out, d_lse, q, k, v, extra_k, extra_v, out, lse, window, scale, q_tile,
@@ -45,7 +45,8 @@ class CompiledBackend(Backend):
         d_ek = None if extra_k is None else new_output(extra_k.shape, q.dtype, q.device)
         d_ev = None if extra_v is None else new_output(extra_v.shape, q.dtype, q.device)
         self._kernel("fna_backward")(q, k, v, extra_k, extra_v, out, lse, d_out, d_lse,
-                                     window_arg(window), scale, *self._tile_args(q, v, q_tile, kv_tile),
+                                     window_arg(window), scale,
+                                     *self._tile_args(q, v, q_tile, kv_tile, True),
                                      d_q, d_k, d_v, d_ek, d_ev)
         return d_q, d_k, d_v, d_ek, d_ev
 

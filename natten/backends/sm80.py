@@ -14,8 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from natten._checks import FusedProblem
-from natten._memo import memoize
-from natten.backends.base import Tile
+from natten.backends.base import Tile, manifest_rows
 from natten.backends.compiled import CompiledBackend, extension
 
 FAMILY = "sm80"
@@ -28,18 +27,11 @@ def _small_box_penalty(head_dim: int) -> float:
     return 1.45 if head_dim >= 128 else 1.15 if head_dim >= 64 else 1.0
 
 
-def _instantiations() -> list:
-    try:
-        from natten._manifest import INSTANTIATIONS
-    except ImportError:
-        return []
-    return [row for row in INSTANTIATIONS if row[0] == FAMILY]
-
-
 def _index() -> Dict[Tuple[str, int, str], Dict[int, List[Tuple[Tile, Tile]]]]:
     index: Dict[Tuple[str, int, str], Dict[int, List[Tuple[Tile, Tile]]]] = {}
-    for _, op, rank, dtype, hd, q_box, kv_box in _instantiations():
-        index.setdefault((op, rank, dtype), {}).setdefault(hd, []).append((q_box, kv_box))
+    for family, op, rank, dtype, hd, q_box, kv_box in manifest_rows() or ():
+        if family == FAMILY:
+            index.setdefault((op, rank, dtype), {}).setdefault(hd, []).append((q_box, kv_box))
     return index
 
 
@@ -64,8 +56,12 @@ def configs(problem: FusedProblem, backward: bool) -> List[Tuple[Tile, Tile]]:
 
 
 def instantiated_head_dim(problem: FusedProblem, backward: bool) -> Optional[int]:
-    need = max(problem.dim, problem.dim_v)
-    fits = [d for d in head_dims(problem.rank, problem.dtype, backward) if d >= need]
+    return _fitting_head_dim(problem.rank, problem.dtype, max(problem.dim, problem.dim_v), backward)
+
+
+def _fitting_head_dim(rank: int, dtype: torch.dtype, need: int, backward: bool) -> Optional[int]:
+    """The smallest instantiated head dim holding `need` (head dims are padded up to it)."""
+    fits = [d for d in head_dims(rank, dtype, backward) if d >= need]
     return fits[0] if fits else None
 
 
@@ -140,15 +136,6 @@ class Sm80Backend(CompiledBackend):
     def tile_configs(self, problem: FusedProblem, backward: bool) -> List[Tuple[Tile, Tile]]:
         return configs(problem, backward)
 
-    def _tile_args(self, q, v, q_tile: Tile, kv_tile: Tile) -> list:
-        head_dim = _kernel_head_dim(q.dim() - 3, _DTYPES[q.dtype], max(q.shape[-1], v.shape[-1]),
-                                    tuple(q_tile), tuple(kv_tile))
+    def _tile_args(self, q, v, q_tile: Tile, kv_tile: Tile, backward: bool) -> list:
+        head_dim = _fitting_head_dim(q.dim() - 3, q.dtype, max(q.shape[-1], v.shape[-1]), backward)
         return [head_dim, list(q_tile), list(kv_tile)]
-
-
-@memoize
-def _kernel_head_dim(rank: int, dtype: str, need: int, q_tile: Tile, kv_tile: Tile) -> int:
-    """The smallest instantiated head dim (of either op) holding `need` with these boxes."""
-    return min(hd for op in ("fna_fwd", "fna_bwd")
-               for hd, pairs in _INDEX.get((op, rank, dtype), {}).items()
-               if hd >= need and (q_tile, kv_tile) in pairs)
