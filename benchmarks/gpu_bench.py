@@ -9,10 +9,15 @@ forward+backward unless --no-backprop), times:
   heads-first): the cost of ignoring the neighbourhood;
 * torch.compile(flex_attention) with the plain row-major NA block mask (no token tiling).
 
-Times: CUDA events around each call, after warm-up, median over --repeat runs; peak memory is
+Times: CUDA events around each of back-to-back calls, after warm-up, median over --repeat runs
+(a GPU time, unless the host cannot keep up; "host ms" is the host's time per call), and of
+replays of a CUDA graph of one call ("graph ms": the GPU's time alone, what small problems' kernels
+take when their host cost overlaps other work); peak memory is
 torch.cuda.max_memory_allocated after a reset. Effective TFLOP/s use the exact NA flop count
 (natten.flops.fna_flops, 2 flops per multiply-add; forward+backward counted 3.5x forward, the
-backward being 2.5x) for every row, SDPA included. Correctness guard: each natten backend's
+backward being 2.5x) for every row, SDPA included. Backward passes return the input gradients
+(torch.autograd.grad), as a training step with cleared gradients does: no accumulation into
+.grad is timed. Correctness guard: each natten backend's
 forward output against the row-major flex output (rel err; > 2e-2 is flagged).
 
     python3 benchmarks/gpu_bench.py [--problems P1,P3] [--backends flex-fna] [--repeat N]
@@ -44,9 +49,9 @@ from natten._checks import check_fused  # noqa: E402
 from natten.backends import flex as flex_backend  # noqa: E402
 from natten.flops import fna_flops  # noqa: E402
 try:
-    from natten.profiler.timing import measure  # noqa: E402
+    from natten.profiler.timing import measure, measure_graph  # noqa: E402
 except ImportError:  # an in-place build (setup.py build_ext --inplace) maps no natten.profiler
-    from profiler.timing import measure  # noqa: E402
+    from profiler.timing import measure, measure_graph  # noqa: E402
 from problems import PROBLEMS, TINY, Problem  # noqa: E402
 
 GUARD_REL_ERR = 2e-2
@@ -63,13 +68,20 @@ def progress(msg: str) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int):
-    """(median ms, peak bytes or None), timed by the profiler's own timer."""
+    """(median ms, peak bytes or None, host ms per call, median ms of CUDA-graph replays or
+    None), timed by the profiler's own timers."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = measure(fn, device, warmup, repeat)
+    times, host_ms = measure(fn, device, warmup, repeat)
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    return statistics.median(times), peak
+    graph_ms = None
+    if cuda:
+        try:
+            graph_ms = statistics.median(measure_graph(fn, device, warmup, repeat))
+        except Exception as e:  # noqa: BLE001 - some work cannot be captured; say so, go on
+            progress(f"CUDA-graph timing unavailable: {' '.join(str(e).split())[:120]}")
+    return statistics.median(times), peak, host_ms, graph_ms
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -97,11 +109,13 @@ def run_problem(p: Problem, device: torch.device, dtype: torch.dtype, backends: 
     scale = D ** -0.5
     rows: List[dict] = []
 
-    def record(impl: str, pass_: str, ms: float, peak: Optional[int], **extra):
+    def record(impl: str, pass_: str, timed, **extra):
+        ms, peak, host_ms, graph_ms = timed
         flops = flops_fwd * (1 + BACKWARD_FACTOR if pass_ == "fwd+bwd" else 1)
         rows.append(dict(problem=p.name, impl=impl, pass_=pass_, ms=ms,
                          tflops=flops / (ms * 1e-3) / 1e12,
-                         peak_mib=None if peak is None else peak / 2**20, **extra))
+                         peak_mib=None if peak is None else peak / 2**20, host_ms=host_ms,
+                         graph_ms=graph_ms, **extra))
 
     def leaves():
         return [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
@@ -125,13 +139,14 @@ def run_problem(p: Problem, device: torch.device, dtype: torch.dtype, backends: 
                     progress(f"{p.name}: WARNING natten {name} differs from row-major flex: rel err {err:.2e}")
             if "fwd" in passes:
                 with torch.no_grad():
-                    ms, peak = time_ms(lambda: na(q, k, v, **kwargs), device, warmup, repeat)
-                record(f"natten {name}", "fwd", ms, peak, **guard)
+                    timed = time_ms(lambda: na(q, k, v, **kwargs), device, warmup, repeat)
+                record(f"natten {name}", "fwd", timed, **guard)
             if "fwd+bwd" in passes:
                 qg, kg, vg = leaves()
                 progress(f"{p.name}: natten {name} forward+backward")
-                ms, peak = time_ms(lambda: na(qg, kg, vg, **kwargs).backward(d_out), device, warmup, repeat)
-                record(f"natten {name}", "fwd+bwd", ms, peak, **guard)
+                timed = time_ms(lambda: torch.autograd.grad(na(qg, kg, vg, **kwargs), (qg, kg, vg), d_out),
+                                device, warmup, repeat)
+                record(f"natten {name}", "fwd+bwd", timed, **guard)
         except (ValueError, NotImplementedError, RuntimeError) as e:
             msg = " ".join(str(e).split())[:200]
             progress(f"{p.name}: natten {name} failed: {msg}")
@@ -171,8 +186,8 @@ def _peers(p: Problem, q, k, v, d_out, scale, device, passes, warmup, repeat, re
         reference = to_heads_last(flex_row_major())
         stats = dict(blocks=int(layout.block_mask.kv_num_blocks.sum() + layout.block_mask.full_kv_num_blocks.sum()))
         if "fwd" in passes:
-            ms, peak = time_ms(flex_row_major, device, warmup, repeat)
-            record("flex row-major", "fwd", ms, peak, **stats)
+            timed = time_ms(flex_row_major, device, warmup, repeat)
+            record("flex row-major", "fwd", timed, **stats)
     if "fwd+bwd" in passes:
         if device.type == "cpu":
             progress(f"{p.name}: flex row-major backward skipped (FlexAttention has no CPU backward)")
@@ -186,25 +201,25 @@ def _peers(p: Problem, q, k, v, d_out, scale, device, passes, warmup, repeat, re
             def flex_row_major_bwd():
                 a, b, c = flex_backend._prepare(layout, qg, kg, vg, None, None, 0)
                 out = flex(a, b, c, block_mask=layout.block_mask, scale=scale)
-                torch.autograd.backward(out, d_out_f)
+                torch.autograd.grad(out, (qg, kg, vg), d_out_f)
 
             progress(f"{p.name}: compiling flex (row-major) backward")
-            ms, peak = time_ms(flex_row_major_bwd, device, warmup, repeat)
-            record("flex row-major", "fwd+bwd", ms, peak, **stats)
+            timed = time_ms(flex_row_major_bwd, device, warmup, repeat)
+            record("flex row-major", "fwd+bwd", timed, **stats)
 
     # ---- dense SDPA, heads-first, no mask ----
     qh, kh, vh, doh = (t.reshape(B, N, H, D).transpose(1, 2).contiguous() for t in (q, k, v, d_out))
     if "fwd" in passes:
         progress(f"{p.name}: dense SDPA forward")
         with torch.no_grad():
-            ms, peak = time_ms(lambda: F.scaled_dot_product_attention(qh, kh, vh), device, warmup, repeat)
-        record("sdpa dense", "fwd", ms, peak)
+            timed = time_ms(lambda: F.scaled_dot_product_attention(qh, kh, vh), device, warmup, repeat)
+        record("sdpa dense", "fwd", timed)
     if "fwd+bwd" in passes:
         progress(f"{p.name}: dense SDPA forward+backward")
         qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (qh, kh, vh))
-        ms, peak = time_ms(lambda: F.scaled_dot_product_attention(qg, kg, vg).backward(doh), device,
-                           warmup, repeat)
-        record("sdpa dense", "fwd+bwd", ms, peak)
+        timed = time_ms(lambda: torch.autograd.grad(F.scaled_dot_product_attention(qg, kg, vg), (qg, kg, vg), doh),
+                        device, warmup, repeat)
+        record("sdpa dense", "fwd+bwd", timed)
     return reference
 
 
@@ -223,20 +238,23 @@ def print_table(problems: List[Problem], rows: List[dict], device: torch.device)
           f"{', '.join(sorted({r['impl'] for r in rows if r['impl'].startswith('natten')}))}")
     for p in problems:
         print("  " + p.describe())
-    header = ("problem", "impl", "pass", "ms", "TFLOP/s", "vs SDPA", "peak MiB", "rel err", "note")
+    header = ("problem", "impl", "pass", "ms", "host ms", "graph ms", "TFLOP/s", "vs SDPA", "peak MiB", "rel err",
+              "note")
     table = []
     for r in rows:
         if "error" in r:
-            table.append((r["problem"], r["impl"], "-", "-", "-", "-", "-", "-", "error: " + r["error"][:60]))
+            table.append((r["problem"], r["impl"], "-", "-", "-", "-", "-", "-", "-", "-", "error: " + r["error"][:60]))
             continue
         note = "FLAGGED > 2e-2" if r.get("flagged") else ""
-        table.append((r["problem"], r["impl"], r["pass_"], _fmt(r["ms"], ".3f"), _fmt(r["tflops"], ".3g"),
+        table.append((r["problem"], r["impl"], r["pass_"], _fmt(r["ms"], ".3f"), _fmt(r["host_ms"], ".3f"),
+                      _fmt(r["graph_ms"], ".3f"),
+                      _fmt(r["tflops"], ".3g"),
                       _fmt(r.get("speedup_vs_sdpa"), ".2f") + ("x" if r.get("speedup_vs_sdpa") else ""),
                       _fmt(r["peak_mib"], ".0f"), _fmt(r.get("rel_err_vs_flex"), ".1e"), note))
     widths = [max(len(str(row[i])) for row in [header] + table) for i in range(len(header))]
     print()
     for n, row in enumerate([header] + table):
-        print("  ".join(str(c).ljust(w) if i < 3 or i == 8 else str(c).rjust(w)
+        print("  ".join(str(c).ljust(w) if i < 3 or i == 10 else str(c).rjust(w)
                         for i, (c, w) in enumerate(zip(row, widths))).rstrip())
         if n == 0:
             print("  ".join("-" * w for w in widths))

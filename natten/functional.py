@@ -36,8 +36,8 @@ def _fused(rank, query, key, value, kernel_size, stride, dilation, is_causal, sc
     tiles = _tiles("q_tile_shape", q_tile_shape, "kv_tile_shape", kv_tile_shape, impl, problem, False)
     bwd_tiles = _tiles("backward_q_tile_shape", backward_q_tile_shape, "backward_kv_tile_shape",
                        backward_kv_tile_shape, impl, problem, True)
-    out, lse = ops.fna_forward(query, key, value, additional_keys, additional_values,
-                               ops.pack_window(problem.window), scale, impl.name, tiles + bwd_tiles)
+    out, lse = ops.fused_attention(query, key, value, additional_keys, additional_values,
+                                   ops.pack_window(problem.window), scale, impl.name, tiles + bwd_tiles)
     return (out, lse) if return_lse else out
 
 

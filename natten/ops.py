@@ -13,9 +13,11 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from natten import backends
 from natten._checks import Window
+from natten._memo import memoize
 from natten.backends.base import lse_dtype
 
 
@@ -29,7 +31,12 @@ def _split(values: List[int], parts: int) -> List[Tuple[int, ...]]:
 
 
 def _window(window: List[int]) -> Window:
-    kernel_size, stride, dilation, is_causal = _split(window, 4)
+    return _unpack_window(tuple(window))
+
+
+@memoize
+def _unpack_window(window: Tuple[int, ...]) -> Window:
+    kernel_size, stride, dilation, is_causal = _split(list(window), 4)
     return Window(kernel_size, stride, dilation, tuple(bool(c) for c in is_causal))
 
 
@@ -44,15 +51,31 @@ def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- fused attention
 
+def _forward_impl(query, key, value, additional_keys, additional_values, window, scale, backend,
+                  tile_shapes):
+    q_tile, kv_tile, _, _ = _split(tile_shapes, 4)
+    return backends.get(backend).fna_forward(
+        query.contiguous(), key.contiguous(), value.contiguous(), _dense(additional_keys),
+        _dense(additional_values), _window(window), scale, q_tile, kv_tile)
+
+
+def _backward_impl(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse,
+                   window, scale, backend, tile_shapes):
+    q_tile, kv_tile = _split(tile_shapes, 2)
+    grads = backends.get(backend).fna_backward(
+        d_out.contiguous(), _dense(d_lse), query.contiguous(), key.contiguous(), value.contiguous(),
+        _dense(additional_keys), _dense(additional_values), out.contiguous(), lse.contiguous(),
+        _window(window), scale, q_tile, kv_tile)
+    return tuple(_empty_if_none(g, query) for g in grads)
+
+
 @torch.library.custom_op("natten::fna_forward", mutates_args=())
 def fna_forward(query: Tensor, key: Tensor, value: Tensor, additional_keys: Optional[Tensor],
                 additional_values: Optional[Tensor], window: List[int], scale: float, backend: str,
                 tile_shapes: List[int]) -> Tuple[Tensor, Tensor]:
     """tile_shapes: the query and key tiles of the forward, then those of the backward."""
-    q_tile, kv_tile, _, _ = _split(tile_shapes, 4)
-    return backends.get(backend).fna_forward(
-        query.contiguous(), key.contiguous(), value.contiguous(), _dense(additional_keys),
-        _dense(additional_values), _window(window), scale, q_tile, kv_tile)
+    return _forward_impl(query, key, value, additional_keys, additional_values, window, scale,
+                         backend, tile_shapes)
 
 
 @fna_forward.register_fake
@@ -68,12 +91,8 @@ def fna_backward(d_out: Tensor, d_lse: Optional[Tensor], query: Tensor, key: Ten
                  lse: Tensor, window: List[int], scale: float, backend: str,
                  tile_shapes: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """tile_shapes: the query tile, then the key tile."""
-    q_tile, kv_tile = _split(tile_shapes, 2)
-    grads = backends.get(backend).fna_backward(
-        d_out.contiguous(), _dense(d_lse), query.contiguous(), key.contiguous(), value.contiguous(),
-        _dense(additional_keys), _dense(additional_values), out.contiguous(), lse.contiguous(),
-        _window(window), scale, q_tile, kv_tile)
-    return tuple(_empty_if_none(g, query) for g in grads)
+    return _backward_impl(d_out, d_lse, query, key, value, additional_keys, additional_values, out,
+                          lse, window, scale, backend, tile_shapes)
 
 
 @fna_backward.register_fake
@@ -92,17 +111,63 @@ def _fna_setup(ctx, inputs, output):
     ctx.has_extra = ek is not None
 
 
-def _fna_backward(ctx, d_out, d_lse):
+def _fna_grads(ctx, d_out, d_lse, backward):
     q, k, v, ek, ev, out, lse = ctx.saved_tensors
     if d_out is None:  # only the logsumexp was used
         d_out = torch.zeros_like(out)
-    d_q, d_k, d_v, d_ek, d_ev = fna_backward(d_out, d_lse, q, k, v, ek, ev, out, lse, *ctx.args)
+    d_q, d_k, d_v, d_ek, d_ev = backward(d_out, d_lse, q, k, v, ek, ev, out, lse, *ctx.args)
     if not ctx.has_extra:
         d_ek = d_ev = None
     return (d_q, d_k, d_v, d_ek, d_ev) + (None,) * 4
 
 
+def _fna_backward(ctx, d_out, d_lse):
+    return _fna_grads(ctx, d_out, d_lse, fna_backward)
+
+
 fna_forward.register_autograd(_fna_backward, setup_context=_fna_setup)
+
+
+class _EagerFna(torch.autograd.Function):
+    """fna_forward with its autograd formula, for eager calls (see fused_attention)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        ctx.set_materialize_grads(False)  # as the operator: an unused output's gradient is None
+        output = _forward_impl(*inputs)
+        _fna_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_lse):
+        return _fna_grads(ctx, d_out, d_lse, _backward_impl)
+
+
+def _eager(tensors) -> bool:
+    """Whether a call may skip the operator layer: nothing traces, compiles, transforms or
+    intercepts it, and every tensor is a plain one. The operator layer's dispatch and its
+    autograd wrapper cost 30-70 us of host time per call, longer than a small problem's kernels
+    run; what runs below it is the same either way."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if (torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(t is None or type(t) is Tensor for t in tensors)
+
+
+def fused_attention(query: Tensor, key: Tensor, value: Tensor, additional_keys: Optional[Tensor],
+                    additional_values: Optional[Tensor], window: List[int], scale: float,
+                    backend: str, tile_shapes: List[int]) -> Tuple[Tensor, Tensor]:
+    """natten::fna_forward, or the same computation without the operator layer when eager."""
+    args = (query, key, value, additional_keys, additional_values, window, scale, backend, tile_shapes)
+    tensors = args[:5]
+    if not _eager(tensors):
+        return fna_forward(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _EagerFna.apply(*args)
+    return _forward_impl(*args)
 
 
 # ----------------------------------------------------------------------------- unfused ops

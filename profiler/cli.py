@@ -251,13 +251,14 @@ def _fmt_rate(x: float) -> str:
 
 
 def format_table(rows: list) -> str:
-    header = ("backend", "pass", "median ms", "min ms", "TFLOP/s")
+    header = ("backend", "pass", "median ms", "min ms", "TFLOP/s", "host ms")
     body = []
     for t in rows:
         if t.error:
-            body.append((t.backend, t.pass_name, "-", "-", "-"))
+            body.append((t.backend, t.pass_name, "-", "-", "-", "-"))
         else:
-            body.append((t.backend, t.pass_name, _fmt(t.median_ms, 3), _fmt(t.min_ms, 3), _fmt_rate(t.tflops)))
+            body.append((t.backend, t.pass_name, _fmt(t.median_ms, 3), _fmt(t.min_ms, 3), _fmt_rate(t.tflops),
+                         _fmt(t.host_ms, 3)))
     widths = [max(len(str(r[i])) for r in [header] + body) for i in range(len(header))]
     lines = []
     for n, r in enumerate([header] + body):

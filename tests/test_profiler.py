@@ -47,13 +47,13 @@ def run_subprocess(args, timeout=300):
 
 
 def table_rows(text):
-    """(backend, pass, median, min, tflops) rows of the result table."""
+    """(backend, pass, median, min, tflops, host ms) rows of the result table."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("backend"))
     rows = []
     for line in lines[start + 2:]:
         parts = line.split()
-        if len(parts) != 5:
+        if len(parts) != 6:
             break
         rows.append(parts)
     return rows
@@ -69,7 +69,7 @@ def test_forward_table(capsys):
     assert "device: cpu" in out
     rows = table_rows(out)
     assert [r[:2] for r in rows] == [["cpu", "forward"]]
-    assert float(rows[0][2]) > 0 and float(rows[0][4]) > 0
+    assert float(rows[0][2]) > 0 and float(rows[0][4]) > 0 and float(rows[0][5]) > 0
     assert "2 flops per multiply-add" in out and "3.5x forward" in out
     assert "cpu forward" in err  # progress goes to stderr
 

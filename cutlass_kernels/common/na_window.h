@@ -15,24 +15,38 @@
 
 namespace natten {
 
+// Window arithmetic is written once, for any signed integer type: host code and the reference
+// kernels use int64_t; the tensor-core kernels use int, where a division costs a few dozen
+// instructions instead of a hundred and more (their prologues run this per CTA).
+template <class T>
+struct NonDeduced {
+  using type = T;
+};
+template <class T>
+using Same = typename NonDeduced<T>::type;
+
 // One axis of a neighbourhood attention problem.
-struct AxisSpec {
-  int64_t extent;    // L: tokens along the axis
-  int64_t kernel;    // k: window size
-  int64_t stride;    // s: queries of one stride group share a window
-  int64_t dilation;  // d: keys are taken from the query's residue class mod d
+template <class I>
+struct BasicAxisSpec {
+  I extent;    // L: tokens along the axis
+  I kernel;    // k: window size
+  I stride;    // s: queries of one stride group share a window
+  I dilation;  // d: keys are taken from the query's residue class mod d
   bool causal;
 };
+using AxisSpec = BasicAxisSpec<int64_t>;
 
 // The keys one query sees along one axis, in dilation-group coordinates.
 // `start` is the key that window offset 0 refers to (unfused ops index attention weights by
 // offset from it); keys `first..last` are visible. Non-causal windows always hold exactly
 // `kernel` keys; causal ones hold fewer near the start of the axis.
-struct AxisWindow {
-  int64_t start;
-  int64_t first;
-  int64_t last;
+template <class I>
+struct BasicAxisWindow {
+  I start;
+  I first;
+  I last;
 };
+using AxisWindow = BasicAxisWindow<int64_t>;
 
 // SPEC's constraints on one axis. natten/_checks.py enforces them before any kernel runs; GPU
 // entry points re-check them as their own contract.
@@ -41,28 +55,39 @@ NA_HOST_DEVICE bool axis_is_valid(AxisSpec const& a) {
          a.stride <= a.kernel && a.kernel * a.dilation <= a.extent;
 }
 
-NA_HOST_DEVICE int64_t na_min(int64_t a, int64_t b) { return a < b ? a : b; }
-NA_HOST_DEVICE int64_t na_max(int64_t a, int64_t b) { return a > b ? a : b; }
+template <class I>
+NA_HOST_DEVICE I na_min(I a, Same<I> b) {
+  return a < b ? a : b;
+}
+template <class I>
+NA_HOST_DEVICE I na_max(I a, Same<I> b) {
+  return a > b ? a : b;
+}
 
 // Length of the dilation group that holds residue `residue` (0 <= residue < dilation).
-NA_HOST_DEVICE int64_t group_length(AxisSpec const& a, int64_t residue) {
+template <class I>
+NA_HOST_DEVICE I group_length(BasicAxisSpec<I> const& a, Same<I> residue) {
+  if (a.dilation == 1) return a.extent;
   return a.extent / a.dilation + (residue < a.extent % a.dilation ? 1 : 0);
 }
 
 // Window of the query at group coordinate `xi` inside a group of length `group_len`.
-NA_HOST_DEVICE AxisWindow axis_window(AxisSpec const& a, int64_t group_len, int64_t xi) {
-  int64_t const k = a.kernel;
-  int64_t const s = a.stride;
+template <class I>
+NA_HOST_DEVICE BasicAxisWindow<I> axis_window(BasicAxisSpec<I> const& a, Same<I> group_len,
+                                              Same<I> xi) {
+  I const k = a.kernel;
+  I const s = a.stride;
+  I const stride_start = s == 1 ? xi : (xi / s) * s;  // the first query of xi's stride group
   if (a.causal) {
-    int64_t const lead = na_min((xi / s) * s + s - 1, group_len - 1);
-    int64_t const first = na_max(lead - k + 1, 0);
+    I const lead = na_min<I>(stride_start + s - 1, group_len - 1);
+    I const first = na_max<I>(lead - k + 1, 0);
     return {first, first, xi};
   }
   // Even windows lean left: one more key before the centre than after it.
-  int64_t const left = k / 2;
-  int64_t const right = (k % 2) ? k / 2 : k / 2 - 1;
-  int64_t const lead = na_min((xi / s) * s + s / 2, group_len - 1);
-  int64_t const centre = na_max(left, na_min(lead, group_len - 1 - right));
+  I const left = k / 2;
+  I const right = (k % 2) ? k / 2 : k / 2 - 1;
+  I const lead = na_min<I>(stride_start + s / 2, group_len - 1);
+  I const centre = na_max<I>(left, na_min<I>(lead, group_len - 1 - right));
   return {centre - left, centre - left, centre + right};
 }
 
@@ -81,28 +106,32 @@ NA_HOST_DEVICE void tile_key_range(AxisSpec const& a, int64_t group_len, int64_t
 // suffix of the group and those with window.first <= yi a prefix, and their intersection is
 // one contiguous range. Each end is found by binary search over axis_window itself, so the
 // inverse can never disagree with the forward definition.
-struct AxisRange {
-  int64_t first;
-  int64_t last;
+template <class I>
+struct BasicAxisRange {
+  I first;
+  I last;
 };
+using AxisRange = BasicAxisRange<int64_t>;
 
-NA_HOST_DEVICE AxisRange axis_inverse_window(AxisSpec const& a, int64_t group_len, int64_t yi) {
+template <class I>
+NA_HOST_DEVICE BasicAxisRange<I> axis_inverse_window(BasicAxisSpec<I> const& a, Same<I> group_len,
+                                                     Same<I> yi) {
   // Smallest xi in [0, group_len] with window(xi).last >= yi (group_len: none).
-  int64_t lo = 0, hi = group_len;
+  I lo = 0, hi = group_len;
   while (lo < hi) {
-    int64_t const mid = lo + (hi - lo) / 2;
+    I const mid = lo + (hi - lo) / 2;
     if (axis_window(a, group_len, mid).last >= yi) {
       hi = mid;
     } else {
       lo = mid + 1;
     }
   }
-  int64_t const first = lo;
+  I const first = lo;
   // Smallest xi in [0, group_len] with window(xi).first > yi; the range ends just before it.
   lo = 0;
   hi = group_len;
   while (lo < hi) {
-    int64_t const mid = lo + (hi - lo) / 2;
+    I const mid = lo + (hi - lo) / 2;
     if (axis_window(a, group_len, mid).first > yi) {
       hi = mid;
     } else {

@@ -31,19 +31,31 @@ constexpr float kLog2e = 1.4426950408889634f;
 __device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
 __device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
 
+// As kForwardMinBlocks: CTAs per SM the dQ and dK/dV kernels ask for (four at head dim 32).
+template <int HeadDim>
+inline constexpr int kBackwardMinBlocks = HeadDim <= 32 ? 4 : 1;
+
 constexpr int kDeltaWarps = 8;
 
-// One warp per (token, head) row of O and dO; lanes take 16-byte pieces (dim % 8 == 0).
+// Lanes per (token, head) row of the delta kernel: enough for the row's 16-byte pieces (a power
+// of two, at most a warp), so that small head dims do not leave most of each warp idle.
+inline int delta_lanes_per_row(int dim) {
+  int lanes = 1;
+  while (lanes < 32 && lanes * 8 < dim) lanes *= 2;
+  return lanes;
+}
+
+// `lanes` lanes per row of O and dO, taking 16-byte pieces (dim % 8 == 0).
 template <typename T>
 __global__ void __launch_bounds__(kDeltaWarps * 32)
     fna_backward_delta_kernel(T const* out, T const* d_out, float const* d_lse, float* delta,
-                              int64_t rows, int dim) {
+                              int64_t rows, int dim, int lanes) {
   using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-  int64_t const row = int64_t(blockIdx.x) * kDeltaWarps + threadIdx.x / 32;
-  if (row >= rows) return;
   int const lane = threadIdx.x % 32;
+  int64_t const row = (int64_t(blockIdx.x) * kDeltaWarps + threadIdx.x / 32) * (32 / lanes) + lane / lanes;
+  bool const real = row < rows;  // every lane stays for the shuffles
   float sum = 0.f;
-  for (int c = lane * 8; c < dim; c += 32 * 8) {
+  for (int c = (lane % lanes) * 8; real && c < dim; c += lanes * 8) {
     uint4 const o = *reinterpret_cast<uint4 const*>(out + row * dim + c);
     uint4 const d = *reinterpret_cast<uint4 const*>(d_out + row * dim + c);
     Pair const* op = reinterpret_cast<Pair const*>(&o);
@@ -55,10 +67,9 @@ __global__ void __launch_bounds__(kDeltaWarps * 32)
       sum = fmaf(a.x, g.x, fmaf(a.y, g.y, sum));
     }
   }
-#pragma unroll
-  for (int m = 16; m > 0; m /= 2) sum += __shfl_xor_sync(0xffffffff, sum, m);
+  for (int m = lanes / 2; m > 0; m /= 2) sum += __shfl_xor_sync(0xffffffff, sum, m);
   // dLSE enters dS as + P * dLSE (d lse / d s_j = P_j), i.e. as a shift of delta.
-  if (lane == 0) delta[row] = sum - (d_lse != nullptr ? d_lse[row] : 0.f);
+  if (real && lane % lanes == 0) delta[row] = sum - (d_lse != nullptr ? d_lse[row] : 0.f);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -80,7 +91,7 @@ struct DqSmem {
 };
 
 template <int Rank, class Traits, class QBox, class KVBox>
-__global__ void __launch_bounds__(Traits::kThreads)
+__global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::kHeadDim>)
     fna_backward_dq_kernel(Params<Rank> const p) {
 #if NATTEN_SM80_DEVICE_CODE
   using Element = typename Traits::Element;
@@ -119,10 +130,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
   gather_rows<M, D, kThreads, Element>(sQ, q_row, p.dim, q, tid);
   gather_rows<M, D, kThreads, Element>(sdO, d_out_row, p.dim_v, d_out, tid);
   Tensor sK0 = make_tensor(make_smem_ptr(sm.k[0]), typename Traits::template SmemRows<N>{});
-  load_keys<Rank, Traits>(p, g, key_slice<Rank, KVBox>(walk, 0), b, hk, sK0, p.k, p.extra_k,
-                          p.dim, tid);
-  load_keys<Rank, Traits>(p, g, key_slice<Rank, KVBox>(walk, 0), b, hk, sV, p.v, p.extra_v,
-                          p.dim_v, tid);
+  typename KeyWalk<Rank, QBox, KVBox>::Cursor at, next;  // of steps n, n + 1
+  auto const first_keys = key_slice<Rank, KVBox>(walk, 0, at);
+  load_keys<Rank, Traits>(p, g, first_keys, b, hk, sK0, p.k, p.extra_k, p.dim, tid);
+  load_keys<Rank, Traits>(p, g, first_keys, b, hk, sV, p.v, p.extra_v, p.dim_v, tid);
+  walk.advance(next);
   cp_async_fence();
   for (int r = tid; r < M; r += kThreads) {
     int64_t const t = sm.rows.token[r];
@@ -143,11 +155,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
     cp_async_wait<0>();
     __syncthreads();  // K(n), V(n) (and Q, dO, lse, delta) landed; every warp is done with step
                       // n-1, so the other K buffer is free
+    auto const next_keys = key_slice<Rank, KVBox>(walk, n + 1, next);
     if (n + 1 < steps) {
       Tensor sK_next =
           make_tensor(make_smem_ptr(sm.k[buf ^ 1]), typename Traits::template SmemRows<N>{});
-      load_keys<Rank, Traits>(p, g, key_slice<Rank, KVBox>(walk, n + 1), b, hk, sK_next, p.k,
-                              p.extra_k, p.dim, tid);
+      load_keys<Rank, Traits>(p, g, next_keys, b, hk, sK_next, p.k, p.extra_k, p.dim, tid);
       cp_async_fence();
     }
 
@@ -159,8 +171,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     gemm_ss<Traits>(acc_dp, sdO, sV, tid);
     __syncthreads();  // every warp is done reading V(n)
     if (n + 1 < steps) {
-      load_keys<Rank, Traits>(p, g, key_slice<Rank, KVBox>(walk, n + 1), b, hk, sV, p.v,
-                              p.extra_v, p.dim_v, tid);
+      load_keys<Rank, Traits>(p, g, next_keys, b, hk, sV, p.v, p.extra_v, p.dim_v, tid);
       cp_async_fence();
     }
 
@@ -170,9 +181,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int i = 0; i < size<0>(s_rc); ++i) {
       float const lse = sm.lse_log2[get<0>(coords(i, 0))];
       CUTE_UNROLL
-      for (int j = 0; j < size<1>(s_rc); ++j) s_rc(i, j) = exp2f(fmaf(s_rc(i, j), p.scale_log2, -lse));
+      for (int j = 0; j < size<1>(s_rc); ++j) s_rc(i, j) = exp2_approx(fmaf(s_rc(i, j), p.scale_log2, -lse));
     }
-    mask_scores<Rank, KVBox>(p, walk, n, s_rc, coords, sm.rows, 0.f);
+    mask_scores<Rank, KVBox>(p, walk, n, at, s_rc, coords, sm.rows, 0.f);
+    at = next;
+    walk.advance(next);
     CUTE_UNROLL
     for (int i = 0; i < size<0>(s_rc); ++i) {
       float const delta = sm.delta[get<0>(coords(i, 0))];
@@ -294,7 +307,7 @@ __device__ __forceinline__ void mask_scores_t(Params<Rank> const& p,
 }
 
 template <int Rank, class Traits, class QBox, class KVBox>
-__global__ void __launch_bounds__(Traits::kThreads)
+__global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::kHeadDim>)
     fna_backward_dkdv_kernel(Params<Rank> const p) {
 #if NATTEN_SM80_DEVICE_CODE
   using Element = typename Traits::Element;
@@ -434,7 +447,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int j = 0; j < size<1>(s_rc); ++j) {
       float const lse = sm.lse_log2[buf][get<1>(coords(0, j))];
       CUTE_UNROLL
-      for (int i = 0; i < size<0>(s_rc); ++i) s_rc(i, j) = exp2f(fmaf(s_rc(i, j), p.scale_log2, -lse));
+      for (int i = 0; i < size<0>(s_rc); ++i) s_rc(i, j) = exp2_approx(fmaf(s_rc(i, j), p.scale_log2, -lse));
     }
     if (!full) mask_scores_t<Rank, KVBox>(p, keys, s_rc, coords, sm.cols[buf], 0.f);
     CUTE_UNROLL
@@ -504,9 +517,11 @@ void fna_backward(NaProblem const& problem, FnaTensors const& t, float* workspac
   p.delta = workspace;
 
   int64_t const rows = int64_t(p.batch) * p.tokens * p.heads;
-  launch(fna_backward_delta_kernel<T>, dim3(grid_x((rows + kDeltaWarps - 1) / kDeltaWarps)),
+  int const lanes = delta_lanes_per_row(p.dim_v);
+  int64_t const rows_per_block = int64_t(kDeltaWarps) * (32 / lanes);
+  launch(fna_backward_delta_kernel<T>, dim3(grid_x((rows + rows_per_block - 1) / rows_per_block)),
          kDeltaWarps * 32, 0, stream, "fna_backward (delta)", static_cast<T const*>(t.out),
-         static_cast<T const*>(t.d_out), p.d_lse, p.delta, rows, p.dim_v);
+         static_cast<T const*>(t.d_out), p.d_lse, p.delta, rows, p.dim_v, lanes);
 
   int64_t q_tiles = 1, kv_tiles = 1;
   for (int a = 0; a < Rank; ++a) {

@@ -23,9 +23,12 @@ namespace natten::sm80 {
 // double-buffers, which is all its shared memory allows at two CTAs per SM.
 template <int HeadDim>
 inline constexpr int kForwardStages = HeadDim <= 32 ? 4 : HeadDim <= 64 ? 3 : 2;
-// Small head dims need few registers: ask for enough CTAs per SM to hide latency.
-template <int HeadDim>
-inline constexpr int kForwardMinBlocks = HeadDim <= 32 ? 4 : 1;
+
+// Small head dims have short steps and need few registers: ask for enough CTAs per SM to hide
+// their latency. At head dim 32, 64-query boxes of rank 1 and 2 fit five CTAs (96 registers)
+// without spilling; larger boxes and rank 3 keep more state and fit four.
+template <int HeadDim, int Rank, int M>
+inline constexpr int kForwardMinBlocks = HeadDim > 32 ? 1 : Rank <= 2 && M <= 64 ? 5 : 4;
 
 template <class Traits, int Rank, int M, int N>
 struct ForwardSmem {
@@ -52,12 +55,12 @@ __device__ __forceinline__ void online_softmax(S& s, O& o, float (&row_max)[kRow
     mx = fmaxf(row_max[i], quad_max(mx) * scale_log2);
     // A row with nothing visible yet keeps max -inf; use 0 so that exp2 gives 0, not NaN.
     float const m_use = mx == -INFINITY ? 0.f : mx;
-    float const alpha = exp2f(row_max[i] - m_use);
+    float const alpha = exp2_approx(row_max[i] - m_use);
     row_max[i] = mx;
     float sum = 0.f;
     CUTE_UNROLL
     for (int j = 0; j < size<1>(s); ++j) {
-      float const e = exp2f(fmaf(s(i, j), scale_log2, -m_use));
+      float const e = exp2_approx(fmaf(s(i, j), scale_log2, -m_use));
       s(i, j) = e;
       sum += e;
     }
@@ -68,7 +71,7 @@ __device__ __forceinline__ void online_softmax(S& s, O& o, float (&row_max)[kRow
 }
 
 template <int Rank, class Traits, class QBox, class KVBox>
-__global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kHeadDim>)
+__global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kHeadDim, Rank, QBox::kSize>)
     fna_forward_kernel(Params<Rank> const p) {
 #if NATTEN_SM80_DEVICE_CODE
   using Element = typename Traits::Element;
@@ -92,15 +95,14 @@ __global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kH
   auto stage_k = [&](int s) { return make_tensor(make_smem_ptr(sm.k[s]), typename Traits::template SmemRows<N>{}); };
   auto stage_v = [&](int s) { return make_tensor(make_smem_ptr(sm.v[s]), typename Traits::template SmemRows<N>{}); };
 
-  build_row_table<Rank, QBox, kThreads>(p, g, q_origin, sm.rows, tid);
-  __syncthreads();
-
   // One cp.async group per step (keys and values together), committed even when empty so that
   // "group n complete" is always "at most kStages - 2 groups pending". Q rides in group 0.
+  typename KeyWalk<Rank, QBox, KVBox>::Cursor load_at, mask_at;  // of steps n + kStages - 1, n
   auto load_step = [&](int n) {
     if (n < steps) {
       int const s = n % kStages;
-      auto const keys = key_slice<Rank, KVBox>(walk, n);
+      auto const keys = key_slice<Rank, KVBox>(walk, n, load_at);
+      walk.advance(load_at);
       Tensor sK = stage_k(s);
       Tensor sV = stage_v(s);
       load_keys<Rank, Traits>(p, g, keys, b, hk, sK, p.k, p.extra_k, p.dim, tid);
@@ -108,14 +110,17 @@ __global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kH
     }
     cp_async_fence();
   };
+  // The loads go out first; the row table, which only the masks and the epilogue read, is built
+  // while they are in flight and published by the mainloop's first barrier.
   auto const* q = static_cast<Element const*>(p.q);
   auto q_row = [&](int r) -> Element const* {
-    int64_t const t = sm.rows.token[r];
+    int const t = box_token<Rank, QBox>(p, g, q_origin, r);
     return t < 0 ? nullptr : q + ((int64_t(b) * p.tokens + t) * p.heads + h) * p.dim;
   };
   gather_rows<M, D, kThreads, Element>(sQ, q_row, p.dim, q, tid);
   CUTE_UNROLL
   for (int n = 0; n < kStages - 1; ++n) load_step(n);
+  build_row_table<Rank, QBox, kThreads>(p, g, q_origin, sm.rows, tid);
 
   typename Traits::TiledMma mma;
   Tensor acc_o = partition_fragment_C(mma, Shape<Int<M>, Int<D>>{});
@@ -132,7 +137,8 @@ __global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kH
 
   for (int n = 0; n < steps; ++n) {
     cp_async_wait<kStages - 2>();
-    __syncthreads();  // step n landed; every warp is done with step n - 1's stage
+    __syncthreads();  // step n (and at first the row table) landed; every warp is done with step
+                      // n - 1's stage
     load_step(n + kStages - 1);  // into the stage step n - 1 used
 
     int const s = n % kStages;
@@ -141,14 +147,15 @@ __global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kH
     gemm_ss<Traits>(acc_s, sQ, stage_k(s), tid);
     Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
     if (p.scale_log2 > 0.f) {  // the usual case: the scale folds into the exponent's FMA
-      mask_scores<Rank, KVBox>(p, walk, n, s_rc, coords, sm.rows, -INFINITY);
+      mask_scores<Rank, KVBox>(p, walk, n, mask_at, s_rc, coords, sm.rows, -INFINITY);
       online_softmax(s_rc, o_rc, row_max, row_sum, p.scale_log2);
     } else {  // scale <= 0 reorders or flattens scores: scale before masking with -inf
       CUTE_UNROLL
       for (int i = 0; i < size(s_rc); ++i) s_rc(i) *= p.scale_log2;
-      mask_scores<Rank, KVBox>(p, walk, n, s_rc, coords, sm.rows, -INFINITY);
+      mask_scores<Rank, KVBox>(p, walk, n, mask_at, s_rc, coords, sm.rows, -INFINITY);
       online_softmax(s_rc, o_rc, row_max, row_sum, 1.f);
     }
+    walk.advance(mask_at);
     Tensor probs = convert<Element>(acc_s);
     Tensor probs_a = make_tensor(probs.data(), acc_as_a(probs.layout()));
     gemm_rs<Traits>(acc_o, probs_a,

@@ -24,14 +24,8 @@ struct KeySlice {
   }
   __device__ int64_t grid_row(Params<Rank> const& p, GroupCoords<Rank> const& g, int b, int hk,
                               int r) const {
-    int c[Rank];
-    bool ok = true;
-#pragma unroll
-    for (int a = 0; a < Rank; ++a) {
-      c[a] = origin[a] + KVBox::offset(r, a);
-      ok = ok && c[a] < g.length[a];
-    }
-    return ok ? (int64_t(b) * p.tokens + g.token(p, c)) * p.heads_kv + hk : -1;
+    int const t = box_token<Rank, KVBox>(p, g, origin, r);
+    return t < 0 ? -1 : (int64_t(b) * p.tokens + t) * p.heads_kv + hk;
   }
   __device__ int64_t extra_row(Params<Rank> const& p, int b, int hk, int r) const {
     int const e = extra_first + r;
@@ -39,14 +33,14 @@ struct KeySlice {
   }
 };
 
-// Step n of a KeyWalk: its key boxes first, then the slices of the additional keys. A KeyWalk
-// has at least one box, so box 0 stands in as the (unused) origin of an additional-key slice:
-// no branch, which the forward's tight register budget notices.
+// Step n of a KeyWalk, at cursor c: its key boxes first, then the slices of the additional
+// keys (for which the cursor, past the boxes, gives an unused origin).
 template <int Rank, class KVBox, class Walk>
-__device__ __forceinline__ KeySlice<Rank, KVBox> key_slice(Walk const& walk, int n) {
+__device__ __forceinline__ KeySlice<Rank, KVBox> key_slice(Walk const& walk, int n,
+                                                           typename Walk::Cursor const& c) {
   KeySlice<Rank, KVBox> k;
   k.extra_first = n < walk.tiles ? -1 : (n - walk.tiles) * KVBox::kSize;
-  walk.origin(n < walk.tiles ? n : 0, k.origin);
+  walk.origin(c, k.origin);
   return k;
 }
 
@@ -76,18 +70,18 @@ __device__ __forceinline__ void load_keys(Params<Rank> const& p, GroupCoords<Ran
   }
 }
 
-// Sets invisible elements of walk step n's scores (or probabilities) to `masked` (nothing to
-// do on fully visible key boxes). rows: the query (row) table; coords: accumulator coordinates
-// as (row, col). Callers mask scaled scores with -inf or probabilities with 0, never raw
-// scores: a negative or zero softmax scale would turn a raw -inf into +inf or NaN.
+// Sets invisible elements of walk step n's (at cursor c) scores (or probabilities) to `masked`
+// (nothing to do on fully visible key boxes). rows: the query (row) table; coords: accumulator
+// coordinates as (row, col). Callers mask scaled scores with -inf or probabilities with 0,
+// never raw scores: a negative or zero softmax scale would turn a raw -inf into +inf or NaN.
 template <int Rank, class KVBox, class Walk, class Scores, class Coords, class Rows>
 __device__ __forceinline__ void mask_scores(Params<Rank> const& p, Walk const& walk, int n,
-                                            Scores& s, Coords const& coords, Rows const& rows,
-                                            float masked) {
+                                            typename Walk::Cursor const& c, Scores& s,
+                                            Coords const& coords, Rows const& rows, float masked) {
   constexpr int N = KVBox::kSize;
   if (n < walk.tiles) {
     int o[Rank];
-    walk.origin(n, o);
+    walk.origin(c, o);
     if (walk.full(o)) return;
     // Branch-free on purpose: a short-circuit test per element compiles to branches around
     // shared-memory loads, which cost more than the scores' whole softmax. One unsigned compare

@@ -26,11 +26,11 @@ struct Box {
 };
 
 struct AxisParams {
-  AxisSpec spec;
+  BasicAxisSpec<int> spec;  // 32-bit: cheap window arithmetic in the kernels' prologues
   int group_max;         // ceil(extent / dilation): length of the longest dilation group
   int q_tiles;           // query tiles per dilation group (ceil(group_max / query box extent))
   int kv_tiles;          // key tiles per dilation group (ceil(group_max / key box extent))
-  int64_t token_stride;  // flat token index = sum over axes of coordinate * token_stride
+  int token_stride;  // flat token index = sum over axes of coordinate * token_stride
 };
 
 template <int Rank>
@@ -80,13 +80,15 @@ Params<Rank> make_params(NaProblem const& p, FnaTensors const& t, int head_dim,
     AxisSpec const& ax = p.axis[a];
     if (!axis_is_valid(ax)) fail("invalid window on axis " + std::to_string(a));
     AxisParams& A = P.axis[a];
-    A.spec = ax;
+    A.spec = {static_cast<int>(ax.extent), static_cast<int>(ax.kernel), static_cast<int>(ax.stride),
+              static_cast<int>(ax.dilation), ax.causal};
     A.group_max = static_cast<int>((ax.extent + ax.dilation - 1) / ax.dilation);
     A.q_tiles = (A.group_max + q_box[a] - 1) / q_box[a];
     A.kv_tiles = (A.group_max + kv_box[a] - 1) / kv_box[a];
-    A.token_stride = stride;
+    A.token_stride = static_cast<int>(stride);
     stride *= ax.extent;
   }
+  if (stride > INT32_MAX) fail("more than 2^31 - 1 tokens per batch entry");
   P.tokens = stride;
   P.batch = static_cast<int>(p.batch);
   P.heads = static_cast<int>(p.heads);

@@ -21,17 +21,17 @@ struct GroupCoords {
   int residue[Rank];  // dilation residue per axis
   int length[Rank];   // tokens of the group per axis
 
-  // Flat token of group coordinates g (each < length).
-  __device__ int64_t token(Params<Rank> const& p, int const* g) const {
-    int64_t t = 0;
+  // Flat token of group coordinates g (each < length); tokens of a batch entry fit an int.
+  __device__ int token(Params<Rank> const& p, int const* g) const {
+    int t = 0;
 #pragma unroll
     for (int a = 0; a < Rank; ++a) {
-      t += (int64_t(g[a]) * p.axis[a].spec.dilation + residue[a]) * p.axis[a].token_stride;
+      t += (g[a] * p.axis[a].spec.dilation + residue[a]) * p.axis[a].token_stride;
     }
     return t;
   }
 
-  __device__ AxisWindow window(Params<Rank> const& p, int a, int x) const {
+  __device__ BasicAxisWindow<int> window(Params<Rank> const& p, int a, int x) const {
     return axis_window(p.axis[a].spec, length[a], x);
   }
 };
@@ -50,11 +50,25 @@ __device__ bool decompose_tile(Params<Rank> const& p, int index, bool query_tile
     int const u = index % n;
     index /= n;
     g.residue[a] = u / per_group;
-    g.length[a] = int(group_length(p.axis[a].spec, g.residue[a]));
+    g.length[a] = group_length(p.axis[a].spec, g.residue[a]);
     origin[a] = (u % per_group) * Box::extent(a);
     inside = inside && origin[a] < g.length[a];
   }
   return inside;
+}
+
+// Flat token of token r of the box at `origin` in group g, or -1 past the group's end.
+template <int Rank, class Box>
+__device__ __forceinline__ int box_token(Params<Rank> const& p, GroupCoords<Rank> const& g,
+                                         int const* origin, int r) {
+  int c[Rank];
+  bool ok = true;
+#pragma unroll
+  for (int a = 0; a < Rank; ++a) {
+    c[a] = origin[a] + Box::offset(r, a);
+    ok = ok && c[a] < g.length[a];
+  }
+  return ok ? g.token(p, c) : -1;
 }
 
 // Per token of a box: its flat token (-1 past the group's end) and, per axis, the window of
@@ -63,7 +77,7 @@ __device__ bool decompose_tile(Params<Rank> const& p, int index, bool query_tile
 constexpr int kNoKey = -(1 << 30);
 template <int Rank, int N>
 struct RowTable {
-  int64_t token[N];
+  int token[N];
   int first[Rank][N];
   int last[Rank][N];
 };
@@ -83,7 +97,7 @@ __device__ void build_row_table(Params<Rank> const& p, GroupCoords<Rank> const& 
 #pragma unroll
     for (int a = 0; a < Rank; ++a) {
       if (valid) {
-        AxisWindow const w = g.window(p, a, c[a]);
+        auto const w = g.window(p, a, c[a]);
         t.first[a][r] = int(w.first);
         t.last[a][r] = int(w.last);
       } else {  // a window no key is in (keys are >= 0), also for the unsigned range tests
@@ -117,8 +131,8 @@ struct KeyWalk {
 #pragma unroll
     for (int a = 0; a < Rank; ++a) {
       int const q_last = min(q_origin[a] + QBox::extent(a), g.length[a]) - 1;
-      AxisWindow const w0 = g.window(p, a, q_origin[a]);
-      AxisWindow const w1 = g.window(p, a, q_last);
+      auto const w0 = g.window(p, a, q_origin[a]);
+      auto const w1 = g.window(p, a, q_last);
       first[a] = int(w0.first);
       count[a] = ceil_div(int(w1.last - w0.first) + 1, KVBox::extent(a));
       full_first[a] = int(w1.first);
@@ -127,12 +141,26 @@ struct KeyWalk {
     }
   }
 
-  __device__ void origin(int n, int* o) const {
+  // A position in the walk as per-axis box indices (last axis fastest). Steps are visited in
+  // order, so a cursor advances by carrying instead of dividing the step number by the counts:
+  // the divisions cost more than a small head dim's whole softmax step.
+  struct Cursor {
+    int index[Rank] = {};
+  };
+
+  __device__ void advance(Cursor& c) const {
+    bool carry = true;
 #pragma unroll
     for (int a = Rank - 1; a >= 0; --a) {
-      o[a] = first[a] + (n % count[a]) * KVBox::extent(a);
-      n /= count[a];
+      int const i = c.index[a] + int(carry);
+      carry = carry && i == count[a];
+      c.index[a] = carry ? 0 : i;
     }
+  }
+
+  __device__ void origin(Cursor const& c, int* o) const {
+#pragma unroll
+    for (int a = 0; a < Rank; ++a) o[a] = first[a] + c.index[a] * KVBox::extent(a);
   }
 
   // Every query of the box sees every key of the key box at o (no mask needed).
@@ -159,8 +187,8 @@ struct QueryWalk {
 #pragma unroll
     for (int a = 0; a < Rank; ++a) {
       k_last[a] = min(k_origin[a] + KVBox::extent(a), g.length[a]) - 1;
-      AxisRange const r0 = axis_inverse_window(p.axis[a].spec, g.length[a], k_origin[a]);
-      AxisRange const r1 = axis_inverse_window(p.axis[a].spec, g.length[a], k_last[a]);
+      auto const r0 = axis_inverse_window(p.axis[a].spec, g.length[a], k_origin[a]);
+      auto const r1 = axis_inverse_window(p.axis[a].spec, g.length[a], k_last[a]);
       first[a] = int(r0.first);
       count[a] = r1.last >= r0.first ? ceil_div(int(r1.last - r0.first) + 1, QBox::extent(a)) : 0;
       tiles *= count[a];

@@ -13,10 +13,14 @@ from natten._checks import FusedProblem, Window
 Tile = Tuple[int, ...]
 
 
+# Read once: the variable must be set before natten is imported (tests/conftest.py does).
+_POISON = os.environ.get("NATTEN_POISON_OUTPUTS") == "1"
+
+
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An output buffer. With NATTEN_POISON_OUTPUTS=1 it starts as NaN, so an element a kernel
     forgets to write cannot pass a comparison."""
-    if os.environ.get("NATTEN_POISON_OUTPUTS") == "1":
+    if _POISON:
         return torch.full(shape, math.nan, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from natten._checks import Window
+from natten._memo import memoize
 from natten.backends.base import Backend, Tile, lse_dtype, new_output
 
 
@@ -15,6 +16,7 @@ def extension():
     return _C
 
 
+@memoize  # building the extension's Window costs more host time than a small kernel runs
 def window_arg(window: Window):
     return extension().Window(list(window.kernel_size), list(window.stride), list(window.dilation),
                               list(window.is_causal))

@@ -109,6 +109,8 @@ class Sm80Backend(CompiledBackend):
                     "multiples of 8")
         if max(problem.batch, problem.heads) > 65535:
             return "more than 65535 batch entries or heads are not supported by cutlass-fna"
+        if math.prod(problem.spatial) > 2**31 - 1:
+            return "more than 2^31 - 1 tokens per batch entry are not supported by cutlass-fna"
         for backward in (False, True) if problem.requires_grad else (False,):
             if instantiated_head_dim(problem, backward) is None:
                 dims = head_dims(problem.rank, problem.dtype, backward)
