@@ -141,9 +141,24 @@ def test_rejects_float64_and_bad_tiles():
 
 def test_default_box_rule():
     assert flex.default_box(_problem((128, 128), 32)) == (8, 16)
-    assert math.prod(flex.default_box(_problem((16, 64, 64), (8, 16, 16)))) == 128
+    assert flex.default_box(_problem((16, 64, 64), (8, 16, 16))) == (4, 4, 8)
     assert flex.default_box(_problem((4096,), 255)) == (128,)
     assert flex.default_box(_problem((128, 128), 32), 64) == (8, 8)
+
+
+@pytest.mark.parametrize("spatial,kernel,stride,dilation,causal,box", [
+    ((8, 32, 32), (4, 8, 8), 1, 1, False, (2, 4, 8)),
+    ((8, 32, 32), (4, 8, 8), 1, 1, False, (8, 2, 4)),
+    ((12, 10), (5, 3), (2, 1), (2, 1), (True, False), (4, 4)),
+    ((37,), 9, 3, 3, True, (8,)),
+    ((20,), 19, 1, 1, False, (8,)),  # a padded query tile with a full key tile
+], ids=str)
+def test_box_cost_counts_the_block_mask(spatial, kernel, stride, dilation, causal, box):
+    # The rule's cost is exact: full and partial blocks of the built block mask.
+    problem = _problem(spatial, kernel, stride, dilation, causal)
+    mask = flex.get_layout(problem, box, box).block_mask
+    full, partial = int(mask.full_kv_num_blocks.sum()), int(mask.kv_num_blocks.sum())
+    assert flex._box_cost(problem, box) == full + (1 + flex._PARTIAL_PENALTY) * partial
 
 
 def test_listed_for_cuda_only():

@@ -117,18 +117,12 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
   build_row_table<Rank, QBox, kThreads>(p, g, q_origin, sm.rows, tid);
   __syncthreads();
 
-  auto const* q = static_cast<Element const*>(p.q);
-  auto const* d_out = static_cast<Element const*>(p.d_out);
-  auto q_row = [&](int r) -> Element const* {
-    int64_t const t = sm.rows.token[r];
-    return t < 0 ? nullptr : q + ((int64_t(b) * p.tokens + t) * p.heads + h) * p.dim;
-  };
-  auto d_out_row = [&](int r) -> Element const* {
-    int64_t const t = sm.rows.token[r];
-    return t < 0 ? nullptr : d_out + ((int64_t(b) * p.tokens + t) * p.heads + h) * p.dim_v;
-  };
-  gather_rows<M, D, kThreads, Element>(sQ, q_row, p.dim, q, tid);
-  gather_rows<M, D, kThreads, Element>(sdO, d_out_row, p.dim_v, d_out, tid);
+  auto row_token = [&](int r) { return sm.rows.token[r]; };
+  gather_rows<M, D, kThreads>(sQ, head_rows(static_cast<Element const*>(p.q), p.tokens, p.heads, b, h, p.dim),
+                              row_token, p.dim, tid);
+  gather_rows<M, D, kThreads>(
+      sdO, head_rows(static_cast<Element const*>(p.d_out), p.tokens, p.heads, b, h, p.dim_v), row_token,
+      p.dim_v, tid);
   Tensor sK0 = make_tensor(make_smem_ptr(sm.k[0]), typename Traits::template SmemRows<N>{});
   typename KeyWalk<Rank, QBox, KVBox>::Cursor at, next;  // of steps n, n + 1
   auto const first_keys = key_slice<Rank, KVBox>(walk, 0, at);
@@ -202,12 +196,8 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
   __syncthreads();  // every warp is done reading sQ
   store_acc<Traits>(acc_dq, sQ, tid);
   __syncthreads();
-  auto* d_q = static_cast<Element*>(p.d_q);
-  auto d_q_row = [&](int r) -> Element* {
-    int64_t const t = sm.rows.token[r];
-    return t < 0 ? nullptr : d_q + ((int64_t(b) * p.tokens + t) * p.heads + h) * p.dim;
-  };
-  scatter_rows<M, D, kThreads, Element>(sQ, d_q_row, p.dim, tid);
+  scatter_rows<M, D, kThreads>(sQ, head_rows(static_cast<Element*>(p.d_q), p.tokens, p.heads, b, h, p.dim),
+                               row_token, p.dim, tid);
 #endif
 }
 
@@ -373,20 +363,14 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
   // Needs the row table of `buf` complete and visible.
   auto load_queries = [&](QueryStep<Rank> const& qs, int buf) {
     auto const& cols = sm.cols[buf];
-    auto q_row = [&](int r) -> Element const* {
-      int64_t const t = cols.token[r];
-      return t < 0 ? nullptr : q_ptr + ((int64_t(b) * p.tokens + t) * p.heads + qs.h) * p.dim;
-    };
-    auto d_out_row = [&](int r) -> Element const* {
-      int64_t const t = cols.token[r];
-      return t < 0 ? nullptr
-                   : d_out_ptr + ((int64_t(b) * p.tokens + t) * p.heads + qs.h) * p.dim_v;
-    };
+    auto col_token = [&](int r) { return cols.token[r]; };
     Tensor sQ = make_tensor(make_smem_ptr(sm.q[buf]), typename Traits::template SmemRows<C>{});
     Tensor sdO =
         make_tensor(make_smem_ptr(sm.d_out[buf]), typename Traits::template SmemRows<C>{});
-    gather_rows<C, D, kThreads, Element>(sQ, q_row, p.dim, q_ptr, tid);
-    gather_rows<C, D, kThreads, Element>(sdO, d_out_row, p.dim_v, d_out_ptr, tid);
+    gather_rows<C, D, kThreads>(sQ, head_rows(q_ptr, p.tokens, p.heads, b, qs.h, p.dim), col_token,
+                                p.dim, tid);
+    gather_rows<C, D, kThreads>(sdO, head_rows(d_out_ptr, p.tokens, p.heads, b, qs.h, p.dim_v),
+                                col_token, p.dim_v, tid);
     cp_async_fence();
     for (int r = tid; r < C; r += kThreads) {
       int64_t const t = cols.token[r];
@@ -470,19 +454,11 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
   store_acc<Traits>(acc_dk, sK, tid);
   store_acc<Traits>(acc_dv, sV, tid);
   __syncthreads();
-  bool const extra = keys.extra_first >= 0;
-  auto* d_k = static_cast<Element*>(extra ? p.d_extra_k : p.d_k);
-  auto* d_v = static_cast<Element*>(extra ? p.d_extra_v : p.d_v);
-  auto d_k_row = [&](int r) -> Element* {
-    int64_t const i = keys.row(p, g, b, hk, r);
-    return i < 0 ? nullptr : d_k + i * p.dim;
-  };
-  auto d_v_row = [&](int r) -> Element* {
-    int64_t const i = keys.row(p, g, b, hk, r);
-    return i < 0 ? nullptr : d_v + i * p.dim_v;
-  };
-  scatter_rows<M, D, kThreads, Element>(sK, d_k_row, p.dim, tid);
-  scatter_rows<M, D, kThreads, Element>(sV, d_v_row, p.dim_v, tid);
+  auto key_token = [&](int r) { return keys.token(p, g, r); };
+  scatter_rows<M, D, kThreads>(sK, keys.rows(p, static_cast<Element*>(p.d_k), static_cast<Element*>(p.d_extra_k), b, hk, p.dim),
+                               key_token, p.dim, tid);
+  scatter_rows<M, D, kThreads>(sV, keys.rows(p, static_cast<Element*>(p.d_v), static_cast<Element*>(p.d_extra_v), b, hk, p.dim_v),
+                               key_token, p.dim_v, tid);
 #endif
 }
 

@@ -112,12 +112,9 @@ __global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kH
   };
   // The loads go out first; the row table, which only the masks and the epilogue read, is built
   // while they are in flight and published by the mainloop's first barrier.
-  auto const* q = static_cast<Element const*>(p.q);
-  auto q_row = [&](int r) -> Element const* {
-    int const t = box_token<Rank, QBox>(p, g, q_origin, r);
-    return t < 0 ? nullptr : q + ((int64_t(b) * p.tokens + t) * p.heads + h) * p.dim;
-  };
-  gather_rows<M, D, kThreads, Element>(sQ, q_row, p.dim, q, tid);
+  auto q_token = [&](int r) { return box_token<Rank, QBox>(p, g, q_origin, r); };
+  gather_rows<M, D, kThreads>(sQ, head_rows(static_cast<Element const*>(p.q), p.tokens, p.heads, b, h, p.dim),
+                              q_token, p.dim, tid);
   CUTE_UNROLL
   for (int n = 0; n < kStages - 1; ++n) load_step(n);
   build_row_table<Rank, QBox, kThreads>(p, g, q_origin, sm.rows, tid);
@@ -176,12 +173,9 @@ __global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kH
   __syncthreads();     // every warp is done reading sQ and the stages
   store_acc<Traits>(acc_o, sQ, tid);
   __syncthreads();
-  auto* out = static_cast<Element*>(p.out);
-  auto out_row = [&](int r) -> Element* {
-    int64_t const t = sm.rows.token[r];
-    return t < 0 ? nullptr : out + ((int64_t(b) * p.tokens + t) * p.heads + h) * p.dim_v;
-  };
-  scatter_rows<M, D, kThreads, Element>(sQ, out_row, p.dim_v, tid);
+  auto row_token = [&](int r) { return sm.rows.token[r]; };
+  scatter_rows<M, D, kThreads>(sQ, head_rows(static_cast<Element*>(p.out), p.tokens, p.heads, b, h, p.dim_v),
+                               row_token, p.dim_v, tid);
   if (tid % 4 == 0) {
     auto const o_coords = acc_coords<Traits, M, D>(tid);
     CUTE_UNROLL

@@ -16,20 +16,20 @@ struct KeySlice {
   int origin[Rank];  // group coordinates of the box; unused for additional keys
   int extra_first;   // first additional key of the slice; -1 for a box of the grid
 
-  // Row of key r in a [B, *S, Hkv, ...] (box) or [B, E, Hkv, ...] (additional keys) tensor, or
-  // -1 for a key past the group's end or past the last additional key.
-  __device__ int64_t row(Params<Rank> const& p, GroupCoords<Rank> const& g, int b, int hk,
-                         int r) const {
-    return extra_first < 0 ? grid_row(p, g, b, hk, r) : extra_row(p, b, hk, r);
-  }
-  __device__ int64_t grid_row(Params<Rank> const& p, GroupCoords<Rank> const& g, int b, int hk,
-                              int r) const {
-    int const t = box_token<Rank, KVBox>(p, g, origin, r);
-    return t < 0 ? -1 : (int64_t(b) * p.tokens + t) * p.heads_kv + hk;
-  }
-  __device__ int64_t extra_row(Params<Rank> const& p, int b, int hk, int r) const {
+  // Key r's token in the [B, *S, Hkv, ...] (box) or [B, E, Hkv, ...] (additional keys) tensor,
+  // or -1 for a key past the group's end or past the last additional key.
+  __device__ int token(Params<Rank> const& p, GroupCoords<Rank> const& g, int r) const {
+    if (extra_first < 0) return box_token<Rank, KVBox>(p, g, origin, r);
     int const e = extra_first + r;
-    return e < p.num_extra ? (int64_t(b) * p.num_extra + e) * p.heads_kv + hk : -1;
+    return e < p.num_extra ? e : -1;
+  }
+
+  // The rows this slice's keys live in: those of `grid` or of `extra`, for (b, hk).
+  template <class Element>
+  __device__ HeadRows<Element> rows(Params<Rank> const& p, Element* grid, Element* extra, int b,
+                                    int hk, int dim) const {
+    return extra_first < 0 ? head_rows(grid, p.tokens, p.heads_kv, b, hk, dim)
+                           : head_rows(extra, p.num_extra, p.heads_kv, b, hk, dim);
   }
 };
 
@@ -52,21 +52,18 @@ __device__ __forceinline__ void load_keys(Params<Rank> const& p, GroupCoords<Ran
                                           int tid) {
   using Element = typename Traits::Element;
   constexpr int N = KVBox::kSize, D = Traits::kHeadDim, kThreads = Traits::kThreads;
-  auto const* grid = static_cast<Element const*>(grid_ptr);
+  auto const rows = keys.rows(p, static_cast<Element const*>(grid_ptr),
+                              static_cast<Element const*>(extra_ptr), b, hk, dim);
   // Two gathers rather than one with a per-row choice: the forward's registers are tight.
   if (keys.extra_first < 0) {
-    auto row = [&](int r) -> Element const* {
-      int64_t const i = keys.grid_row(p, g, b, hk, r);
-      return i < 0 ? nullptr : grid + i * dim;
-    };
-    gather_rows<N, D, kThreads, Element>(s, row, dim, grid, tid);
+    auto token = [&](int r) { return box_token<Rank, KVBox>(p, g, keys.origin, r); };
+    gather_rows<N, D, kThreads>(s, rows, token, dim, tid);
   } else {
-    auto const* extra = static_cast<Element const*>(extra_ptr);
-    auto row = [&](int r) -> Element const* {
-      int64_t const i = keys.extra_row(p, b, hk, r);
-      return i < 0 ? nullptr : extra + i * dim;
+    auto token = [&](int r) {
+      int const e = keys.extra_first + r;
+      return e < p.num_extra ? e : -1;
     };
-    gather_rows<N, D, kThreads, Element>(s, row, dim, grid, tid);
+    gather_rows<N, D, kThreads>(s, rows, token, dim, tid);
   }
 }
 

@@ -168,12 +168,39 @@ __device__ __forceinline__ void cp_async_fence() { asm volatile("cp.async.commit
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// Gathers `Rows` token rows into the swizzled tile s (Rows, HeadDim). row(r) gives the first
-// element of row r in global memory, or nullptr for a row to zero-fill; columns at or past
-// `dim` are zero-filled too (head dims padded up to the instantiation's).
-template <int Rows, int HeadDim, int kThreads, class Element, class S, class RowFn>
-__device__ __forceinline__ void gather_rows(S& s, RowFn const& row, int dim, void const* any,
-                                            int tid) {
+// The rows of one (batch, head) of a [B, T, H, dim] tensor: token t's row starts at
+// first + t * pitch. The pitch is 32-bit and tokens are non-negative, so a row address is one
+// wide unsigned multiply-add (a signed 64-bit product costs five instructions).
+template <class Element>
+struct HeadRows {
+  Element* first;
+  int pitch;  // H * dim
+
+  __device__ __forceinline__ Element* row(int t) const {
+    return first + static_cast<uint64_t>(static_cast<unsigned>(t)) * static_cast<unsigned>(pitch);
+  }
+};
+
+template <class Element>
+__device__ __forceinline__ HeadRows<Element> head_rows(Element* base, int64_t tokens, int heads,
+                                                       int b, int head, int dim) {
+  return {base + (int64_t(b) * tokens * heads + head) * dim, heads * dim};
+}
+
+// Rows each thread moves in gather_rows/scatter_rows: a compile-time trip count (the loop over
+// a thread's rows unrolls, and row offsets fold into constants), so rows are visited as
+// tid / kPerRow + i * kRowStep rather than by a loop bounded at run time.
+template <int Rows, int kRowStep>
+__device__ __forceinline__ constexpr int ceil_rows() {
+  return (Rows + kRowStep - 1) / kRowStep;
+}
+
+// Gathers `Rows` rows into the swizzled tile s (Rows, HeadDim): tile row r is token token(r)
+// of `rows`, or zero-filled where token(r) < 0; columns at or past `dim` are zero-filled too
+// (head dims padded up to the instantiation's).
+template <int Rows, int HeadDim, int kThreads, class Element, class S, class TokenFn>
+__device__ __forceinline__ void gather_rows(S& s, HeadRows<Element const> const& rows,
+                                            TokenFn const& token, int dim, int tid) {
   constexpr int kChunk = 16 / sizeof(Element);
   constexpr int kPerRow = HeadDim / kChunk;
   static_assert(kThreads % kPerRow == 0, "threads must cover whole rows");
@@ -181,26 +208,31 @@ __device__ __forceinline__ void gather_rows(S& s, RowFn const& row, int dim, voi
   int const col = (tid % kPerRow) * kChunk;
   bool const col_ok = col < dim;
   CUTE_UNROLL
-  for (int r = tid / kPerRow; r < Rows; r += kRowStep) {
-    Element const* src = row(r);
-    bool const ok = col_ok && src != nullptr;
-    cp_async_16(&s(r, col), ok ? static_cast<void const*>(src + col) : any, ok);
+  for (int i = 0; i < ceil_rows<Rows, kRowStep>(); ++i) {
+    int const r = tid / kPerRow + i * kRowStep;
+    if (Rows % kRowStep != 0 && r >= Rows) break;
+    int const t = token(r);
+    bool const ok = col_ok && t >= 0;
+    cp_async_16(&s(r, col), ok ? static_cast<void const*>(rows.row(t) + col) : rows.first, ok);
   }
 }
 
-// Writes `Rows` rows of the tile s (Rows, HeadDim) to global memory; row(r) as in gather_rows
-// (nullptr: not written), only the first `dim` columns.
-template <int Rows, int HeadDim, int kThreads, class Element, class S, class RowFn>
-__device__ __forceinline__ void scatter_rows(S const& s, RowFn const& row, int dim, int tid) {
+// Writes the tile s (Rows, HeadDim) to global memory: tile row r to token token(r) of `rows`
+// (not written where token(r) < 0), only the first `dim` columns.
+template <int Rows, int HeadDim, int kThreads, class Element, class S, class TokenFn>
+__device__ __forceinline__ void scatter_rows(S const& s, HeadRows<Element> const& rows,
+                                             TokenFn const& token, int dim, int tid) {
   constexpr int kChunk = 16 / sizeof(Element);
   constexpr int kPerRow = HeadDim / kChunk;
   constexpr int kRowStep = kThreads / kPerRow;
   int const col = (tid % kPerRow) * kChunk;
   if (col >= dim) return;
   CUTE_UNROLL
-  for (int r = tid / kPerRow; r < Rows; r += kRowStep) {
-    Element* dst = row(r);
-    if (dst != nullptr) *reinterpret_cast<uint4*>(dst + col) = *reinterpret_cast<uint4 const*>(&s(r, col));
+  for (int i = 0; i < ceil_rows<Rows, kRowStep>(); ++i) {
+    int const r = tid / kPerRow + i * kRowStep;
+    if (Rows % kRowStep != 0 && r >= Rows) break;
+    int const t = token(r);
+    if (t >= 0) *reinterpret_cast<uint4*>(rows.row(t) + col) = *reinterpret_cast<uint4 const*>(&s(r, col));
   }
 }
 

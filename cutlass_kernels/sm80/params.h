@@ -30,7 +30,8 @@ struct AxisParams {
   int group_max;         // ceil(extent / dilation): length of the longest dilation group
   int q_tiles;           // query tiles per dilation group (ceil(group_max / query box extent))
   int kv_tiles;          // key tiles per dilation group (ceil(group_max / key box extent))
-  int token_stride;  // flat token index = sum over axes of coordinate * token_stride
+  int token_stride;        // flat token index = sum over axes of coordinate * token_stride
+  int group_token_stride;  // dilation * token_stride: one step along the axis inside a group
 };
 
 template <int Rank>
@@ -86,6 +87,7 @@ Params<Rank> make_params(NaProblem const& p, FnaTensors const& t, int head_dim,
     A.q_tiles = (A.group_max + q_box[a] - 1) / q_box[a];
     A.kv_tiles = (A.group_max + kv_box[a] - 1) / kv_box[a];
     A.token_stride = static_cast<int>(stride);
+    A.group_token_stride = static_cast<int>(stride * ax.dilation);
     stride *= ax.extent;
   }
   if (stride > INT32_MAX) fail("more than 2^31 - 1 tokens per batch entry");

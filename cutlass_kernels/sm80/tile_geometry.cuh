@@ -18,16 +18,14 @@ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; 
 // One dilation group's part of the grid a tile lives in.
 template <int Rank>
 struct GroupCoords {
-  int residue[Rank];  // dilation residue per axis
-  int length[Rank];   // tokens of the group per axis
+  int first_token;   // flat token of the group's first coordinates (its dilation residues)
+  int length[Rank];  // tokens of the group per axis
 
   // Flat token of group coordinates g (each < length); tokens of a batch entry fit an int.
   __device__ int token(Params<Rank> const& p, int const* g) const {
-    int t = 0;
+    int t = first_token;
 #pragma unroll
-    for (int a = 0; a < Rank; ++a) {
-      t += (g[a] * p.axis[a].spec.dilation + residue[a]) * p.axis[a].token_stride;
-    }
+    for (int a = 0; a < Rank; ++a) t += g[a] * p.axis[a].group_token_stride;
     return t;
   }
 
@@ -43,14 +41,16 @@ template <int Rank, class Box>
 __device__ bool decompose_tile(Params<Rank> const& p, int index, bool query_tiles,
                                GroupCoords<Rank>& g, int* origin) {
   bool inside = true;
+  g.first_token = 0;
 #pragma unroll
   for (int a = Rank - 1; a >= 0; --a) {
     int const per_group = query_tiles ? p.axis[a].q_tiles : p.axis[a].kv_tiles;
     int const n = per_group * int(p.axis[a].spec.dilation);
     int const u = index % n;
     index /= n;
-    g.residue[a] = u / per_group;
-    g.length[a] = group_length(p.axis[a].spec, g.residue[a]);
+    int const residue = u / per_group;
+    g.first_token += residue * p.axis[a].token_stride;
+    g.length[a] = group_length(p.axis[a].spec, residue);
     origin[a] = (u % per_group) * Box::extent(a);
     inside = inside && origin[a] < g.length[a];
   }

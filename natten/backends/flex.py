@@ -451,23 +451,45 @@ def _group_extent(problem: FusedProblem, axis: int) -> int:
     return math.ceil(problem.spatial[axis] / problem.window.dilation[axis])
 
 
+def _axis_block_pairs(extent: int, kernel: int, stride: int, dilation: int, causal: bool,
+                      tile: int) -> Tuple[int, int]:
+    """(visible, full) pairs of (query tile, key tile) along one axis, for tiles of `tile`
+    coordinates of each dilation group (groups padded to whole tiles; a padding query repeats
+    its group's last window, a padding key is seen by none): visible when some query of the one
+    sees some key of the other, full when every query sees every key. Windows are
+    intervals whose bounds grow with the query, so a tile's union of windows runs from its
+    first query's first key to its last query's last key, and their intersection the other
+    way round."""
+    window = _axis_window()
+    visible = full = 0
+    for r in range(dilation):
+        group = len(range(r, extent, dilation))
+        bounds = [window(extent, kernel, stride, dilation, causal, x * dilation + r)[1:] for x in range(group)]
+        tiles = math.ceil(group / tile)
+        for i in range(tiles):
+            x0, x1 = i * tile, min((i + 1) * tile, group) - 1
+            lo, hi = bounds[x0][0], bounds[x1][1]
+            all_lo, all_hi = bounds[x1][0], bounds[x0][1]
+            for j in range(tiles):
+                y0, y1 = j * tile, (j + 1) * tile - 1
+                if y0 <= hi and y1 >= lo:
+                    visible += 1
+                    full += y1 < group and all_lo <= y0 and y1 <= all_hi
+    return visible, full
+
+
 def _box_cost(problem: FusedProblem, box: Sequence[int]) -> float:
-    """Expected score elements computed per (batch, head) with query and key boxes `box`:
-    padded queries x keys visited per query, a product over axes. Per axis, the windows of t
-    consecutive queries of a dilation group span t + k - 1 keys, which overlap on average
-    (t + k - 2) / t + 1 key tiles of t (never more than the group holds); the padded length
-    counts every dilation group rounded up to a multiple of t. Key tiles inside the windows of
-    all t queries (about (k - 2t + 2) / t of them) are full blocks, which skip the mask; partial
-    blocks are charged _PARTIAL_PENALTY more."""
-    cost, full_fraction = 1.0, 1.0
-    for L, k, d, t in zip(problem.spatial, problem.window.kernel_size, problem.window.dilation, box):
-        groups = [len(range(r, L, d)) for r in range(d)]
-        padded = sum(math.ceil(g / t) * t for g in groups)
-        tiles = min(math.ceil(max(groups) / t), (t + k - 2) / t + 1)
-        full = min(tiles, 1.0) if t >= max(groups) and k >= max(groups) else max(0.0, (k - 2 * t + 2) / t)
-        full_fraction *= min(1.0, full / tiles)
-        cost *= padded * tiles * t
-    return cost * (1 + _PARTIAL_PENALTY * (1 - full_fraction))
+    """Cost of query and key boxes `box`: the blocks flex visits per (batch, head), a partial
+    block (its mask evaluated per element) counted _PARTIAL_PENALTY dearer than a full one. A
+    block is visited (or full) exactly when its projections on every axis are, so the counts
+    are products of per-axis counts."""
+    visible = full = 1
+    w = problem.window
+    for a, t in enumerate(box):
+        v, f = _axis_block_pairs(problem.spatial[a], w.kernel_size[a], w.stride[a], w.dilation[a],
+                                 w.is_causal[a], t)
+        visible, full = visible * v, full * f
+    return full + (1 + _PARTIAL_PENALTY) * (visible - full)
 
 
 def default_box(problem: FusedProblem, block: int = _DEFAULT_BLOCK) -> Tile:
