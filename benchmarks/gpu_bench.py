@@ -13,7 +13,9 @@ Times: CUDA events around each of back-to-back calls, after warm-up, median over
 (a GPU time, unless the host cannot keep up; "host ms" is the host's time per call), and of
 replays of a CUDA graph of one call ("graph ms": the GPU's time alone, what small problems' kernels
 take when their host cost overlaps other work); peak memory is
-torch.cuda.max_memory_allocated after a reset. Effective TFLOP/s use the exact NA flop count
+torch.cuda.max_memory_allocated after a reset. "GB/s" is a forward's compulsory traffic (Q, K, V
+read, O written) over its GPU time (graph replay where there is one), next to a device-to-device
+copy of the same bytes timed in the same run (the "device copy" row). Effective TFLOP/s use the exact NA flop count
 (natten.flops.fna_flops, 2 flops per multiply-add; forward+backward counted 3.5x forward, the
 backward being 2.5x) for every row, SDPA included. Backward passes return the input gradients
 (torch.autograd.grad), as a training step with cleared gradients does: no accumulation into
@@ -109,11 +111,16 @@ def run_problem(p: Problem, device: torch.device, dtype: torch.dtype, backends: 
     scale = D ** -0.5
     rows: List[dict] = []
 
-    def record(impl: str, pass_: str, timed, **extra):
+    # A forward's compulsory traffic: Q, K, V read and O written once.
+    fwd_bytes = 4 * q.numel() * q.element_size()
+
+    def record(impl: str, pass_: str, timed, attention: bool = True, **extra):
         ms, peak, host_ms, graph_ms = timed
         flops = flops_fwd * (1 + BACKWARD_FACTOR if pass_ == "fwd+bwd" else 1)
+        gpu_ms = ms if graph_ms is None else graph_ms
         rows.append(dict(problem=p.name, impl=impl, pass_=pass_, ms=ms,
-                         tflops=flops / (ms * 1e-3) / 1e12,
+                         tflops=flops / (ms * 1e-3) / 1e12 if attention else None,
+                         gb_s=fwd_bytes / (gpu_ms * 1e-3) / 1e9 if pass_ == "fwd" else None,
                          peak_mib=None if peak is None else peak / 2**20, host_ms=host_ms,
                          graph_ms=graph_ms, **extra))
 
@@ -155,7 +162,7 @@ def run_problem(p: Problem, device: torch.device, dtype: torch.dtype, backends: 
     # speedup over dense SDPA, per pass
     sdpa = {r["pass_"]: r["ms"] for r in rows if r["impl"] == "sdpa dense"}
     for r in rows:
-        if "ms" in r and r["pass_"] in sdpa:
+        if r.get("tflops") is not None and r["pass_"] in sdpa:
             r["speedup_vs_sdpa"] = sdpa[r["pass_"]] / r["ms"]
     return rows
 
@@ -207,6 +214,13 @@ def _peers(p: Problem, q, k, v, d_out, scale, device, passes, warmup, repeat, re
             timed = time_ms(flex_row_major_bwd, device, warmup, repeat)
             record("flex row-major", "fwd+bwd", timed, **stats)
 
+    # ---- a device-to-device copy of a forward's bytes (2 |Q| read, 2 |Q| written) ----
+    if "fwd" in passes and device.type == "cuda":
+        src = torch.empty(2 * q.numel(), dtype=q.dtype, device=device).normal_()
+        dst = torch.empty_like(src)
+        progress(f"{p.name}: device copy of the forward's bytes")
+        record("device copy", "fwd", time_ms(lambda: dst.copy_(src), device, warmup, repeat), attention=False)
+
     # ---- dense SDPA, heads-first, no mask ----
     qh, kh, vh, doh = (t.reshape(B, N, H, D).transpose(1, 2).contiguous() for t in (q, k, v, d_out))
     if "fwd" in passes:
@@ -238,23 +252,23 @@ def print_table(problems: List[Problem], rows: List[dict], device: torch.device)
           f"{', '.join(sorted({r['impl'] for r in rows if r['impl'].startswith('natten')}))}")
     for p in problems:
         print("  " + p.describe())
-    header = ("problem", "impl", "pass", "ms", "host ms", "graph ms", "TFLOP/s", "vs SDPA", "peak MiB", "rel err",
-              "note")
+    header = ("problem", "impl", "pass", "ms", "host ms", "graph ms", "TFLOP/s", "GB/s", "vs SDPA", "peak MiB",
+              "rel err", "note")
     table = []
     for r in rows:
         if "error" in r:
-            table.append((r["problem"], r["impl"], "-", "-", "-", "-", "-", "-", "-", "-", "error: " + r["error"][:60]))
+            table.append((r["problem"], r["impl"], "-", "-", "-", "-", "-", "-", "-", "-", "-", "error: " + r["error"][:60]))
             continue
         note = "FLAGGED > 2e-2" if r.get("flagged") else ""
         table.append((r["problem"], r["impl"], r["pass_"], _fmt(r["ms"], ".3f"), _fmt(r["host_ms"], ".3f"),
                       _fmt(r["graph_ms"], ".3f"),
-                      _fmt(r["tflops"], ".3g"),
+                      _fmt(r["tflops"], ".3g"), _fmt(r.get("gb_s"), ".0f"),
                       _fmt(r.get("speedup_vs_sdpa"), ".2f") + ("x" if r.get("speedup_vs_sdpa") else ""),
                       _fmt(r["peak_mib"], ".0f"), _fmt(r.get("rel_err_vs_flex"), ".1e"), note))
     widths = [max(len(str(row[i])) for row in [header] + table) for i in range(len(header))]
     print()
     for n, row in enumerate([header] + table):
-        print("  ".join(str(c).ljust(w) if i < 3 or i == 10 else str(c).rjust(w)
+        print("  ".join(str(c).ljust(w) if i < 3 or i == 11 else str(c).rjust(w)
                         for i, (c, w) in enumerate(zip(row, widths))).rstrip())
         if n == 0:
             print("  ".join("-" * w for w in widths))
@@ -265,7 +279,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--problems", default=",".join(PROBLEMS), help="comma list of P1..P5 (default: all)")
     ap.add_argument("--backends", default=None,
-                    help="comma list of natten backends (default: every one usable on the device)")
+                    help="comma list of natten backends (default: every one usable on the device except "
+                         "the 'reference' fallback, which takes minutes on P1-P3, unless it is the only one)")
     ap.add_argument("--repeat", type=int, default=10, help="timed runs, median reported (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     ap.add_argument("--backprop", action=argparse.BooleanOptionalAction, default=True,
@@ -294,7 +309,7 @@ def main(argv=None) -> int:
     if args.backends:
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     else:
-        backends = available
+        backends = [b for b in available if b != "reference"] or available
     passes = ["fwd"] + (["fwd+bwd"] if args.backprop else [])
 
     t0 = time.perf_counter()
