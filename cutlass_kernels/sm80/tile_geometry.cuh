@@ -57,25 +57,18 @@ __device__ bool decompose_tile(Params<Rank> const& p, int index, bool query_tile
   return inside;
 }
 
-// Group coordinates c of token r of the box at `origin`; false past the group's end.
+// Flat token of token r of the box at `origin` in group g, or -1 past the group's end.
 template <int Rank, class Box>
-__device__ __forceinline__ bool box_coords(GroupCoords<Rank> const& g, int const* origin, int r,
-                                           int* c) {
+__device__ __forceinline__ int box_token(Params<Rank> const& p, GroupCoords<Rank> const& g,
+                                         int const* origin, int r) {
+  int c[Rank];
   bool ok = true;
 #pragma unroll
   for (int a = 0; a < Rank; ++a) {
     c[a] = origin[a] + Box::offset(r, a);
     ok = ok && c[a] < g.length[a];
   }
-  return ok;
-}
-
-// Flat token of token r of the box at `origin` in group g, or -1 past the group's end.
-template <int Rank, class Box>
-__device__ __forceinline__ int box_token(Params<Rank> const& p, GroupCoords<Rank> const& g,
-                                         int const* origin, int r) {
-  int c[Rank];
-  return box_coords<Rank, Box>(g, origin, r, c) ? g.token(p, c) : -1;
+  return ok ? g.token(p, c) : -1;
 }
 
 // Per token of a box: its flat token (-1 past the group's end) and, per axis, the window of
@@ -94,7 +87,12 @@ __device__ void build_row_table(Params<Rank> const& p, GroupCoords<Rank> const& 
                                 int const* origin, RowTable<Rank, Box::kSize>& t, int tid) {
   for (int r = tid; r < Box::kSize; r += kThreads) {
     int c[Rank];
-    bool const valid = box_coords<Rank, Box>(g, origin, r, c);
+    bool valid = true;
+#pragma unroll
+    for (int a = 0; a < Rank; ++a) {
+      c[a] = origin[a] + Box::offset(r, a);
+      valid = valid && c[a] < g.length[a];
+    }
     t.token[r] = valid ? g.token(p, c) : -1;
 #pragma unroll
     for (int a = 0; a < Rank; ++a) {
