@@ -464,17 +464,13 @@ def _axis_block_pairs(extent: int, kernel: int, stride: int, dilation: int, caus
     visible = full = 0
     for r in range(dilation):
         group = len(range(r, extent, dilation))
-        bounds = [window(extent, kernel, stride, dilation, causal, x * dilation + r)[1:] for x in range(group)]
-        tiles = math.ceil(group / tile)
-        for i in range(tiles):
+        for i in range(math.ceil(group / tile)):
             x0, x1 = i * tile, min((i + 1) * tile, group) - 1
-            lo, hi = bounds[x0][0], bounds[x1][1]
-            all_lo, all_hi = bounds[x1][0], bounds[x0][1]
-            for j in range(tiles):
-                y0, y1 = j * tile, (j + 1) * tile - 1
-                if y0 <= hi and y1 >= lo:
-                    visible += 1
-                    full += y1 < group and all_lo <= y0 and y1 <= all_hi
+            _, lo, all_hi = window(extent, kernel, stride, dilation, causal, x0 * dilation + r)
+            _, all_lo, hi = window(extent, kernel, stride, dilation, causal, x1 * dilation + r)
+            # key tiles meeting [lo, hi]; key tiles inside [all_lo, all_hi] and the group
+            visible += hi // tile - lo // tile + 1
+            full += max(0, (all_hi + 1) // tile - (all_lo + tile - 1) // tile)
     return visible, full
 
 
