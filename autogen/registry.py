@@ -96,9 +96,10 @@ FAMILIES = (
     # Plain CUDA: every GPU CUDA 13 targets, from Turing (sm_75) on.
     Family("reference", REFERENCE_OPS, (1, 2, 3), ("float32", "float16", "bfloat16"), True,
            "natten::reference", archs=("75", "80", "90a"), decl_header="reference/kernels.h"),
-    # Tensor cores through CuTe (mma.sync, cp.async): Ampere and every later GPU.
-    Family("sm80", SM80_OPS, (1, 2, 3), ("float16", "bfloat16"), True, "natten::sm80",
-           head_dims=(32, 64, 128), archs=("80", "90a"), decl_header="sm80/kernels.h", cutlass=True),
+    # Tensor cores through CuTe (mma.sync, cp.async): Ampere and every later GPU; float32 on
+    # TF32 tensor cores.
+    Family("sm80", SM80_OPS, (1, 2, 3), ("float16", "bfloat16", "float32"), True, "natten::sm80",
+           head_dims=(32, 64, 128, 256), archs=("80", "90a"), decl_header="sm80/kernels.h", cutlass=True),
 )
 
 
@@ -172,13 +173,30 @@ def kernels(with_cuda: bool, kernel_filter: str = "", with_cutlass: bool = True)
     return out
 
 
+def _fits(op: Op, dtype: str, head_dim: int, q_tile: tuple) -> bool:
+    """Whether a tiled instantiation fits every GPU of its family (registers, and shared memory
+    of an A100: 163 KiB per block).
+    - Head dim 256: the forward with 64-query boxes only (a 128-query box would hold 256 output
+      accumulators per thread); no backward, whose dK/dV kernel would hold 256 accumulators per
+      thread. Problems that need its gradients run on another backend.
+    - float32 (4-byte rows): at head dim 128 a 128-query forward box needs 192 KiB; head dim 256
+      does not fit at all."""
+    size = 1
+    for e in q_tile:
+        size *= e
+    if head_dim >= 256:
+        return op.name == "fna_fwd" and size <= 64 and dtype != "float32"
+    return not (dtype == "float32" and head_dim >= 128 and size > 64)
+
+
 def _variants(family: Family, op: Op, rank: int, dtype: str):
     if op.tiles is None:
         yield Kernel(family, op, rank, dtype)
         return
     for head_dim in family.head_dims:
         for q_tile, kv_tile in op.tiles[rank]:
-            yield Kernel(family, op, rank, dtype, head_dim, q_tile, kv_tile)
+            if _fits(op, dtype, head_dim, q_tile):
+                yield Kernel(family, op, rank, dtype, head_dim, q_tile, kv_tile)
 
 
 def cutlass_include() -> Optional[str]:

@@ -182,7 +182,7 @@ def check_fused(case, dtype, device, backend, grad=True, fused_alias=False, extr
         kwargs["additional_values"] = av
     if extra_kwargs:
         kwargs.update(extra_kwargs)
-    tol = tol if tol is not None else tolerance(dtype, device)
+    tol = tol if tol is not None else tolerance(dtype, device, backend)
 
     res = maybe_skip_unsupported(
         device, backend, dtype, lambda: op(q, k, v, backend=backend, return_lse=True, **kwargs)

@@ -27,7 +27,7 @@ def _forward_configs():
 
 pytestmark = pytest.mark.skipif(_backend() is None, reason="cutlass-fna needs a CUDA build and GPU")
 
-DTYPES = [torch.float16, torch.bfloat16]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]  # float32: TF32 tensor cores
 
 LARGE_CASES = [
     Case((300,), 65, D=64, H=2),
@@ -54,10 +54,11 @@ CONFIG_CASES = {
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("config", _forward_configs(), ids=lambda c: f"{c[0]}d-q{c[1]}-kv{c[2]}")
-def test_every_forward_tile_pair(config):
+def test_every_forward_tile_pair(config, dtype):
     rank, q_tile, kv_tile = config
-    check_fused(CONFIG_CASES[rank], torch.bfloat16, "cuda", "cutlass-fna", grad=False,
+    check_fused(CONFIG_CASES[rank], dtype, "cuda", "cutlass-fna", grad=False,
                 extra_kwargs={"q_tile_shape": q_tile, "kv_tile_shape": kv_tile})
 
 
@@ -71,3 +72,27 @@ def test_default_tiles_follow_the_rule():
     q, kv = _backend().default_tiles(problem, backward=False)
     costs = {c: sm80.walk_cost(problem, *c) for c in sm80.configs(problem, False)}
     assert sm80.walk_cost(problem, q, kv) == min(costs.values())
+
+
+# Head dim 256 has forward kernels only (64-query boxes); 136..256 pad up to it.
+HEAD_DIM_256_CASES = [
+    Case((20, 24), (7, 9), D=256, H=2, Hkv=1),
+    Case((300,), 65, dilation=2, D=200, Dv=136, extra=9),
+    Case((6, 10, 12), (3, 5, 4), causal=(False, True, False), D=256),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("case", HEAD_DIM_256_CASES, ids=Case.id)
+def test_head_dim_256_forward(case, dtype):
+    check_fused(case, dtype, "cuda", "cutlass-fna", grad=False)
+
+
+def test_head_dim_256_gradients_take_another_backend():
+    import natten
+
+    q, k, v = (torch.randn(1, 12, 16, 1, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    with pytest.raises(ValueError, match="backward"):
+        natten.na2d(q, k, v, kernel_size=5, backend="cutlass-fna")
+    check_fused(Case((12, 16), 5, D=256), torch.bfloat16, "cuda", None)

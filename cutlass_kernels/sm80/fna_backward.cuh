@@ -28,44 +28,61 @@ constexpr float kLog2e = 1.4426950408889634f;
 // delta
 // ---------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
-__device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+// Sum of a * b over the elements of two 16-byte pieces, in float32.
+__device__ __forceinline__ float piece_dot(uint4 a, uint4 b, float sum, __half) {
+  auto const* x = reinterpret_cast<__half2 const*>(&a);
+  auto const* y = reinterpret_cast<__half2 const*>(&b);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 const u = __half22float2(x[i]), v = __half22float2(y[i]);
+    sum = fmaf(u.x, v.x, fmaf(u.y, v.y, sum));
+  }
+  return sum;
+}
+__device__ __forceinline__ float piece_dot(uint4 a, uint4 b, float sum, __nv_bfloat16) {
+  auto const* x = reinterpret_cast<__nv_bfloat162 const*>(&a);
+  auto const* y = reinterpret_cast<__nv_bfloat162 const*>(&b);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 const u = __bfloat1622float2(x[i]), v = __bfloat1622float2(y[i]);
+    sum = fmaf(u.x, v.x, fmaf(u.y, v.y, sum));
+  }
+  return sum;
+}
+__device__ __forceinline__ float piece_dot(uint4 a, uint4 b, float sum, float) {
+  float4 const u = *reinterpret_cast<float4 const*>(&a), v = *reinterpret_cast<float4 const*>(&b);
+  return fmaf(u.x, v.x, fmaf(u.y, v.y, fmaf(u.z, v.z, fmaf(u.w, v.w, sum))));
+}
 
-// As kForwardMinBlocks: CTAs per SM the dQ and dK/dV kernels ask for (four at head dim 32).
-template <int HeadDim>
-inline constexpr int kBackwardMinBlocks = HeadDim <= 32 ? 4 : 1;
+// As kForwardMinBlocks: CTAs per SM the dQ and dK/dV kernels ask for (four at head dim 32, two
+// for TF32).
+template <int HeadDim, bool kTf32>
+inline constexpr int kBackwardMinBlocks = HeadDim > 32 ? 1 : kTf32 ? 2 : 4;
 
 constexpr int kDeltaWarps = 8;
 
 // Lanes per (token, head) row of the delta kernel: enough for the row's 16-byte pieces (a power
 // of two, at most a warp), so that small head dims do not leave most of each warp idle.
-inline int delta_lanes_per_row(int dim) {
+inline int delta_lanes_per_row(int pieces) {
   int lanes = 1;
-  while (lanes < 32 && lanes * 8 < dim) lanes *= 2;
+  while (lanes < 32 && lanes < pieces) lanes *= 2;
   return lanes;
 }
 
-// `lanes` lanes per row of O and dO, taking 16-byte pieces (dim % 8 == 0).
+// `lanes` lanes per row of O and dO, taking 16-byte pieces (dim a multiple of a piece).
 template <typename T>
 __global__ void __launch_bounds__(kDeltaWarps * 32)
     fna_backward_delta_kernel(T const* out, T const* d_out, float const* d_lse, float* delta,
                               int64_t rows, int dim, int lanes) {
-  using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  constexpr int kPiece = 16 / sizeof(T);
   int const lane = threadIdx.x % 32;
   int64_t const row = (int64_t(blockIdx.x) * kDeltaWarps + threadIdx.x / 32) * (32 / lanes) + lane / lanes;
   bool const real = row < rows;  // every lane stays for the shuffles
   float sum = 0.f;
-  for (int c = (lane % lanes) * 8; real && c < dim; c += lanes * 8) {
+  for (int c = (lane % lanes) * kPiece; real && c < dim; c += lanes * kPiece) {
     uint4 const o = *reinterpret_cast<uint4 const*>(out + row * dim + c);
     uint4 const d = *reinterpret_cast<uint4 const*>(d_out + row * dim + c);
-    Pair const* op = reinterpret_cast<Pair const*>(&o);
-    Pair const* dp = reinterpret_cast<Pair const*>(&d);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float2 const a = to_float2(op[i]);
-      float2 const g = to_float2(dp[i]);
-      sum = fmaf(a.x, g.x, fmaf(a.y, g.y, sum));
-    }
+    sum = piece_dot(o, d, sum, T{});
   }
   for (int m = lanes / 2; m > 0; m /= 2) sum += __shfl_xor_sync(0xffffffff, sum, m);
   // dLSE enters dS as + P * dLSE (d lse / d s_j = P_j), i.e. as a shift of delta.
@@ -91,7 +108,7 @@ struct DqSmem {
 };
 
 template <int Rank, class Traits, class QBox, class KVBox>
-__global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::kHeadDim>)
+__global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::kHeadDim, Traits::kTf32>)
     fna_backward_dq_kernel(Params<Rank> const p) {
 #if NATTEN_SM80_DEVICE_CODE
   using Element = typename Traits::Element;
@@ -186,8 +203,8 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
       CUTE_UNROLL
       for (int j = 0; j < size<1>(s_rc); ++j) dp_rc(i, j) = s_rc(i, j) * (dp_rc(i, j) - delta);
     }
-    Tensor ds = convert<Element>(acc_dp);
-    Tensor ds_a = make_tensor(ds.data(), acc_as_a(ds.layout()));
+    Tensor ds = convert<typename Traits::Operand>(acc_dp);
+    Tensor ds_a = make_tensor(ds.data(), acc_as_a<Traits>(ds.layout()));
     gemm_rs<Traits>(acc_dq, ds_a, sKt, tid);
   }
 
@@ -219,8 +236,9 @@ struct QueryCut {
   using type = Box<QBox::extent(0) / f0, QBox::extent(1) / f1, QBox::extent(2) / f2>;
   static_assert(type::kSize * kCuts == QBox::kSize, "box extents must be powers of two");
 };
-template <class QBox>
-using DkDvCut = QueryCut<QBox, 64>;
+// float32 at head dim 128 cuts to 32 queries: 64 would need 192 KiB of shared memory.
+template <class QBox, class Traits>
+using DkDvCut = QueryCut<QBox, Traits::kTf32 && Traits::kHeadDim >= 128 ? 32 : 64>;
 
 template <class Traits, int Rank, int M, int C>
 struct DkDvSmem {
@@ -297,11 +315,11 @@ __device__ __forceinline__ void mask_scores_t(Params<Rank> const& p,
 }
 
 template <int Rank, class Traits, class QBox, class KVBox>
-__global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::kHeadDim>)
+__global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::kHeadDim, Traits::kTf32>)
     fna_backward_dkdv_kernel(Params<Rank> const p) {
 #if NATTEN_SM80_DEVICE_CODE
   using Element = typename Traits::Element;
-  using Cut = DkDvCut<QBox>;
+  using Cut = DkDvCut<QBox, Traits>;
   using CBox = typename Cut::type;
   constexpr int M = KVBox::kSize, C = CBox::kSize, D = Traits::kHeadDim;
   constexpr int kThreads = Traits::kThreads;
@@ -440,10 +458,10 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
       CUTE_UNROLL
       for (int i = 0; i < size<0>(s_rc); ++i) dp_rc(i, j) = s_rc(i, j) * (dp_rc(i, j) - delta);
     }
-    Tensor pt = convert<Element>(acc_s);
-    Tensor pt_a = make_tensor(pt.data(), acc_as_a(pt.layout()));
-    Tensor dst = convert<Element>(acc_dp);
-    Tensor dst_a = make_tensor(dst.data(), acc_as_a(dst.layout()));
+    Tensor pt = convert<typename Traits::Operand>(acc_s);
+    Tensor pt_a = make_tensor(pt.data(), acc_as_a<Traits>(pt.layout()));
+    Tensor dst = convert<typename Traits::Operand>(acc_dp);
+    Tensor dst_a = make_tensor(dst.data(), acc_as_a<Traits>(dst.layout()));
     gemm_rs<Traits>(acc_dv, pt_a, sdOt, tid);
     gemm_rs<Traits>(acc_dk, dst_a, sQt, tid);
   }
@@ -480,8 +498,8 @@ void fna_backward(NaProblem const& problem, FnaTensors const& t, float* workspac
   static_assert(QBox::kSize % (16 * (QBox::kSize >= 128 ? 8 : 4)) == 0,
                 "query box must fill the dQ warps");
   static_assert(KVBox::kSize % 64 == 0, "key box must fill the dK/dV warps");
-  constexpr int kCut = DkDvCut<QBox>::type::kSize;
-  static_assert(kCut % 16 == 0, "query cut must be whole k16 MMA slices");
+  constexpr int kCut = DkDvCut<QBox, DkDvTraits>::type::kSize;
+  static_assert(kCut % DkDvTraits::kAtomK == 0, "query cut must be whole MMA K slices");
 
   int const q_box[3] = {QBox::extent(0), QBox::extent(1), QBox::extent(2)};
   int const kv_box[3] = {KVBox::extent(0), KVBox::extent(1), KVBox::extent(2)};
@@ -493,7 +511,7 @@ void fna_backward(NaProblem const& problem, FnaTensors const& t, float* workspac
   p.delta = workspace;
 
   int64_t const rows = int64_t(p.batch) * p.tokens * p.heads;
-  int const lanes = delta_lanes_per_row(p.dim_v);
+  int const lanes = delta_lanes_per_row(p.dim_v * int(sizeof(T)) / 16);
   int64_t const rows_per_block = int64_t(kDeltaWarps) * (32 / lanes);
   launch(fna_backward_delta_kernel<T>, dim3(grid_x((rows + rows_per_block - 1) / rows_per_block)),
          kDeltaWarps * 32, 0, stream, "fna_backward (delta)", static_cast<T const*>(t.out),

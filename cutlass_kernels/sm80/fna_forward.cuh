@@ -18,22 +18,24 @@
 
 namespace natten::sm80 {
 
-// Key/value stages in flight: small head dims have short steps, so more of the walk is loaded
-// ahead to cover memory latency (a 7x7 window's whole walk is four 8x8 boxes); head dim 128
-// double-buffers, which is all its shared memory allows at two CTAs per SM.
-template <int HeadDim>
-inline constexpr int kForwardStages = HeadDim <= 32 ? 4 : HeadDim <= 64 ? 3 : 2;
+// Key/value stages in flight: short rows (small head dims) have short steps, so more of the
+// walk is loaded ahead to cover memory latency (a 7x7 window's whole walk is four 8x8 boxes);
+// rows of 256 bytes or more double-buffer, which is all their shared memory allows at two CTAs
+// per SM (or, for float32 at head dim 128, at one CTA on an A100).
+template <int RowBytes>
+inline constexpr int kForwardStages = RowBytes <= 64 ? 4 : RowBytes <= 128 ? 3 : 2;
 
 // Small head dims have short steps and need few registers: ask for enough CTAs per SM to hide
 // their latency. At head dim 32, 64-query boxes of rank 1 and 2 fit five CTAs (96 registers)
-// without spilling; larger boxes and rank 3 keep more state and fit four.
-template <int HeadDim, int Rank, int M>
-inline constexpr int kForwardMinBlocks = HeadDim > 32 ? 1 : Rank <= 2 && M <= 64 ? 5 : 4;
+// without spilling; larger boxes and rank 3 keep more state and fit four. TF32 operands take
+// twice the registers of 16-bit ones: two CTAs at head dim 32 (more would spill).
+template <int HeadDim, int Rank, int M, bool kTf32>
+inline constexpr int kForwardMinBlocks = HeadDim > 32 ? 1 : kTf32 ? 2 : Rank <= 2 && M <= 64 ? 5 : 4;
 
 template <class Traits, int Rank, int M, int N>
 struct ForwardSmem {
   using Element = typename Traits::Element;
-  static constexpr int kStages = kForwardStages<Traits::kHeadDim>;
+  static constexpr int kStages = kForwardStages<Traits::kHeadDim * int(sizeof(Element))>;
   alignas(128) Element q[M * Traits::kHeadDim];  // also the output staging tile
   alignas(128) Element k[kStages][N * Traits::kHeadDim];
   alignas(128) Element v[kStages][N * Traits::kHeadDim];
@@ -71,7 +73,7 @@ __device__ __forceinline__ void online_softmax(S& s, O& o, float (&row_max)[kRow
 }
 
 template <int Rank, class Traits, class QBox, class KVBox>
-__global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kHeadDim, Rank, QBox::kSize>)
+__global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kHeadDim, Rank, QBox::kSize, Traits::kTf32>)
     fna_forward_kernel(Params<Rank> const p) {
 #if NATTEN_SM80_DEVICE_CODE
   using Element = typename Traits::Element;
@@ -153,8 +155,8 @@ __global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kH
       online_softmax(s_rc, o_rc, row_max, row_sum, 1.f);
     }
     walk.advance(mask_at);
-    Tensor probs = convert<Element>(acc_s);
-    Tensor probs_a = make_tensor(probs.data(), acc_as_a(probs.layout()));
+    Tensor probs = convert<typename Traits::Operand>(acc_s);
+    Tensor probs_a = make_tensor(probs.data(), acc_as_a<Traits>(probs.layout()));
     gemm_rs<Traits>(acc_o, probs_a,
                     make_tensor(make_smem_ptr(sm.v[s]), typename Traits::template SmemRowsT<N>{}), tid);
   }

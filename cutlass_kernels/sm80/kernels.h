@@ -3,7 +3,8 @@
 // (op, rank, element type, head dim, query box, key box) is instantiated in its own generated
 // file; this header only declares, so plain C++ (the dispatch table, the binding) can include it.
 //
-// Element types __half and __nv_bfloat16, fp32 accumulation; lse, d_lse in float32. Layouts as
+// Element types __half, __nv_bfloat16 and float (TF32 tensor cores), fp32 accumulation; lse,
+// d_lse in float32. Layouts as
 // in common/na_params.h. D and Dv must be multiples of 8 and at most the instantiation's head
 // dim (smaller ones are zero-padded on chip). Every function launches on `stream`, returns
 // without synchronising, and throws std::invalid_argument for a problem it cannot serve and

@@ -27,46 +27,82 @@ namespace natten::sm80 {
 
 using namespace cute;
 
-// The CUDA storage type of the instantiation table -> the CUTLASS element type.
+// The CUDA storage type of the instantiation table -> the element type in global and shared
+// memory, and the tensor-core instruction with its operand type. float runs on TF32 tensor cores
+// (m16n8k8): operands are rounded to TF32 in registers, accumulation stays float32.
 template <typename T> struct ElementOf;
-template <> struct ElementOf<__half> { using type = cutlass::half_t; };
-template <> struct ElementOf<__nv_bfloat16> { using type = cutlass::bfloat16_t; };
+template <> struct ElementOf<__half> {
+  using type = cutlass::half_t;
+  using Operand = cutlass::half_t;
+  using Atom = SM80_16x8x16_F32F16F16F32_TN;
+};
+template <> struct ElementOf<__nv_bfloat16> {
+  using type = cutlass::bfloat16_t;
+  using Operand = cutlass::bfloat16_t;
+  using Atom = SM80_16x8x16_F32BF16BF16F32_TN;
+};
+template <> struct ElementOf<float> {
+  using type = float;
+  using Operand = cutlass::tfloat32_t;
+  using Atom = SM80_16x8x8_F32TF32TF32F32_TN;
+};
 
 template <typename T, int HeadDim, int kWarps>
 struct MmaTraits {
   using Element = typename ElementOf<T>::type;
+  using Operand = typename ElementOf<T>::Operand;
+  static constexpr bool kTf32 = std::is_same_v<Element, float>;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kHeadDim = HeadDim;
+  static constexpr int kAtomK = kTf32 ? 8 : 16;
   static_assert(HeadDim % 32 == 0, "head dim must be a multiple of 32");
 
-  using Atom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
-                                  SM80_16x8x16_F32F16F16F32_TN, SM80_16x8x16_F32BF16BF16F32_TN>;
-  // Warps stacked along M (16 rows each); N tiled by 16 so that two 8-wide atoms pair up into
-  // the 16-wide K slices the register-A GEMM consumes.
-  using TiledMma = TiledMMA<MMA_Atom<Atom>, Layout<Shape<Int<kWarps>, _1, _1>>,
-                            Tile<Int<16 * kWarps>, _16, _16>>;
+  // Warps stacked along M (16 rows each); N tiled by 16 (two 8-wide atoms); K by one atom.
+  using TiledMma = TiledMMA<MMA_Atom<typename ElementOf<T>::Atom>, Layout<Shape<Int<kWarps>, _1, _1>>,
+                            Tile<Int<16 * kWarps>, _16, Int<kAtomK>>>;
 
-  // Rows of 64 (or 32) elements with an XOR swizzle: ldmatrix reads 8 rows x 16 bytes without
-  // bank conflicts, and 16-byte cp.async chunks stay contiguous.
-  static constexpr int kSmemK = HeadDim % 64 == 0 ? 64 : 32;
-  using SmemAtom = decltype(composition(Swizzle<kSmemK == 64 ? 3 : 2, 3, 3>{},
+  // Rows of 128 bytes (64 bytes for 16-bit head dim 32) with an XOR swizzle of their 16-byte
+  // pieces: ldmatrix reads 8 rows x 16 bytes without bank conflicts, and 16-byte cp.async chunks
+  // stay contiguous.
+  static constexpr int kSmemK = kTf32 ? 32 : HeadDim % 64 == 0 ? 64 : 32;
+  using SmemAtom = decltype(composition(Swizzle<kSmemK * sizeof(Element) == 128 ? 3 : 2, kTf32 ? 2 : 3, 3>{},
                                         Layout<Shape<_8, Int<kSmemK>>, Stride<Int<kSmemK>, _1>>{}));
   template <int Rows>
   using SmemRows = decltype(tile_to_shape(SmemAtom{}, Shape<Int<Rows>, Int<HeadDim>>{}));
-  // The same rows seen transposed, (HeadDim, Rows): the B operand of gemm_rs.
+
+  // The same rows seen transposed, (HeadDim, Rows): the B operand of gemm_rs. Its K mode
+  // (Rows) is in the order gemm_rs's register A operand holds K (see acc_as_a): for TF32, the
+  // accumulator columns (2t, 2t + 1) of lane t serve as K = (t, t + 4) of an m16n8k8 slice, so
+  // within each 8 rows logical K = k0 + 4 k1 reads row 2 k0 + k1.
   template <int Rows>
-  using SmemRowsT = decltype(composition(SmemRows<Rows>{},
-                                         make_layout(Shape<Int<HeadDim>, Int<Rows>>{}, GenRowMajor{})));
+  using SmemRowsT = decltype(composition(
+      SmemRows<Rows>{},
+      std::conditional_t<kTf32,
+                         Layout<Shape<Int<HeadDim>, Shape<Shape<_4, _2>, Int<Rows / 8>>>,
+                                Stride<Int<Rows>, Stride<Stride<_2, _1>, _8>>>,
+                         Layout<Shape<Int<HeadDim>, Int<Rows>>, Stride<Int<Rows>, _1>>>{}));
 
-  // A score-shaped (rows x rows) operand kept in shared memory (the dK/dV kernel's dS and P).
-  template <int M, int N>
-  using SmemScores = decltype(tile_to_shape(
-      composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}), Shape<Int<M>, Int<N>>{}));
-
-  using CopyA = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
-  using CopyBT = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
+  using CopyA = Copy_Atom<SM75_U32x4_LDSM_N, Operand>;
+  // ldmatrix transposes 16-bit elements only: TF32 reads the transposed operand element-wise.
+  using CopyBT = std::conditional_t<kTf32, Copy_Atom<UniversalCopy<Operand>, Operand>,
+                                    Copy_Atom<SM75_U16x8_LDSM_T, Operand>>;
   using CopyC = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>;
 };
+
+// TF32 operands loaded raw from shared memory (float bits) are rounded to nearest in registers;
+// the tensor cores would otherwise truncate them, which biases every product towards zero.
+template <class Traits, class Frag>
+__device__ __forceinline__ void round_operands(Frag& f) {
+  if constexpr (Traits::kTf32) {
+    auto bits = recast<uint32_t>(f);
+    CUTE_UNROLL
+    for (int i = 0; i < size(bits); ++i) {
+      uint32_t r;
+      asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(__uint_as_float(bits(i))));
+      bits(i) = r;
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // GEMMs
@@ -96,7 +132,11 @@ __device__ __forceinline__ void gemm_ss(Acc& acc, SA const& sA, SB const& sB, in
       copy(copy_a, tsA(_, _, i + 1), trA(_, _, i + 1));
       copy(copy_b, tsB(_, _, i + 1), trB(_, _, i + 1));
     }
-    cute::gemm(mma, rA(_, _, i), rB(_, _, i), acc);
+    Tensor a = rA(_, _, i);
+    Tensor b = rB(_, _, i);
+    round_operands<Traits>(a);
+    round_operands<Traits>(b);
+    cute::gemm(mma, a, b, acc);
   }
 }
 
@@ -115,7 +155,9 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, RA const& rA, SBt const& sBt, 
   CUTE_UNROLL
   for (int i = 0; i < size<2>(rA); ++i) {
     if (i + 1 < size<2>(rA)) copy(copy_b, tsB(_, _, i + 1), trB(_, _, i + 1));
-    cute::gemm(mma, rA(_, _, i), rB(_, _, i), acc);
+    Tensor b = rB(_, _, i);
+    round_operands<Traits>(b);
+    cute::gemm(mma, rA(_, _, i), b, acc);
   }
 }
 
@@ -131,12 +173,18 @@ __device__ __forceinline__ auto rowcol(L const& acc) {
   return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
 }
 
-// Accumulators of an (M, N) product reused as the A operand of a product over N: m16n8k16
-// takes A as ((2, 2, 2), M, N / 2), i.e. two neighbouring n8 atoms make one k16 slice.
-template <class L>
-__device__ __forceinline__ auto acc_as_a(L const& acc) {
-  auto l = logical_divide(acc, Shape<Underscore, Underscore, _2>{});
-  return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
+// Accumulators of an (M, N) product reused as the A operand of a product over N (their values
+// converted to Traits::Operand). m16n8k16 takes A as ((2, 2, 2), M, N / 2): two neighbouring n8
+// atoms make one k16 slice. m16n8k8 (TF32) takes A as ((2, 2), M, N) with the value modes
+// swapped: lane t's columns (2t, 2t + 1) become K = (t, t + 4), an order SmemRowsT matches.
+template <class Traits, class L>
+__host__ __device__ __forceinline__ auto acc_as_a(L const& acc) {
+  if constexpr (Traits::kTf32) {
+    return make_layout(make_layout(get<0, 1>(acc), get<0, 0>(acc)), get<1>(acc), get<2>(acc));
+  } else {
+    auto l = logical_divide(acc, Shape<Underscore, Underscore, _2>{});
+    return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
+  }
 }
 
 template <class To, class Engine, class Layout>
