@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from natten import backends, ops
-from natten._checks import check_av, check_fused, check_qk, check_tile
+from natten import _plan, ops
+from natten._checks import check_av, check_qk
 
 __all__ = [
     "na1d", "na2d", "na3d", "fused_na1d", "fused_na2d", "fused_na3d",
@@ -18,27 +18,15 @@ __all__ = [
 ]
 
 
-def _tiles(name_q, q_tile, name_kv, kv_tile, backend, problem, backward):
-    q_tile = check_tile(name_q, q_tile, problem.rank)
-    kv_tile = check_tile(name_kv, kv_tile, problem.rank)
-    q_tile, kv_tile, reason = backends.resolve_tiles(backend, problem, q_tile, kv_tile, backward)
-    if reason is not None:
-        raise ValueError(f"{name_q}={q_tile} / {name_kv}={kv_tile} do not fit backend {backend.name!r}: {reason}")
-    return [*q_tile, *kv_tile]
-
-
 def _fused(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale,
            additional_keys, additional_values, backend, q_tile_shape, kv_tile_shape,
            backward_q_tile_shape, backward_kv_tile_shape, return_lse):
-    problem, scale = check_fused(rank, query, key, value, kernel_size, stride, dilation, is_causal,
-                                 scale, additional_keys, additional_values)
-    impl = backends.select(problem, backend)
-    tiles = _tiles("q_tile_shape", q_tile_shape, "kv_tile_shape", kv_tile_shape, impl, problem, False)
-    bwd_tiles = _tiles("backward_q_tile_shape", backward_q_tile_shape, "backward_kv_tile_shape",
-                       backward_kv_tile_shape, impl, problem, True)
-    out, lse = ops.fused_attention(query, key, value, additional_keys, additional_values,
-                                   ops.pack_window(problem.window), scale, impl.name, tiles + bwd_tiles)
-    return (out, lse) if return_lse else out
+    tensors = (query, key, value, additional_keys, additional_values)
+    eager = ops.is_eager(tensors)
+    plan = _plan.plan(eager, rank, *tensors, kernel_size, stride, dilation, is_causal, scale,
+                      backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape,
+                      backward_kv_tile_shape)
+    return ops.fused_attention(tensors, plan, eager, return_lse)
 
 
 def _make_fused(rank: int):

@@ -1,6 +1,7 @@
 """The custom operators (torch.library): real implementations that call a backend, fake
-implementations for tracing, and autograd through the matching backward operators. Arguments
-arrive validated and normalised by natten.functional.
+implementations for tracing, and autograd through the matching backward operators; and the
+eager path of fused attention, which runs a plan's bound kernels without the operator layer.
+Arguments arrive validated and normalised (natten._plan, natten.functional).
 
 A window travels as one int[] (kernel_size, stride, dilation, then is_causal as 0/1) and the
 tile shapes of a call as another: each schema argument costs host time on every call (the
@@ -44,6 +45,10 @@ def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _dense_all(*tensors: Optional[Tensor]) -> List[Optional[Tensor]]:
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
 def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     # Operator results cannot be None; an absent gradient travels as an empty tensor.
     return like.new_empty(0) if t is None else t
@@ -55,16 +60,15 @@ def _forward_impl(query, key, value, additional_keys, additional_values, window,
                   tile_shapes):
     q_tile, kv_tile, _, _ = _split(tile_shapes, 4)
     return backends.get(backend).fna_forward(
-        query.contiguous(), key.contiguous(), value.contiguous(), _dense(additional_keys),
-        _dense(additional_values), _window(window), scale, q_tile, kv_tile)
+        *_dense_all(query, key, value, additional_keys, additional_values), _window(window), scale,
+        q_tile, kv_tile)
 
 
 def _backward_impl(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse,
                    window, scale, backend, tile_shapes):
     q_tile, kv_tile = _split(tile_shapes, 2)
     grads = backends.get(backend).fna_backward(
-        d_out.contiguous(), _dense(d_lse), query.contiguous(), key.contiguous(), value.contiguous(),
-        _dense(additional_keys), _dense(additional_values), out.contiguous(), lse.contiguous(),
+        *_dense_all(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse),
         _window(window), scale, q_tile, kv_tile)
     return tuple(_empty_if_none(g, query) for g in grads)
 
@@ -103,48 +107,70 @@ def _(d_out, d_lse, query, key, value, additional_keys, additional_values, out, 
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), *extra
 
 
+def _fna_grads(ctx, d_out, d_lse, backward):
+    """Gradients of query, key, value and the additional keys/values (None when absent);
+    `backward` takes the saved tensors after the output gradients, then ctx.args."""
+    q, k, v, ek, ev, out, lse = ctx.saved_tensors
+    if d_out is None:  # only the logsumexp was used
+        d_out = torch.zeros_like(out)
+    d_q, d_k, d_v, d_ek, d_ev = backward(d_out, d_lse, q, k, v, ek, ev, out, lse, *ctx.args)
+    if ek is None:
+        d_ek = d_ev = None
+    return d_q, d_k, d_v, d_ek, d_ev
+
+
 def _fna_setup(ctx, inputs, output):
     q, k, v, ek, ev, window, scale, backend, tile_shapes = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, ek, ev, out, lse)
     ctx.args = (window, scale, backend, tile_shapes[len(tile_shapes) // 2:])
-    ctx.has_extra = ek is not None
-
-
-def _fna_grads(ctx, d_out, d_lse, backward):
-    q, k, v, ek, ev, out, lse = ctx.saved_tensors
-    if d_out is None:  # only the logsumexp was used
-        d_out = torch.zeros_like(out)
-    d_q, d_k, d_v, d_ek, d_ev = backward(d_out, d_lse, q, k, v, ek, ev, out, lse, *ctx.args)
-    if not ctx.has_extra:
-        d_ek = d_ev = None
-    return (d_q, d_k, d_v, d_ek, d_ev) + (None,) * 4
 
 
 def _fna_backward(ctx, d_out, d_lse):
-    return _fna_grads(ctx, d_out, d_lse, fna_backward)
+    return _fna_grads(ctx, d_out, d_lse, fna_backward) + (None,) * 4
 
 
 fna_forward.register_autograd(_fna_backward, setup_context=_fna_setup)
 
 
+def _eager_backward(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse,
+                    bound_backward):
+    return bound_backward(
+        *_dense_all(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse))
+
+
+def _eager_grads(ctx, d_out, d_lse):
+    # Gradients past the inputs given must be None, and autograd drops them.
+    return (None, None) + _fna_grads(ctx, d_out, d_lse, _eager_backward)
+
+
+_eager_grads_once = once_differentiable(_eager_grads)
+
+
 class _EagerFna(torch.autograd.Function):
-    """fna_forward with its autograd formula, for eager calls (see fused_attention)."""
+    """fna_forward with its autograd formula for eager calls, running a plan's bound kernels.
+    Every argument and output costs host time: the additional keys and values come only when
+    given, and the logsumexp is an output only when the caller asked for it."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, plan, return_lse, query, key, value, *extra):
         ctx.set_materialize_grads(False)  # as the operator: an unused output's gradient is None
-        output = _forward_impl(*inputs)
-        _fna_setup(ctx, inputs, output)
-        return output
+        additional_keys, additional_values = extra or (None, None)
+        out, lse = plan.forward(*_dense_all(query, key, value, additional_keys, additional_values))
+        ctx.save_for_backward(query, key, value, additional_keys, additional_values, out, lse)
+        ctx.args = (plan.backward,)
+        return (out, lse) if return_lse else out
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out, d_lse):
-        return _fna_grads(ctx, d_out, d_lse, _backward_impl)
+    def backward(ctx, d_out, d_lse=None):
+        # Grad mode is on here only under create_graph=True, where once_differentiable makes a
+        # second differentiation fail loudly; elsewhere its no_grad block only costs host time.
+        if torch.is_grad_enabled():
+            return _eager_grads_once(ctx, d_out, d_lse)
+        return _eager_grads(ctx, d_out, d_lse)
 
 
-def _eager(tensors) -> bool:
+def is_eager(tensors) -> bool:
     """Whether a call may skip the operator layer: nothing traces, compiles, transforms or
     intercepts it, and every tensor is a plain one. The operator layer's dispatch and its
     autograd wrapper cost 30-70 us of host time per call, longer than a small problem's kernels
@@ -154,20 +180,24 @@ def _eager(tensors) -> bool:
     if (torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
             or torch._C._are_functorch_transforms_active()):
         return False
-    return all(t is None or type(t) is Tensor for t in tensors)
+    for t in tensors:
+        if t is not None and type(t) is not Tensor:
+            return False
+    return True
 
 
-def fused_attention(query: Tensor, key: Tensor, value: Tensor, additional_keys: Optional[Tensor],
-                    additional_values: Optional[Tensor], window: List[int], scale: float,
-                    backend: str, tile_shapes: List[int]) -> Tuple[Tensor, Tensor]:
-    """natten::fna_forward, or the same computation without the operator layer when eager."""
-    args = (query, key, value, additional_keys, additional_values, window, scale, backend, tile_shapes)
-    tensors = args[:5]
-    if not _eager(tensors):
-        return fna_forward(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _EagerFna.apply(*args)
-    return _forward_impl(*args)
+def fused_attention(tensors, plan, eager: bool, return_lse: bool):
+    """Runs a plan (natten._plan) on (query, key, value, additional_keys, additional_values):
+    through natten::fna_forward, or for an eager call (is_eager) without the operator layer.
+    Returns the output, and the logsumexp with return_lse."""
+    if not eager:
+        out, lse = fna_forward(*tensors, plan.window, plan.scale, plan.backend.name, plan.tiles)
+        return (out, lse) if return_lse else out
+    if plan.requires_grad and torch.is_grad_enabled():
+        given = tensors if tensors[3] is not None else tensors[:3]
+        return _EagerFna.apply(plan, return_lse, *given)
+    out, lse = plan.forward(*_dense_all(*tensors))
+    return (out, lse) if return_lse else out
 
 
 # ----------------------------------------------------------------------------- unfused ops

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -13,16 +14,22 @@ from natten._checks import FusedProblem, Window
 Tile = Tuple[int, ...]
 
 
-# Read once: the variable must be set before natten is imported (tests/conftest.py does).
-_POISON = os.environ.get("NATTEN_POISON_OUTPUTS") == "1"
+# Output buffers. With NATTEN_POISON_OUTPUTS=1 they start as NaN, so an element a kernel forgets
+# to write cannot pass a comparison; the variable is read once, so it must be set before natten is
+# imported (tests/conftest.py does). Otherwise they are torch's own factories, called directly:
+# every call layer costs host time, and *_like / new_* take half the time of torch.empty with a
+# device.
+if os.environ.get("NATTEN_POISON_OUTPUTS") == "1":
+    def output_like(like: torch.Tensor) -> torch.Tensor:
+        """An output of like's shape, dtype and device; dense where `like` is."""
+        return torch.full_like(like, math.nan)
 
-
-def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An output buffer. With NATTEN_POISON_OUTPUTS=1 it starts as NaN, so an element a kernel
-    forgets to write cannot pass a comparison."""
-    if _POISON:
-        return torch.full(shape, math.nan, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    def new_output(like: torch.Tensor, *shape: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """An output of this shape on like's device, of like's dtype unless given."""
+        return like.new_full(shape, math.nan, dtype=dtype)
+else:
+    output_like = torch.empty_like
+    new_output = torch.Tensor.new_empty
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
@@ -96,6 +103,13 @@ class Backend:
                      scale: float, q_tile: Tile, kv_tile: Tile):
         """Returns (d_q, d_k, d_v, d_extra_k or None, d_extra_v or None); d_lse may be None."""
         raise NotImplementedError
+
+    def bind(self, problem: FusedProblem, scale: float, q_tile: Tile, kv_tile: Tile,
+             backward: bool) -> Callable:
+        """fna_backward (backward=True) or fna_forward with all but its tensors bound, which the
+        eager calls of one plan run; a backend overrides it to do its per-call lookups once."""
+        op = self.fna_backward if backward else self.fna_forward
+        return functools.partial(op, window=problem.window, scale=scale, q_tile=q_tile, kv_tile=kv_tile)
 
     # Unfused ops (attention weights materialised); backends without them leave these.
     supports_unfused: bool = False

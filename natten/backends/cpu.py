@@ -62,5 +62,5 @@ class CpuBackend(CompiledBackend):
     def default_tiles(self, problem: FusedProblem, backward: bool) -> Tuple[Tile, Tile]:
         return _default_q_tile(problem), _kv_tile(problem.rank)
 
-    def _tile_args(self, q, v, q_tile: Tile, kv_tile: Tile, backward: bool) -> list:
+    def _tile_args(self, rank, dtype, head_dim, q_tile: Tile, kv_tile: Tile, backward: bool) -> list:
         return [list(q_tile), math.prod(kv_tile)]

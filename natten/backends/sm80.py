@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from natten._checks import FusedProblem
+from natten._memo import memoize
 from natten.backends.base import Tile, manifest_rows
 from natten.backends.compiled import CompiledBackend, extension
 
@@ -59,6 +60,7 @@ def instantiated_head_dim(problem: FusedProblem, backward: bool) -> Optional[int
     return _fitting_head_dim(problem.rank, problem.dtype, max(problem.dim, problem.dim_v), backward)
 
 
+@memoize  # the operators pad per call; sorting the head dims took longer than a small kernel runs
 def _fitting_head_dim(rank: int, dtype: torch.dtype, need: int, backward: bool) -> Optional[int]:
     """The smallest instantiated head dim holding `need` (head dims are padded up to it)."""
     fits = [d for d in head_dims(rank, dtype, backward) if d >= need]
@@ -138,6 +140,5 @@ class Sm80Backend(CompiledBackend):
     def tile_configs(self, problem: FusedProblem, backward: bool) -> List[Tuple[Tile, Tile]]:
         return configs(problem, backward)
 
-    def _tile_args(self, q, v, q_tile: Tile, kv_tile: Tile, backward: bool) -> list:
-        head_dim = _fitting_head_dim(q.dim() - 3, q.dtype, max(q.shape[-1], v.shape[-1]), backward)
-        return [head_dim, list(q_tile), list(kv_tile)]
+    def _tile_args(self, rank, dtype, head_dim, q_tile: Tile, kv_tile: Tile, backward: bool) -> list:
+        return [_fitting_head_dim(rank, dtype, head_dim, backward), list(q_tile), list(kv_tile)]
