@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
+import torch
+
 from natten import backends
 from natten._checks import check_fused, check_tile
-from natten.backends.base import Backend, Tile
+from natten.backends.base import Backend, Tile, tf32_allowed
 from natten.ops import pack_window
 
 
@@ -102,7 +104,9 @@ def plan(eager: bool, rank, query, key, value, additional_keys, additional_value
                 _exact(kernel_size, int), _exact(stride, int), _exact(dilation, int),
                 _exact(is_causal, bool), scale, backend, _exact(q_tile_shape, int),
                 _exact(kv_tile_shape, int), _exact(backward_q_tile_shape, int),
-                _exact(backward_kv_tile_shape, int))
+                _exact(backward_kv_tile_shape, int),
+                # backend=None picks float32 kernels by torch's TF32 setting (Backend.passed_over)
+                query.dtype is torch.float32 and tf32_allowed())
         except _Inexact:
             pass
         else:

@@ -96,3 +96,20 @@ def test_head_dim_256_gradients_take_another_backend():
     with pytest.raises(ValueError, match="backward"):
         natten.na2d(q, k, v, kernel_size=5, backend="cutlass-fna")
     check_fused(Case((12, 16), 5, D=256), torch.bfloat16, "cuda", None)
+
+
+def test_float32_backend_none_follows_torch_tf32_setting():
+    from natten import _plan
+
+    q = torch.randn(1, 16, 16, 2, 32, device="cuda")
+    def chosen():
+        return _plan.plan(True, 2, q, q, q, None, None, 5, 1, 1, False, None, None, None, None,
+                          None, None).backend.name
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert chosen() != "cutlass-fna"
+        torch.set_float32_matmul_precision("high")
+        assert chosen() == "cutlass-fna"
+    finally:
+        torch.set_float32_matmul_precision(saved)

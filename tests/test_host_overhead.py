@@ -4,6 +4,7 @@ ones did."""
 
 import contextlib
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -246,3 +247,22 @@ def test_outputs_start_poisoned():
                                                   ((4,), torch.float64)]
     assert all(t.isnan().all() for t in made)
     assert not math.isnan(like.sum().item())
+
+
+def test_float32_passes_over_tf32_kernels_unless_torch_allows_tf32():
+    # Decided per call (torch's setting may change between calls); run on the CPU by asking the
+    # cutlass-fna backend directly.
+    from natten._checks import FusedProblem, Window
+    from natten.backends.sm80 import Sm80Backend
+
+    window = Window((3, 3), (1, 1), (1, 1), (False, False))
+    problem = FusedProblem(window, (8, 8), 1, 2, 2, 32, 32, 0, torch.float32, torch.device("cuda"), False)
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert "TF32" in Sm80Backend().passed_over(problem)
+        torch.set_float32_matmul_precision("high")
+        assert Sm80Backend().passed_over(problem) is None
+        assert Sm80Backend().passed_over(replace(problem, dtype=torch.bfloat16)) is None
+    finally:
+        torch.set_float32_matmul_precision(saved)

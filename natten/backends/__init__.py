@@ -71,7 +71,7 @@ def select(problem: FusedProblem, name: Optional[str]) -> Backend:
         return backend
     reasons = []
     for backend in _available().values():
-        reason = _unsupported(backend, problem)
+        reason = _unsupported(backend, problem) or backend.passed_over(problem)
         if reason is None:
             return backend
         reasons.append(f"{backend.name}: {reason}")

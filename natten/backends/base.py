@@ -32,6 +32,18 @@ else:
     new_output = torch.Tensor.new_empty
 
 
+# torch.compile cannot trace the settings' getters; it calls this once per trace instead (and
+# guards on the settings, so changing them recompiles).
+@torch.compiler.assume_constant_result
+def tf32_allowed() -> bool:
+    """Whether torch lets float32 matrix products run on TF32 tensor cores (both of its APIs:
+    torch.backends.cuda.matmul.fp32_precision, else torch.set_float32_matmul_precision)."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                 torch.bfloat16: "bfloat16"}
 
@@ -80,6 +92,11 @@ class Backend:
     def unsupported(self, problem: FusedProblem) -> Optional[str]:
         """Why this backend cannot run the fused problem, or None when it can."""
         raise NotImplementedError
+
+    def passed_over(self, problem: FusedProblem) -> Optional[str]:
+        """Why backend=None passes over this backend for a problem it can run (asked for by
+        name, it runs), or None. Not memoized: the answer may follow torch's global settings."""
+        return None
 
     def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile,
                     backward: bool = False) -> Optional[str]:

@@ -15,11 +15,11 @@ import torch
 
 from natten._checks import FusedProblem
 from natten._memo import memoize
-from natten.backends.base import Tile, manifest_rows
+from natten.backends.base import Tile, manifest_rows, tf32_allowed
 from natten.backends.compiled import CompiledBackend, extension
 
 FAMILY = "sm80"
-_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 # A 64-query box walks fewer keys per query than a 128-query one, but reads each key box from
 # shared memory for half as many queries: count its work as this much dearer. Measured on an H100
 # (bf16, 2-D): at head dim 128 a 64-query box does 1.45x the time per score element (P2: 8x8
@@ -105,7 +105,7 @@ class Sm80Backend(CompiledBackend):
                     "which needs 8.0 or newer")
         if problem.dtype not in _DTYPES:
             return (f"{str(problem.dtype).replace('torch.', '')} is not supported by cutlass-fna, which runs "
-                    "float16 and bfloat16 (use backend='flex-fna' or 'reference')")
+                    "float16, bfloat16 and float32 (on TF32 tensor cores)")
         if problem.dim % 8 or problem.dim_v % 8:
             return (f"head dims {problem.dim}/{problem.dim_v} are not supported by cutlass-fna, which needs "
                     "multiples of 8")
@@ -120,6 +120,13 @@ class Sm80Backend(CompiledBackend):
                 return (f"head dim {max(problem.dim, problem.dim_v)} is not supported by this build's "
                         f"cutlass-fna {what} kernels for rank {problem.rank} and {_DTYPES[problem.dtype]} "
                         f"(instantiated head dims: {dims or 'none'}; see NATTEN_KERNEL_FILTER)")
+        return None
+
+    def passed_over(self, problem: FusedProblem) -> Optional[str]:
+        # As torch's own float32 matrix products: TF32 only where the user allows it.
+        if problem.dtype == torch.float32 and not tf32_allowed():
+            return ("float32 runs on TF32 tensor cores here, which torch does not allow now "
+                    "(torch.backends.cuda.matmul.fp32_precision / torch.set_float32_matmul_precision)")
         return None
 
     def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile,
