@@ -45,12 +45,17 @@ def _build(bind, rank, query, key, value, additional_keys, additional_values, ke
                                  scale, additional_keys, additional_values)
     impl = backends.select(problem, backend)
     tiles = _tiles("q_tile_shape", q_tile_shape, "kv_tile_shape", kv_tile_shape, impl, problem, False)
-    bwd_tiles = _tiles("backward_q_tile_shape", backward_q_tile_shape, "backward_kv_tile_shape",
-                       backward_kv_tile_shape, impl, problem, True)
+    # A call without gradients runs no backward (a backend may have no backward kernels for the
+    # problem at all, e.g. cutlass-fna at head dim 256): its tiles are checked only when given.
+    bwd_tiles = tiles
+    if problem.requires_grad or backward_q_tile_shape is not None or backward_kv_tile_shape is not None:
+        bwd_tiles = _tiles("backward_q_tile_shape", backward_q_tile_shape, "backward_kv_tile_shape",
+                           backward_kv_tile_shape, impl, problem, True)
     forward = backward = None
     if bind:
         forward = impl.bind(problem, scale, *tiles, False)
-        backward = impl.bind(problem, scale, *bwd_tiles, True)
+        if problem.requires_grad:
+            backward = impl.bind(problem, scale, *bwd_tiles, True)
     return Plan(impl, pack_window(problem.window), scale, [*tiles[0], *tiles[1], *bwd_tiles[0],
                 *bwd_tiles[1]], problem.requires_grad, forward, backward)
 
