@@ -17,7 +17,7 @@ import time
 
 from autogen import generate, registry
 
-DEFAULT_FILTER = "reference:bfloat16:*:2,sm80:bfloat16:128:2"
+DEFAULT_FILTER = "reference:bfloat16:*:2,sm80:bfloat16:128:2,sm80:float32:128:2"
 
 
 def main() -> int:

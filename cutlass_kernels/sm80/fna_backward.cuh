@@ -28,30 +28,26 @@ constexpr float kLog2e = 1.4426950408889634f;
 // delta
 // ---------------------------------------------------------------------------------------------
 
-// Sum of a * b over the elements of two 16-byte pieces, in float32.
-__device__ __forceinline__ float piece_dot(uint4 a, uint4 b, float sum, __half) {
-  auto const* x = reinterpret_cast<__half2 const*>(&a);
-  auto const* y = reinterpret_cast<__half2 const*>(&b);
+__device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+
+// Sum of a * b over the elements of two 16-byte pieces of T, in float32.
+template <typename T>
+__device__ __forceinline__ float piece_dot(uint4 a, uint4 b, float sum) {
+  if constexpr (std::is_same_v<T, float>) {
+    float4 const u = *reinterpret_cast<float4 const*>(&a), v = *reinterpret_cast<float4 const*>(&b);
+    return fmaf(u.x, v.x, fmaf(u.y, v.y, fmaf(u.z, v.z, fmaf(u.w, v.w, sum))));
+  } else {
+    using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+    auto const* x = reinterpret_cast<Pair const*>(&a);
+    auto const* y = reinterpret_cast<Pair const*>(&b);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 const u = __half22float2(x[i]), v = __half22float2(y[i]);
-    sum = fmaf(u.x, v.x, fmaf(u.y, v.y, sum));
+    for (int i = 0; i < 4; ++i) {
+      float2 const u = to_float2(x[i]), v = to_float2(y[i]);
+      sum = fmaf(u.x, v.x, fmaf(u.y, v.y, sum));
+    }
+    return sum;
   }
-  return sum;
-}
-__device__ __forceinline__ float piece_dot(uint4 a, uint4 b, float sum, __nv_bfloat16) {
-  auto const* x = reinterpret_cast<__nv_bfloat162 const*>(&a);
-  auto const* y = reinterpret_cast<__nv_bfloat162 const*>(&b);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 const u = __bfloat1622float2(x[i]), v = __bfloat1622float2(y[i]);
-    sum = fmaf(u.x, v.x, fmaf(u.y, v.y, sum));
-  }
-  return sum;
-}
-__device__ __forceinline__ float piece_dot(uint4 a, uint4 b, float sum, float) {
-  float4 const u = *reinterpret_cast<float4 const*>(&a), v = *reinterpret_cast<float4 const*>(&b);
-  return fmaf(u.x, v.x, fmaf(u.y, v.y, fmaf(u.z, v.z, fmaf(u.w, v.w, sum))));
 }
 
 // As kForwardMinBlocks: CTAs per SM the dQ and dK/dV kernels ask for (four at head dim 32, two
@@ -82,7 +78,7 @@ __global__ void __launch_bounds__(kDeltaWarps * 32)
   for (int c = (lane % lanes) * kPiece; real && c < dim; c += lanes * kPiece) {
     uint4 const o = *reinterpret_cast<uint4 const*>(out + row * dim + c);
     uint4 const d = *reinterpret_cast<uint4 const*>(d_out + row * dim + c);
-    sum = piece_dot(o, d, sum, T{});
+    sum = piece_dot<T>(o, d, sum);
   }
   for (int m = lanes / 2; m > 0; m /= 2) sum += __shfl_xor_sync(0xffffffff, sum, m);
   // dLSE enters dS as + P * dLSE (d lse / d s_j = P_j), i.e. as a shift of delta.
