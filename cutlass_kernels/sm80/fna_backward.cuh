@@ -111,23 +111,19 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
   constexpr int M = QBox::kSize, N = KVBox::kSize, D = Traits::kHeadDim;
   constexpr int kThreads = Traits::kThreads;
   using Smem = DqSmem<Traits, Rank, M, N>;
-  extern __shared__ __align__(128) char smem_raw[];
-  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  Smem& sm = shared_storage<Smem>();
   int const tid = threadIdx.x;
-  int const b = blockIdx.z, h = blockIdx.y, hk = h / p.group;
-
-  GroupCoords<Rank> g;
-  int q_origin[Rank];
-  if (!decompose_tile<Rank, QBox>(p, blockIdx.x, true, g, q_origin)) return;
-  KeyWalk<Rank, QBox, KVBox> walk;
-  walk.init(p, g, q_origin);
-  int const steps = walk.tiles + ceil_div(p.num_extra, N);
+  QueryBoxCta<Rank, QBox, KVBox> cta;
+  if (!cta.init(p)) return;
+  auto const& g = cta.g;
+  auto const& walk = cta.walk;
+  int const b = cta.b, h = cta.h, hk = cta.hk, steps = cta.steps;
 
   Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename Traits::template SmemRows<M>{});
   Tensor sdO = make_tensor(make_smem_ptr(sm.d_out), typename Traits::template SmemRows<M>{});
   Tensor sV = make_tensor(make_smem_ptr(sm.v), typename Traits::template SmemRows<N>{});
 
-  build_row_table<Rank, QBox, kThreads>(p, g, q_origin, sm.rows, tid);
+  build_row_table<Rank, QBox, kThreads>(p, g, cta.q_origin, sm.rows, tid);
   __syncthreads();
 
   auto row_token = [&](int r) { return sm.rows.token[r]; };
@@ -320,8 +316,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
   constexpr int M = KVBox::kSize, C = CBox::kSize, D = Traits::kHeadDim;
   constexpr int kThreads = Traits::kThreads;
   using Smem = DkDvSmem<Traits, Rank, M, C>;
-  extern __shared__ __align__(128) char smem_raw[];
-  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  Smem& sm = shared_storage<Smem>();
   int const tid = threadIdx.x;
   int const b = blockIdx.z, hk = blockIdx.y;
 

@@ -80,17 +80,13 @@ __global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kH
   constexpr int M = QBox::kSize, N = KVBox::kSize, D = Traits::kHeadDim;
   constexpr int kThreads = Traits::kThreads;
   using Smem = ForwardSmem<Traits, Rank, M, N>;
-  extern __shared__ __align__(128) char smem_raw[];
-  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  Smem& sm = shared_storage<Smem>();
   int const tid = threadIdx.x;
-  int const b = blockIdx.z, h = blockIdx.y, hk = h / p.group;
-
-  GroupCoords<Rank> g;
-  int q_origin[Rank];
-  if (!decompose_tile<Rank, QBox>(p, blockIdx.x, true, g, q_origin)) return;
-  KeyWalk<Rank, QBox, KVBox> walk;
-  walk.init(p, g, q_origin);
-  int const steps = walk.tiles + ceil_div(p.num_extra, N);
+  QueryBoxCta<Rank, QBox, KVBox> cta;
+  if (!cta.init(p)) return;
+  auto const& g = cta.g;
+  auto const& walk = cta.walk;
+  int const b = cta.b, h = cta.h, hk = cta.hk, steps = cta.steps;
 
   constexpr int kStages = Smem::kStages;
   Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename Traits::template SmemRows<M>{});
@@ -114,12 +110,12 @@ __global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kH
   };
   // The loads go out first; the row table, which only the masks and the epilogue read, is built
   // while they are in flight and published by the mainloop's first barrier.
-  auto q_token = [&](int r) { return box_token<Rank, QBox>(p, g, q_origin, r); };
+  auto q_token = [&](int r) { return box_token<Rank, QBox>(p, g, cta.q_origin, r); };
   gather_rows<M, D, kThreads>(sQ, head_rows(static_cast<Element const*>(p.q), p.tokens, p.heads, b, h, p.dim),
                               q_token, p.dim, tid);
   CUTE_UNROLL
   for (int n = 0; n < kStages - 1; ++n) load_step(n);
-  build_row_table<Rank, QBox, kThreads>(p, g, q_origin, sm.rows, tid);
+  build_row_table<Rank, QBox, kThreads>(p, g, cta.q_origin, sm.rows, tid);
 
   typename Traits::TiledMma mma;
   Tensor acc_o = partition_fragment_C(mma, Shape<Int<M>, Int<D>>{});

@@ -33,6 +33,29 @@ struct KeySlice {
   }
 };
 
+// What a query-box-major CTA (forward, dQ) owns: its batch entry, query head and the key/value
+// head that serves it, its query box (group coordinates and origin), and its walk: the key
+// boxes its queries see, then the slices of the additional keys.
+template <int Rank, class QBox, class KVBox>
+struct QueryBoxCta {
+  int b, h, hk;
+  GroupCoords<Rank> g;
+  int q_origin[Rank];
+  KeyWalk<Rank, QBox, KVBox> walk;
+  int steps;
+
+  // false: the box starts past its group's end, and the CTA has nothing to do.
+  __device__ __forceinline__ bool init(Params<Rank> const& p) {
+    b = blockIdx.z;
+    h = blockIdx.y;
+    hk = h / p.group;
+    if (!decompose_tile<Rank, QBox>(p, blockIdx.x, true, g, q_origin)) return false;
+    walk.init(p, g, q_origin);
+    steps = walk.tiles + ceil_div(p.num_extra, KVBox::kSize);
+    return true;
+  }
+};
+
 // Step n of a KeyWalk, at cursor c: its key boxes first, then the slices of the additional
 // keys (for which the cursor, past the boxes, gives an unused origin).
 template <int Rank, class KVBox, class Walk>

@@ -104,6 +104,13 @@ __device__ __forceinline__ void round_operands(Frag& f) {
   }
 }
 
+// The kernel's dynamic shared memory, laid out as Smem (the launch sizes it as sizeof(Smem)).
+template <class Smem>
+__device__ __forceinline__ Smem& shared_storage() {
+  extern __shared__ __align__(128) char smem_raw[];
+  return *reinterpret_cast<Smem*>(smem_raw);
+}
+
 // ---------------------------------------------------------------------------------------------
 // GEMMs
 // ---------------------------------------------------------------------------------------------
