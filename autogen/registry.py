@@ -9,6 +9,7 @@ the generated translation units. A build may narrow the GPU instantiations with 
 from __future__ import annotations
 
 import fnmatch
+import math
 import pathlib
 from dataclasses import dataclass
 from typing import Optional
@@ -181,9 +182,7 @@ def _fits(op: Op, dtype: str, head_dim: int, q_tile: tuple) -> bool:
       thread. Problems that need its gradients run on another backend.
     - float32 (4-byte rows): at head dim 128 a 128-query forward box needs 192 KiB; head dim 256
       does not fit at all."""
-    size = 1
-    for e in q_tile:
-        size *= e
+    size = math.prod(q_tile)
     if head_dim >= 256:
         return op.name == "fna_fwd" and size <= 64 and dtype != "float32"
     return not (dtype == "float32" and head_dim >= 128 and size > 64)

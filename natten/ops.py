@@ -41,10 +41,6 @@ def _unpack_window(window: Tuple[int, ...]) -> Window:
     return Window(kernel_size, stride, dilation, tuple(bool(c) for c in is_causal))
 
 
-def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
-
-
 def _dense_all(*tensors: Optional[Tensor]) -> List[Optional[Tensor]]:
     return [None if t is None else t.contiguous() for t in tensors]
 
@@ -56,30 +52,15 @@ def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- fused attention
 
-def _forward_impl(query, key, value, additional_keys, additional_values, window, scale, backend,
-                  tile_shapes):
-    q_tile, kv_tile, _, _ = _split(tile_shapes, 4)
-    return backends.get(backend).fna_forward(
-        *_dense_all(query, key, value, additional_keys, additional_values), _window(window), scale,
-        q_tile, kv_tile)
-
-
-def _backward_impl(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse,
-                   window, scale, backend, tile_shapes):
-    q_tile, kv_tile = _split(tile_shapes, 2)
-    grads = backends.get(backend).fna_backward(
-        *_dense_all(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse),
-        _window(window), scale, q_tile, kv_tile)
-    return tuple(_empty_if_none(g, query) for g in grads)
-
-
 @torch.library.custom_op("natten::fna_forward", mutates_args=())
 def fna_forward(query: Tensor, key: Tensor, value: Tensor, additional_keys: Optional[Tensor],
                 additional_values: Optional[Tensor], window: List[int], scale: float, backend: str,
                 tile_shapes: List[int]) -> Tuple[Tensor, Tensor]:
     """tile_shapes: the query and key tiles of the forward, then those of the backward."""
-    return _forward_impl(query, key, value, additional_keys, additional_values, window, scale,
-                         backend, tile_shapes)
+    q_tile, kv_tile, _, _ = _split(tile_shapes, 4)
+    return backends.get(backend).fna_forward(
+        *_dense_all(query, key, value, additional_keys, additional_values), _window(window), scale,
+        q_tile, kv_tile)
 
 
 @fna_forward.register_fake
@@ -95,8 +76,11 @@ def fna_backward(d_out: Tensor, d_lse: Optional[Tensor], query: Tensor, key: Ten
                  lse: Tensor, window: List[int], scale: float, backend: str,
                  tile_shapes: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """tile_shapes: the query tile, then the key tile."""
-    return _backward_impl(d_out, d_lse, query, key, value, additional_keys, additional_values, out,
-                          lse, window, scale, backend, tile_shapes)
+    q_tile, kv_tile = _split(tile_shapes, 2)
+    grads = backends.get(backend).fna_backward(
+        *_dense_all(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse),
+        _window(window), scale, q_tile, kv_tile)
+    return tuple(_empty_if_none(g, query) for g in grads)
 
 
 @fna_backward.register_fake
@@ -205,7 +189,7 @@ def fused_attention(tensors, plan, eager: bool, return_lse: bool):
 @torch.library.custom_op("natten::na_qk", mutates_args=())
 def na_qk(query: Tensor, key: Tensor, rpb: Optional[Tensor], window: List[int]) -> Tensor:
     return backends.for_unfused(query.device.type).na_qk(
-        query.contiguous(), key.contiguous(), _dense(rpb), _window(window))
+        *_dense_all(query, key, rpb), _window(window))
 
 
 @na_qk.register_fake
