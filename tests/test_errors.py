@@ -237,14 +237,6 @@ def test_module_bad_kernel_type():
         natten.NeighborhoodAttention1D(dim=8, num_heads=2, kernel_size="7")
 
 
-def test_module_input_too_small_for_window():
-    import natten
-
-    m = natten.NeighborhoodAttention2D(dim=8, num_heads=2, kernel_size=5)
-    with pytest.raises(ValueError, match="kernel_size"):
-        m(torch.randn(1, 4, 6, 8))
-
-
 def test_merge_attentions_mismatch():
     import natten
 

@@ -58,18 +58,18 @@ def _mid(c):
 
 def _build(c):
     rank, shape, dim, heads, kernel, dil, stride, causal, rpb, qb, sc = c
-    kw = dict(dilation=dil, is_causal=causal, rel_pos_bias=rpb, qkv_bias=qb, qk_scale=sc)
+    kw = dict(dilation=dil, is_causal=causal, bias=rpb, qkv_bias=qb, qk_scale=sc)
     if stride != 1:
         kw["stride"] = stride
     m = _module_cls(rank)(dim, heads, kernel, **kw)
     if rpb:
-        assert isinstance(m.rpb, torch.nn.Parameter), "rel_pos_bias=True must create parameter `rpb`"
+        assert isinstance(m.rpb, torch.nn.Parameter), "bias=True must create parameter `rpb`"
         expect = (heads, *[2 * k - 1 for k in as_tuple(kernel, rank)])
         assert tuple(m.rpb.shape) == expect, f"rpb shape {tuple(m.rpb.shape)} != {expect}"
         with torch.no_grad():  # make the bias matter (default init is tiny)
             m.rpb.copy_(torch.randn_like(m.rpb))
     else:
-        assert getattr(m, "rpb", None) is None, "rel_pos_bias=False must not create an rpb parameter"
+        assert getattr(m, "rpb", None) is None, "bias=False must not create an rpb parameter"
     if not qb:
         assert m.qkv.bias is None
     return m
@@ -118,7 +118,7 @@ def test_module_grads_match_reference():
 def test_module_eval_deterministic_and_dropout_train():
     import natten
 
-    m = natten.NeighborhoodAttention2D(16, 2, 3, attn_drop=0.5, proj_drop=0.5)
+    m = natten.NeighborhoodAttention2D(16, 2, 3, bias=False, attn_drop=0.5, proj_drop=0.5)
     x = torch.randn(1, 6, 6, 16)
     m.eval()
     y1, y2 = m(x), m(x)
