@@ -14,7 +14,8 @@ from natten._checks import check_av, check_qk
 __all__ = [
     "na1d", "na2d", "na3d", "fused_na1d", "fused_na2d", "fused_na3d",
     "na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av",
-    "natten1dqkrpb", "natten2dqkrpb", "natten3dqkrpb", "natten1dav", "natten2dav", "natten3dav",
+    "natten1dqkrpb", "natten2dqkrpb", "natten3dqkrpb", "natten1dqk", "natten2dqk", "natten3dqk",
+    "natten1dav", "natten2dav", "natten3dav",
 ]
 
 
@@ -98,20 +99,25 @@ def _make_legacy(rank: int):
                    False, rpb)
         return _heads_first(attn, rank)
 
+    def qk(query: Tensor, key: Tensor, kernel_size, dilation) -> Tensor:
+        return qkrpb(query, key, None, kernel_size, dilation)
+
     def av(attn: Tensor, value: Tensor, kernel_size, dilation) -> Tensor:
         out = _av(rank, _heads_last(attn, rank), _heads_last(value, rank), kernel_size, 1, dilation,
                   False)
         return _heads_first(out, rank)
 
     qkrpb.__name__ = qkrpb.__qualname__ = f"natten{rank}dqkrpb"
+    qk.__name__ = qk.__qualname__ = f"natten{rank}dqk"
     av.__name__ = av.__qualname__ = f"natten{rank}dav"
     qkrpb.__doc__ = "Original API, heads-first [B, H, *S, D]: attention weights [B, H, *S, prod(k)]."
+    qk.__doc__ = f"Original API: natten{rank}dqkrpb without a bias."
     av.__doc__ = "Original API, heads-first: attn [B, H, *S, prod(k)], value [B, H, *S, D]."
-    return qkrpb, av
+    return qkrpb, qk, av
 
 
-(natten1dqkrpb, natten1dav), (natten2dqkrpb, natten2dav), (natten3dqkrpb, natten3dav) = (
-    _make_legacy(r) for r in (1, 2, 3))
+((natten1dqkrpb, natten1dqk, natten1dav), (natten2dqkrpb, natten2dqk, natten2dav),
+ (natten3dqkrpb, natten3dqk, natten3dav)) = (_make_legacy(r) for r in (1, 2, 3))
 
 
 def _unfused_attention(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb,
