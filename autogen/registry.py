@@ -17,7 +17,7 @@ from typing import Optional
 # dtype name -> (short name, CPU storage type, CUDA storage type, natten::DType enumerator)
 DTYPES = {
     "float32": ("fp32", "float", "float", "DType::kFloat32"),
-    "float64": ("fp64", "double", None, "DType::kFloat64"),
+    "float64": ("fp64", "double", "double", "DType::kFloat64"),
     "float16": ("fp16", "Half", "__half", "DType::kFloat16"),
     "bfloat16": ("bf16", "BFloat16", "__nv_bfloat16", "DType::kBFloat16"),
 }
@@ -95,7 +95,7 @@ FAMILIES = (
     Family("cpu", CPU_OPS, (1, 2, 3), ("float32", "float64", "float16", "bfloat16"), False, "natten::cpu",
            decl_header="cpu/kernels.h"),
     # Plain CUDA: every GPU CUDA 13 targets, from Turing (sm_75) on.
-    Family("reference", REFERENCE_OPS, (1, 2, 3), ("float32", "float16", "bfloat16"), True,
+    Family("reference", REFERENCE_OPS, (1, 2, 3), ("float32", "float16", "bfloat16", "float64"), True,
            "natten::reference", archs=("75", "80", "90a"), decl_header="reference/kernels.h"),
     # Tensor cores through CuTe (mma.sync, cp.async): Ampere and every later GPU; float32 on
     # TF32 tensor cores.

@@ -113,8 +113,6 @@ def _same_kind(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> 
         raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-    if t.dtype == torch.float64 and t.device.type != "cpu":
-        raise ValueError(f"{name}: float64 is supported on the CPU only")
 
 
 def _gqa(heads: int, heads_kv: int, name: str) -> None:

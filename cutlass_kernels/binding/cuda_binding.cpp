@@ -17,6 +17,11 @@ cudaStream_t stream_of(at::Tensor const& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
+// Scratch buffers of the reference kernels hold their accumulation type (reference::Acc).
+at::ScalarType accumulation_type(at::Tensor const& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 void fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
                  std::optional<at::Tensor> extra_v, Window const& w, double scale, at::Tensor out,
                  at::Tensor lse) {
@@ -37,9 +42,9 @@ void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Te
   auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
   add_gradients(t, d_out, d_lse, d_q, d_k, d_v, d_extra_k, d_extra_v);
   at::Tensor workspace = at::empty({static_cast<int64_t>(reference::fna_backward_workspace_floats(p))},
-                                   q.options().dtype(at::kFloat));
+                                   q.options().dtype(accumulation_type(q)));
   auto fn = find_kernel(reference::dispatch::fna_bwd, p.rank, dtype_of(q), "reference backward");
-  fn(p, t, workspace.data_ptr<float>(), stream_of(q));
+  fn(p, t, static_cast<float*>(workspace.data_ptr()), stream_of(q));
 }
 
 void na_qk_forward(at::Tensor q, at::Tensor k, std::optional<at::Tensor> rpb, Window const& w,
@@ -56,11 +61,12 @@ void na_qk_backward(at::Tensor d_attn, at::Tensor q, at::Tensor k, Window const&
   require_dense(c10::kCUDA, {&d_attn, &q, &k, &d_q, &d_k});
   c10::cuda::CUDAGuard guard(q.device());
   auto const [p, t] = qk_backward_call(d_attn, q, k, d_q, d_k, w);
-  // The bias gradient sums over batch and tokens: accumulate in float32, then convert.
+  // The bias gradient sums over batch and tokens: accumulate in the accumulation type, then
+  // convert.
   std::optional<at::Tensor> accum;
-  if (d_rpb) accum = at::zeros(d_rpb->sizes(), d_rpb->options().dtype(at::kFloat));
+  if (d_rpb) accum = at::zeros(d_rpb->sizes(), d_rpb->options().dtype(accumulation_type(q)));
   find_kernel(reference::dispatch::na_qk_bwd, p.rank, dtype_of(q), "reference qk backward")(
-      p, t, accum ? accum->data_ptr<float>() : nullptr, stream_of(q));
+      p, t, accum ? static_cast<float*>(accum->data_ptr()) : nullptr, stream_of(q));
   if (d_rpb) d_rpb->copy_(*accum);
 }
 

@@ -6,6 +6,9 @@
 // over a grid-stride loop, so any problem size fits a grid. A row of up to kMaxHeadDim
 // elements lives in registers as kPer elements per lane, element c in lane c % 32, slot
 // c / 32; slots past the head dim hold 0, so they add nothing and are never stored.
+//
+// Arithmetic runs in the accumulation type Acc<T>: float, and double for double elements
+// (a float sum would cap double inputs at float precision, which gradchecks detect).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -37,7 +40,7 @@ struct Problem {
   AxisSpec axis[Rank];
   int64_t token_stride[Rank];  // flat token index = sum(coord[a] * token_stride[a])
   int64_t batch, heads, heads_kv, group, dim, dim_v, num_extra, tokens, window, rpb_size;
-  float scale;
+  double scale;  // converted to the accumulation type where used
 };
 
 template <int Rank>
@@ -75,90 +78,103 @@ Problem<Rank> make_problem(NaProblem const& p, char const* op) {
   P.tokens = p.tokens();
   P.window = p.window_size();
   P.rpb_size = p.rpb_size();
-  P.scale = static_cast<float>(p.scale);
+  P.scale = p.scale;
   return P;
 }
 
 // ------------------------------------------------------------------------------------------
-// Element conversion.
+// Element conversion: elements load into and store from the accumulation type.
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ double to_acc(double x) { return x; }
 
-__device__ __forceinline__ void store_float(float* dst, float x) { *dst = x; }
-__device__ __forceinline__ void store_float(__half* dst, float x) { *dst = __float2half_rn(x); }
-__device__ __forceinline__ void store_float(__nv_bfloat16* dst, float x) {
+__device__ __forceinline__ void store_acc(float* dst, float x) { *dst = x; }
+__device__ __forceinline__ void store_acc(__half* dst, float x) { *dst = __float2half_rn(x); }
+__device__ __forceinline__ void store_acc(__nv_bfloat16* dst, float x) {
   *dst = __float2bfloat16_rn(x);
 }
+__device__ __forceinline__ void store_acc(double* dst, double x) { *dst = x; }
+
+// Softmax arithmetic of the accumulation type (the float forms are the fast single-precision
+// functions the kernels always used).
+__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
+__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+__device__ __forceinline__ float acc_log(float x) { return logf(x); }
+__device__ __forceinline__ double acc_log(double x) { return log(x); }
+__device__ __forceinline__ float acc_max(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double acc_max(double a, double b) { return fmax(a, b); }
 
 // ------------------------------------------------------------------------------------------
 // Warp rows and reductions. Butterfly sums leave the same bits in every lane.
 
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) % kWarpSize; }
 
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
 #pragma unroll
   for (int o = kWarpSize / 2; o > 0; o /= 2) v += __shfl_xor_sync(kFullMask, v, o);
   return v;
 }
 
 // Two independent sums in one pass (their shuffles overlap).
-__device__ __forceinline__ void warp_sum2(float& a, float& b) {
+template <typename A>
+__device__ __forceinline__ void warp_sum2(A& a, A& b) {
 #pragma unroll
   for (int o = kWarpSize / 2; o > 0; o /= 2) {
-    float const ra = __shfl_xor_sync(kFullMask, a, o);
-    float const rb = __shfl_xor_sync(kFullMask, b, o);
+    A const ra = __shfl_xor_sync(kFullMask, a, o);
+    A const rb = __shfl_xor_sync(kFullMask, b, o);
     a += ra;
     b += rb;
   }
 }
 
-// Register row of a warp: element c = lane + 32 * j in slot j.
-template <int kPer>
+// Register row of a warp in accumulation type A: element c = lane + 32 * j in slot j.
+template <int kPer, typename A>
 struct Row {
-  float v[kPer];
+  A v[kPer];
 
   __device__ __forceinline__ void zero() {
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) v[j] = 0.f;
+    for (int j = 0; j < kPer; ++j) v[j] = A(0);
   }
 
   // this = scale * src[0, n); slots past n are 0.
   template <typename T>
-  __device__ __forceinline__ void load(T const* src, int64_t n, int lane, float scale) {
+  __device__ __forceinline__ void load(T const* src, int64_t n, int lane, A scale) {
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       int64_t const c = lane + int64_t{kWarpSize} * j;
-      v[j] = c < n ? to_float(src[c]) * scale : 0.f;
+      v[j] = c < n ? to_acc(src[c]) * scale : A(0);
     }
   }
 
   // dst[0, n) = scale * this.
   template <typename T>
-  __device__ __forceinline__ void store(T* dst, int64_t n, int lane, float scale) const {
+  __device__ __forceinline__ void store(T* dst, int64_t n, int lane, A scale) const {
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       int64_t const c = lane + int64_t{kWarpSize} * j;
-      if (c < n) store_float(dst + c, v[j] * scale);
+      if (c < n) store_acc(dst + c, v[j] * scale);
     }
   }
 
   // This lane's part of this . src[0, n) (not reduced over the warp).
   template <typename T>
-  __device__ __forceinline__ float partial_dot(T const* src, int64_t n, int lane) const {
-    float s = 0.f;
+  __device__ __forceinline__ A partial_dot(T const* src, int64_t n, int lane) const {
+    A s = A(0);
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       int64_t const c = lane + int64_t{kWarpSize} * j;
-      if (c < n) s += v[j] * to_float(src[c]);
+      if (c < n) s += v[j] * to_acc(src[c]);
     }
     return s;
   }
 
   // This lane's part of this . other.
-  __device__ __forceinline__ float partial_dot(Row const& o) const {
-    float s = 0.f;
+  __device__ __forceinline__ A partial_dot(Row const& o) const {
+    A s = A(0);
 #pragma unroll
     for (int j = 0; j < kPer; ++j) s += v[j] * o.v[j];
     return s;
@@ -166,16 +182,16 @@ struct Row {
 
   // this += alpha * src[0, n).
   template <typename T>
-  __device__ __forceinline__ void axpy(float alpha, T const* src, int64_t n, int lane) {
+  __device__ __forceinline__ void axpy(A alpha, T const* src, int64_t n, int lane) {
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       int64_t const c = lane + int64_t{kWarpSize} * j;
-      if (c < n) v[j] += alpha * to_float(src[c]);
+      if (c < n) v[j] += alpha * to_acc(src[c]);
     }
   }
 
   // this += alpha * other.
-  __device__ __forceinline__ void axpy(float alpha, Row const& o) {
+  __device__ __forceinline__ void axpy(A alpha, Row const& o) {
 #pragma unroll
     for (int j = 0; j < kPer; ++j) v[j] += alpha * o.v[j];
   }

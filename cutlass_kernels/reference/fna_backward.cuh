@@ -22,17 +22,18 @@ namespace detail {
 
 template <int Rank, typename T>
 __global__ void __launch_bounds__(kThreads)
-    fna_backward_delta_kernel(Problem<Rank> const P, FnaTensors const t, float* delta) {
+    fna_backward_delta_kernel(Problem<Rank> const P, FnaTensors const t, Acc<T>* delta) {
+  using A = Acc<T>;
   int const lane = lane_id();
   int64_t const Dv = P.dim_v;
   int64_t const rows = P.batch * P.tokens * P.heads;
   auto const* out = static_cast<T const*>(t.out);
   auto const* d_out = static_cast<T const*>(t.d_out);
-  auto const* d_lse = static_cast<float const*>(t.d_lse);
+  auto const* d_lse = static_cast<A const*>(t.d_lse);
   for (int64_t row = first_warp(); row < rows; row += warp_stride()) {
-    float s = 0.f;
+    A s = A(0);
     for (int64_t c = lane; c < Dv; c += kWarpSize) {
-      s += to_float(out[row * Dv + c]) * to_float(d_out[row * Dv + c]);
+      s += to_acc(out[row * Dv + c]) * to_acc(d_out[row * Dv + c]);
     }
     s = warp_sum(s);
     if (lane == 0) delta[row] = d_lse != nullptr ? s - d_lse[row] : s;
@@ -41,7 +42,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <int Rank, typename T, int kPer>
 __global__ void __launch_bounds__(kThreads)
-    fna_backward_dq_kernel(Problem<Rank> const P, FnaTensors const t, float const* delta) {
+    fna_backward_dq_kernel(Problem<Rank> const P, FnaTensors const t, Acc<T> const* delta) {
+  using A = Acc<T>;
   int const lane = lane_id();
   int64_t const N = P.tokens, H = P.heads, Hkv = P.heads_kv, E = P.num_extra;
   int64_t const D = P.dim, Dv = P.dim_v;
@@ -52,26 +54,27 @@ __global__ void __launch_bounds__(kThreads)
   auto const* ek = static_cast<T const*>(t.extra_k);
   auto const* ev = static_cast<T const*>(t.extra_v);
   auto const* d_out = static_cast<T const*>(t.d_out);
-  auto const* lse = static_cast<float const*>(t.lse);
+  auto const* lse = static_cast<A const*>(t.lse);
   auto* d_q = static_cast<T*>(t.d_q);
+  A const scale = static_cast<A>(P.scale);
 
   for (int64_t row = first_warp(); row < rows; row += warp_stride()) {
     int64_t const h = row % H;
     int64_t const x = (row / H) % N;
     int64_t const b = row / (H * N);
     int64_t const hk = h / P.group;
-    Row<kPer> qs, go, dq;
-    qs.load(q + row * D, D, lane, P.scale);
-    go.load(d_out + row * Dv, Dv, lane, 1.f);
+    Row<kPer, A> qs, go, dq;
+    qs.load(q + row * D, D, lane, scale);
+    go.load(d_out + row * Dv, Dv, lane, A(1));
     dq.zero();
-    float const row_lse = lse[row];
-    float const row_delta = delta[row];
+    A const row_lse = lse[row];
+    A const row_delta = delta[row];
 
     auto backprop = [&](T const* k_row, T const* v_row) {
-      float s = qs.partial_dot(k_row, D, lane);
-      float dp = go.partial_dot(v_row, Dv, lane);
+      A s = qs.partial_dot(k_row, D, lane);
+      A dp = go.partial_dot(v_row, Dv, lane);
       warp_sum2(s, dp);
-      float const pr = expf(s - row_lse);
+      A const pr = acc_exp(s - row_lse);
       dq.axpy(pr * (dp - row_delta), k_row, D, lane);
     };
 
@@ -86,7 +89,7 @@ __global__ void __launch_bounds__(kThreads)
       T const* ev_head = ev + (b * E * Hkv + hk) * Dv;
       for (int64_t e = 0; e < E; ++e) backprop(ek_head + e * Hkv * D, ev_head + e * Hkv * Dv);
     }
-    dq.store(d_q + row * D, D, lane, P.scale);
+    dq.store(d_q + row * D, D, lane, scale);
   }
 }
 
@@ -94,33 +97,34 @@ __global__ void __launch_bounds__(kThreads)
 // the key's kv head): dV += p dO, dK += dS (scale q).
 template <typename T, int kPer>
 struct KeyGrad {
+  using A = Acc<T>;
   T const* q;
   T const* d_out;
-  float const* lse;
-  float const* delta;
+  A const* lse;
+  A const* delta;
   int64_t tokens, heads, group, dim, dim_v;
-  float scale;
+  A scale;
   int lane;
-  Row<kPer> k, v, dk, dv;
+  Row<kPer, A> k, v, dk, dv;
 
   template <int Rank>
   __device__ __forceinline__ KeyGrad(Problem<Rank> const& P, FnaTensors const& t,
-                                     float const* delta_)
+                                     A const* delta_)
       : q(static_cast<T const*>(t.q)),
         d_out(static_cast<T const*>(t.d_out)),
-        lse(static_cast<float const*>(t.lse)),
+        lse(static_cast<A const*>(t.lse)),
         delta(delta_),
         tokens(P.tokens),
         heads(P.heads),
         group(P.group),
         dim(P.dim),
         dim_v(P.dim_v),
-        scale(P.scale),
+        scale(static_cast<A>(P.scale)),
         lane(lane_id()) {}
 
   __device__ __forceinline__ void begin(T const* k_row, T const* v_row) {
-    k.load(k_row, dim, lane, 1.f);
-    v.load(v_row, dim_v, lane, 1.f);
+    k.load(k_row, dim, lane, A(1));
+    v.load(v_row, dim_v, lane, A(1));
     dk.zero();
     dv.zero();
   }
@@ -129,13 +133,13 @@ struct KeyGrad {
   __device__ __forceinline__ void add_query(int64_t b, int64_t x, int64_t hk) {
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
       int64_t const row = (b * tokens + x) * heads + h;
-      Row<kPer> qs, go;
+      Row<kPer, A> qs, go;
       qs.load(q + row * dim, dim, lane, scale);
-      go.load(d_out + row * dim_v, dim_v, lane, 1.f);
-      float s = qs.partial_dot(k);
-      float dp = go.partial_dot(v);
+      go.load(d_out + row * dim_v, dim_v, lane, A(1));
+      A s = qs.partial_dot(k);
+      A dp = go.partial_dot(v);
       warp_sum2(s, dp);
-      float const pr = expf(s - lse[row]);
+      A const pr = acc_exp(s - lse[row]);
       dv.axpy(pr, go);
       dk.axpy(pr * (dp - delta[row]), qs);
     }
@@ -144,7 +148,7 @@ struct KeyGrad {
 
 template <int Rank, typename T, int kPer>
 __global__ void __launch_bounds__(kThreads)
-    fna_backward_dkdv_kernel(Problem<Rank> const P, FnaTensors const t, float const* delta) {
+    fna_backward_dkdv_kernel(Problem<Rank> const P, FnaTensors const t, Acc<T> const* delta) {
   int64_t const N = P.tokens, Hkv = P.heads_kv, D = P.dim, Dv = P.dim_v;
   int64_t const rows = P.batch * N * Hkv;
   auto const* k = static_cast<T const*>(t.k);
@@ -162,18 +166,20 @@ __global__ void __launch_bounds__(kThreads)
     Run runs[Rank];
     inverse_runs(P, y, runs);
     for_each_token(runs, [&](int64_t x) { g.add_query(b, x, hk); });
-    g.dk.store(d_k + row * D, D, g.lane, 1.f);
-    g.dv.store(d_v + row * Dv, Dv, g.lane, 1.f);
+    g.dk.store(d_k + row * D, D, g.lane, Acc<T>(1));
+    g.dv.store(d_v + row * Dv, Dv, g.lane, Acc<T>(1));
   }
 }
 
 // Additional keys: warp item = ((split * B + b) * E + e) * Hkv + hk over queries
 // [split * N / splits, (split + 1) * N / splits). With one split the result is stored
-// directly; otherwise as float partials, row item of [splits, B, E, Hkv, D + Dv].
+// directly; otherwise as partials of the accumulation type, row item of
+// [splits, B, E, Hkv, D + Dv].
 template <int Rank, typename T, int kPer>
 __global__ void __launch_bounds__(kThreads)
-    fna_backward_extra_kernel(Problem<Rank> const P, FnaTensors const t, float const* delta,
-                              int64_t splits, float* partial) {
+    fna_backward_extra_kernel(Problem<Rank> const P, FnaTensors const t, Acc<T> const* delta,
+                              int64_t splits, Acc<T>* partial) {
+  using A = Acc<T>;
   int64_t const N = P.tokens, Hkv = P.heads_kv, E = P.num_extra, D = P.dim, Dv = P.dim_v;
   int64_t const rows = P.batch * E * Hkv;  // rows of one split: (b * E + e) * Hkv + hk
   int64_t const items = splits * rows;
@@ -192,12 +198,12 @@ __global__ void __launch_bounds__(kThreads)
     int64_t const x_end = (split + 1) * N / splits;
     for (int64_t x = split * N / splits; x < x_end; ++x) g.add_query(b, x, hk);
     if (partial == nullptr) {
-      g.dk.store(d_ek + row * D, D, g.lane, 1.f);
-      g.dv.store(d_ev + row * Dv, Dv, g.lane, 1.f);
+      g.dk.store(d_ek + row * D, D, g.lane, A(1));
+      g.dv.store(d_ev + row * Dv, Dv, g.lane, A(1));
     } else {
-      float* dst = partial + item * (D + Dv);
-      g.dk.store(dst, D, g.lane, 1.f);
-      g.dv.store(dst + D, Dv, g.lane, 1.f);
+      A* dst = partial + item * (D + Dv);
+      g.dk.store(dst, D, g.lane, A(1));
+      g.dv.store(dst + D, Dv, g.lane, A(1));
     }
   }
 }
@@ -207,18 +213,18 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     fna_backward_extra_reduce_kernel(int64_t rows, int64_t D, int64_t Dv, int64_t splits,
-                                     float const* partial, T* d_ek, T* d_ev) {
+                                     Acc<T> const* partial, T* d_ek, T* d_ev) {
   int64_t const width = D + Dv;
   int64_t const total = rows * width;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float s = 0.f;
+    Acc<T> s = 0;
     for (int64_t w = 0; w < splits; ++w) s += partial[w * total + i];
     int64_t const row = i / width, c = i % width;
     if (c < D) {
-      store_float(d_ek + row * D + c, s);
+      store_acc(d_ek + row * D + c, s);
     } else {
-      store_float(d_ev + row * Dv + (c - D), s);
+      store_acc(d_ev + row * Dv + (c - D), s);
     }
   }
 }
@@ -234,9 +240,9 @@ void fna_backward(NaProblem const& p, FnaTensors const& t, float* workspace,
   int64_t const k_rows = P.batch * P.tokens * P.heads_kv;
   int64_t const e_rows = P.batch * P.num_extra * P.heads_kv;
   if (q_rows == 0) return;
-  float* delta = workspace;
+  auto* delta = reinterpret_cast<Acc<T>*>(workspace);
   int64_t const splits = fna_backward_extra_splits(p);
-  float* partial = splits > 1 ? workspace + q_rows : nullptr;
+  Acc<T>* partial = splits > 1 ? delta + q_rows : nullptr;
 
   fna_backward_delta_kernel<Rank, T><<<grid_blocks(q_rows), kThreads, 0, stream>>>(P, t, delta);
   check_launch("fna_backward_delta_kernel");

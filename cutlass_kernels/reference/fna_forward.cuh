@@ -1,6 +1,7 @@
 // Fused neighbourhood attention forward, reference CUDA kernel: one warp per (batch, query,
-// head), lanes split the head dims; an online softmax in float32 over the query's window
-// keys and then the additional keys; out = P.V / rowsum(P), lse = max + log(rowsum).
+// head), lanes split the head dims; an online softmax in the accumulation type over the
+// query's window keys and then the additional keys; out = P.V / rowsum(P),
+// lse = max + log(rowsum).
 #pragma once
 
 #include "reference/common.cuh"
@@ -21,7 +22,8 @@ __global__ void __launch_bounds__(kThreads)
   auto const* ek = static_cast<T const*>(t.extra_k);
   auto const* ev = static_cast<T const*>(t.extra_v);
   auto* out = static_cast<T*>(t.out);
-  auto* lse = static_cast<float*>(t.lse);
+  using A = Acc<T>;
+  auto* lse = static_cast<A*>(t.lse);
 
   for (int64_t row = first_warp(); row < rows; row += warp_stride()) {
     // row = (b * N + x) * H + h
@@ -30,23 +32,23 @@ __global__ void __launch_bounds__(kThreads)
     int64_t const b = row / (H * N);
     int64_t const hk = h / P.group;
 
-    Row<kPer> qs;
-    qs.load(q + row * D, D, lane, P.scale);
-    Row<kPer> o;
+    Row<kPer, A> qs;
+    qs.load(q + row * D, D, lane, static_cast<A>(P.scale));
+    Row<kPer, A> o;
     o.zero();
-    float m = -INFINITY, l = 0.f;
+    A m = -INFINITY, l = A(0);
 
     auto attend = [&](T const* k_row, T const* v_row) {
-      float const s = warp_sum(qs.partial_dot(k_row, D, lane));
-      float const m_new = fmaxf(m, s);
-      float const alpha = expf(m - m_new);  // 0 for the first key (m = -inf)
-      float const pr = expf(s - m_new);
+      A const s = warp_sum(qs.partial_dot(k_row, D, lane));
+      A const m_new = acc_max(m, s);
+      A const alpha = acc_exp(m - m_new);  // 0 for the first key (m = -inf)
+      A const pr = acc_exp(s - m_new);
       l = l * alpha + pr;
       m = m_new;
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
         int64_t const c = lane + int64_t{kWarpSize} * j;
-        o.v[j] = o.v[j] * alpha + (c < Dv ? pr * to_float(v_row[c]) : 0.f);
+        o.v[j] = o.v[j] * alpha + (c < Dv ? pr * to_acc(v_row[c]) : A(0));
       }
     };
 
@@ -64,8 +66,8 @@ __global__ void __launch_bounds__(kThreads)
     }
 
     // Every query sees at least itself, so l >= 1.
-    o.store(out + row * Dv, Dv, lane, 1.f / l);
-    if (lane == 0) lse[row] = m + logf(l);
+    o.store(out + row * Dv, Dv, lane, A(1) / l);
+    if (lane == 0) lse[row] = m + acc_log(l);
   }
 }
 

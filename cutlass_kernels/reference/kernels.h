@@ -3,8 +3,9 @@
 // is instantiated in its own generated file; this header only declares, so a plain C++
 // translation unit (the dispatch table, the binding) can include it.
 //
-// Element types: float, __half, __nv_bfloat16; accumulation, softmax statistics, lse and
-// d_lse in float32. Layouts as in common/na_params.h. Head dims D, Dv up to 512.
+// Element types: float, double, __half, __nv_bfloat16. Accumulation, softmax statistics, lse,
+// d_lse and the scratch buffers are of the accumulation type Acc<T>: double for double, float
+// for the rest. Layouts as in common/na_params.h. Head dims D, Dv up to 512.
 // Every function launches on `stream`, returns without synchronising, and throws
 // std::invalid_argument for a problem it cannot serve and std::runtime_error when a launch
 // fails.
@@ -16,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/na_params.h"
 
@@ -24,12 +26,16 @@ namespace natten::reference {
 // Largest head dim (D and Dv) the kernels hold in registers: 32 lanes x 16 elements.
 constexpr int64_t kMaxHeadDim = 512;
 
+template <typename T>
+using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
 // Fused forward: writes out [B, *S, H, Dv] and lse [B, *S, H].
 template <int Rank, typename T>
 void fna_forward(NaProblem const& p, FnaTensors const& t, cudaStream_t stream);
 
 // Fused backward: writes d_q, d_k, d_v (and d_extra_k, d_extra_v when num_extra > 0).
-// `workspace` holds fna_backward_workspace_floats(p) floats; it need not be zeroed.
+// `workspace` holds fna_backward_workspace_floats(p) elements of Acc<T> (the dispatch
+// signature types it float* for every T); it need not be zeroed.
 template <int Rank, typename T>
 void fna_backward(NaProblem const& p, FnaTensors const& t, float* workspace,
                   cudaStream_t stream);
@@ -47,8 +53,8 @@ inline int64_t fna_backward_extra_splits(NaProblem const& p) {
   return s < 1 ? 1 : s;
 }
 
-// Workspace of fna_backward, in floats: delta [B, N, H], then, when the additional keys are
-// split over several slices, per-slice partial gradients [splits, B, E, Hkv, D + Dv].
+// Workspace of fna_backward, in elements of Acc<T>: delta [B, N, H], then, when the additional
+// keys are split over several slices, per-slice partial gradients [splits, B, E, Hkv, D + Dv].
 inline size_t fna_backward_workspace_floats(NaProblem const& p) {
   int64_t n = p.batch * p.tokens() * p.heads;
   int64_t const splits = fna_backward_extra_splits(p);
@@ -61,8 +67,9 @@ template <int Rank, typename T>
 void na_qk_forward(NaProblem const& p, NaUnfusedTensors const& t, cudaStream_t stream);
 
 // Gradients of na_qk_forward: t.d_out holds d_attn; writes t.d_q and t.d_k. When
-// `d_rpb_accum` is not null (a zeroed float32 [H, 2k_1-1, ...]), the bias gradient is added
-// into it; the caller converts it into t.d_rpb's type (t.d_rpb is not read).
+// `d_rpb_accum` is not null (a zeroed [H, 2k_1-1, ...] of Acc<T>, typed float* by the dispatch
+// signature), the bias gradient is added into it; the caller converts it into t.d_rpb's type
+// (t.d_rpb is not read).
 template <int Rank, typename T>
 void na_qk_backward(NaProblem const& p, NaUnfusedTensors const& t, float* d_rpb_accum,
                     cudaStream_t stream);

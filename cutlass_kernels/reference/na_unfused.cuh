@@ -6,8 +6,8 @@
 // Query-side work (attn, out, d_attn, dQ) is one warp per (b, query, head) walking the
 // window's offsets; key-side gradients (dK, dV) are one warp per (b, key, kv head) walking the
 // queries that see the key (inverse window) and the query heads of its group, so no two
-// warps write one element. Only d_rpb is accumulated with atomics (float32, by the caller's
-// buffer).
+// warps write one element. Only d_rpb is accumulated with atomics (in the caller's buffer of
+// the accumulation type).
 #pragma once
 
 #include "reference/common.cuh"
@@ -25,6 +25,7 @@ __global__ void __launch_bounds__(kThreads)
   auto const* k = static_cast<T const*>(t.k);
   auto const* rpb = static_cast<T const*>(t.rpb);
   auto* attn = static_cast<T*>(t.out);
+  using A = Acc<T>;
 
   for (int64_t row = first_warp(); row < rows; row += warp_stride()) {
     int64_t const h = row % H;
@@ -32,18 +33,18 @@ __global__ void __launch_bounds__(kThreads)
     int64_t const b = row / (H * N);
     T const* k_head = k + (b * N * Hkv + h / P.group) * D;
     T const* bias = rpb != nullptr ? rpb + h * P.rpb_size : nullptr;
-    Row<kPer> qr;
-    qr.load(q + row * D, D, lane, 1.f);
+    Row<kPer, A> qr;
+    qr.load(q + row * D, D, lane, A(1));
     T* dst = attn + row * kw;
     for_each_offset(P, x, [&](int64_t j, int64_t y, int64_t ri, bool visible) {
       if (!visible) {
-        if (lane == 0) store_float(dst + j, -INFINITY);
+        if (lane == 0) store_acc(dst + j, -INFINITY);
         return;
       }
-      float s = warp_sum(qr.partial_dot(k_head + y * Hkv * D, D, lane));
+      A s = warp_sum(qr.partial_dot(k_head + y * Hkv * D, D, lane));
       if (lane == 0) {
-        if (bias != nullptr) s += to_float(bias[ri]);
-        store_float(dst + j, s);
+        if (bias != nullptr) s += to_acc(bias[ri]);
+        store_acc(dst + j, s);
       }
     });
   }
@@ -53,7 +54,8 @@ __global__ void __launch_bounds__(kThreads)
 template <int Rank, typename T, int kPer>
 __global__ void __launch_bounds__(kThreads)
     na_qk_backward_dq_kernel(Problem<Rank> const P, NaUnfusedTensors const t,
-                             float* d_rpb_accum) {
+                             Acc<T>* d_rpb_accum) {
+  using A = Acc<T>;
   int const lane = lane_id();
   int64_t const N = P.tokens, H = P.heads, Hkv = P.heads_kv, D = P.dim, kw = P.window;
   int64_t const rows = P.batch * N * H;
@@ -67,16 +69,16 @@ __global__ void __launch_bounds__(kThreads)
     int64_t const b = row / (H * N);
     T const* k_head = k + (b * N * Hkv + h / P.group) * D;
     T const* g = d_attn + row * kw;
-    float* bias_grad = d_rpb_accum != nullptr ? d_rpb_accum + h * P.rpb_size : nullptr;
-    Row<kPer> dq;
+    A* bias_grad = d_rpb_accum != nullptr ? d_rpb_accum + h * P.rpb_size : nullptr;
+    Row<kPer, A> dq;
     dq.zero();
     for_each_offset(P, x, [&](int64_t j, int64_t y, int64_t ri, bool visible) {
       if (!visible) return;
-      float const gj = to_float(g[j]);
+      A const gj = to_acc(g[j]);
       dq.axpy(gj, k_head + y * Hkv * D, D, lane);
       if (bias_grad != nullptr && lane == 0) atomicAdd(bias_grad + ri, gj);
     });
-    dq.store(d_q + row * D, D, lane, 1.f);
+    dq.store(d_q + row * D, D, lane, A(1));
   }
 }
 
@@ -96,15 +98,15 @@ __global__ void __launch_bounds__(kThreads)
     int64_t const hk = row % Hkv;
     int64_t const y = (row / Hkv) % N;
     int64_t const b = row / (Hkv * N);
-    Row<kPer> acc;
+    Row<kPer, Acc<T>> acc;
     acc.zero();
     for_each_query_of_key(P, y, [&](int64_t x, int64_t j) {
       for (int64_t h = hk * P.group; h < (hk + 1) * P.group; ++h) {
         int64_t const q_row = (b * N + x) * H + h;
-        acc.axpy(to_float(weights[q_row * kw + j]), src + q_row * width, width, lane);
+        acc.axpy(to_acc(weights[q_row * kw + j]), src + q_row * width, width, lane);
       }
     });
-    acc.store(dst + row * width, width, lane, 1.f);
+    acc.store(dst + row * width, width, lane, Acc<T>(1));
   }
 }
 
@@ -124,13 +126,13 @@ __global__ void __launch_bounds__(kThreads)
     int64_t const b = row / (H * N);
     T const* v_head = v + (b * N * Hkv + h / P.group) * Dv;
     T const* a = attn + row * kw;
-    Row<kPer> o;
+    Row<kPer, Acc<T>> o;
     o.zero();
     // Invisible offsets are skipped, not multiplied: their weights may be -inf or NaN.
     for_each_offset(P, x, [&](int64_t j, int64_t y, int64_t, bool visible) {
-      if (visible) o.axpy(to_float(a[j]), v_head + y * Hkv * Dv, Dv, lane);
+      if (visible) o.axpy(to_acc(a[j]), v_head + y * Hkv * Dv, Dv, lane);
     });
-    o.store(out + row * Dv, Dv, lane, 1.f);
+    o.store(out + row * Dv, Dv, lane, Acc<T>(1));
   }
 }
 
@@ -150,16 +152,16 @@ __global__ void __launch_bounds__(kThreads)
     int64_t const x = (row / H) % N;
     int64_t const b = row / (H * N);
     T const* v_head = v + (b * N * Hkv + h / P.group) * Dv;
-    Row<kPer> go;
-    go.load(d_out + row * Dv, Dv, lane, 1.f);
+    Row<kPer, Acc<T>> go;
+    go.load(d_out + row * Dv, Dv, lane, Acc<T>(1));
     T* dst = d_attn + row * kw;
     for_each_offset(P, x, [&](int64_t j, int64_t y, int64_t, bool visible) {
       if (!visible) {
-        if (lane == 0) store_float(dst + j, 0.f);
+        if (lane == 0) store_acc(dst + j, Acc<T>(0));
         return;
       }
-      float const s = warp_sum(go.partial_dot(v_head + y * Hkv * Dv, Dv, lane));
-      if (lane == 0) store_float(dst + j, s);
+      Acc<T> const s = warp_sum(go.partial_dot(v_head + y * Hkv * Dv, Dv, lane));
+      if (lane == 0) store_acc(dst + j, s);
     });
   }
 }
@@ -189,8 +191,8 @@ void na_qk_backward(NaProblem const& p, NaUnfusedTensors const& t, float* d_rpb_
   if (q_rows == 0) return;
   with_row_slots(P.dim, [&](auto slots) {
     constexpr int kPer = decltype(slots)::value;
-    na_qk_backward_dq_kernel<Rank, T, kPer>
-        <<<grid_blocks(q_rows), kThreads, 0, stream>>>(P, t, d_rpb_accum);
+    na_qk_backward_dq_kernel<Rank, T, kPer><<<grid_blocks(q_rows), kThreads, 0, stream>>>(
+        P, t, reinterpret_cast<Acc<T>*>(d_rpb_accum));
     check_launch("na_qk_backward_dq_kernel");
     window_transpose_kernel<Rank, T, kPer><<<grid_blocks(k_rows), kThreads, 0, stream>>>(
         P, static_cast<T const*>(t.d_out), static_cast<T const*>(t.q), P.dim,
