@@ -1,5 +1,6 @@
 """The reference CUDA backend: plain CUDA kernels (no tensor cores) for any NVIDIA GPU the
-toolkit targets; the always-correct GPU fallback, unfused ops included."""
+toolkit targets; the always-correct GPU fallback, unfused ops included, and the one GPU backend
+that runs float64 (accumulating in double), so backend=None sends float64 here."""
 
 from __future__ import annotations
 
