@@ -14,11 +14,17 @@ How a problem becomes one flex call
    or true for additional keys (appended after the grid keys, visible to every query). Padded
    keys have position -1 (never visible); padded queries copy the window of a real query of
    their group and are discarded.
-5. The block mask (full / partial / empty per block pair) is evaluated from the very same
-   tables, chunk by chunk, so a block marked full is exactly one whose mask is all true.
+5. The block mask (full / partial / empty per block pair) comes from the same window tables
+   per axis: a block is a box, so a block pair is visible (full) exactly when its projection on
+   every axis is. Nothing on the way grows with the square of the token count.
 
-q/k/v are gathered into that order (one gather each), flex runs (compiled), and the output and
-logsumexp are scattered back. Masks, permutations and tables are cached per problem.
+q/k/v are gathered into that order (one gather each), flex runs, and the output and logsumexp
+are scattered back. Masks, permutations and tables are cached per problem.
+
+On CUDA flex runs compiled, with kernel options chosen with the blocks (kernel_options: Inductor
+refuses blocks its own configuration does not divide), through a compiled callable per call
+signature (_compiled: Dynamo's recompile limit would otherwise send a process that sees many
+shapes to the dense implementation). A call that cannot be compiled raises.
 
 Backward: CUDA recomputes through flex under autograd. FlexAttention has no backward on the CPU
 (torch raises), so on CPU tensors the backward recomputes with a dense masked softmax over the
