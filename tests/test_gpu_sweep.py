@@ -57,6 +57,34 @@ def test_sweep(cuda_backend, rank, dim, dtype):
         pytest.fail(f"{name} refused a case its unsupported() accepts: {e}")
 
 
+def test_flex_fna_under_torch_compile():
+    """Under a user's torch.compile, flex-fna runs inside the natten::fna_forward/backward operators,
+    and compiles its own FlexAttention call there."""
+    import natten
+    from oracle import as_tuple, reference_na
+
+    from conftest import assert_close, tolerance
+
+    case = replace(CASES[2], D=64)
+    q, k, v, _, _ = make_inputs(case, torch.float16, "cuda", requires_grad=True)
+    kernel, dilation = as_tuple(case.kernel, 2), as_tuple(case.dilation, 2)
+
+    def f(q, k, v):
+        return natten.na2d(q, k, v, kernel, dilation=dilation, backend="flex-fna") * 2.0
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True)(q, k, v)
+    d_out = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(d_out.to("cuda", torch.float16))
+    leaves = [t.detach().cpu().double().requires_grad_(True) for t in (q, k, v)]
+    ref, _ = reference_na(*leaves, kernel, (1, 1), dilation, (False, False))
+    (2.0 * ref).backward(d_out.half().double())
+    tol = tolerance(torch.float16, "cuda", "flex-fna")
+    assert_close(out, 2.0 * ref, tol, "compiled output")
+    for name, t, leaf in zip("qkv", (q, k, v), leaves):
+        assert_close(t.grad, leaf.grad, tol, f"compiled grad {name}")
+
+
 def test_flex_many_shapes_stay_compiled():
     """Dynamo runs a function eagerly (for flex_attention: the dense implementation) once it holds
     recompile_limit compiled entries; with the limit at 1, a flex-fna that compiled every shape
