@@ -148,6 +148,28 @@ def test_compiled_flex_uses_block_mask():
         assert_close(out, ref, tolerance(torch.float32), f"compiled flex output {shape}")
 
 
+def test_recompile_limit_is_an_error_not_a_dense_run(monkeypatch):
+    """Were two shapes to share a compiled callable, the second past Dynamo's recompile limit
+    raises flex-fna's error (and drops the callable) instead of running flex eagerly."""
+    shared = {}
+    real = flex._compiled
+
+    def one_callable(key):
+        return shared.setdefault("fn", real(key)) if not shared else shared["fn"]
+
+    monkeypatch.setattr(flex, "_compiled", one_callable)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for n, shape in enumerate(((8, 16), (12, 16))):
+            layout = flex.get_layout(_problem(shape, 3), (4, 4), (4, 4))
+            q = torch.randn(1, *shape, 1, 16)
+            qf, kf, vf = flex._prepare(layout, q, q, q, None, None, 0)
+            if n == 0:
+                flex.compiled_flex(qf, kf, vf, layout.block_mask, 0.5)
+                continue
+            with pytest.raises(RuntimeError, match="FailOnRecompileLimitHit.*does not fall back"):
+                flex.compiled_flex(qf, kf, vf, layout.block_mask, 0.5)
+
+
 def test_compiled_flex_refuses_to_run_eagerly(monkeypatch):
     problem = _problem((8, 16), 3)
     layout = flex.get_layout(problem, (4, 4), (4, 4))

@@ -530,25 +530,30 @@ def _call_compiled(q, k, v, block_mask, scale: float, kernel_options: Optional[d
            _captured(block_mask.mask_mod), scale, enable_gqa,
            None if kernel_options is None else tuple(sorted(kernel_options.items())), aux is None,
            _global_state())
+    dynamo = torch._dynamo
+    if dynamo.config.disable:
+        raise RuntimeError("flex-fna needs torch.compile, and TorchDynamo is disabled "
+                           "(torch._dynamo.config.disable / TORCHDYNAMO_DISABLE=1): FlexAttention "
+                           "would then evaluate the whole score matrix")
     first = key not in _COMPILED
     fn = _compiled(key)
     _flex_module()  # the compiled body reads it from the module's globals
     args = (q, k, v, block_mask, scale, enable_gqa, kernel_options, aux)
-    dynamo = torch._dynamo
     try:
         if not first:
             return fn(*args)
-        if dynamo.config.disable:
-            raise RuntimeError("flex-fna needs torch.compile, and TorchDynamo is disabled "
-                               "(torch._dynamo.config.disable / TORCHDYNAMO_DISABLE=1): FlexAttention "
-                               "would then evaluate the whole score matrix")
         _progress(f"compiling flex_attention for q {tuple(q.shape)}, k {tuple(k.shape)}, {q.dtype}, "
                   f"blocks {block_mask.BLOCK_SIZE} (first call only)")
         with dynamo.config.patch(suppress_errors=False):  # an error raises instead of running eagerly
             return fn(*args)
-    except (dynamo.exc.TorchDynamoException, dynamo.exc.FailOnRecompileLimitHit) as e:
-        # fullgraph turns a recompile past Dynamo's limit into FailOnRecompileLimitHit too
-        _COMPILED.pop(key, None)
+    except BaseException as e:
+        # fullgraph makes a recompile past Dynamo's limit raise FailOnRecompileLimitHit; a fresh
+        # callable (next call) starts with an empty cache
+        failed_compile = isinstance(e, (dynamo.exc.TorchDynamoException, dynamo.exc.FailOnRecompileLimitHit))
+        if first or failed_compile:
+            _COMPILED.pop(key, None)
+        if not failed_compile:
+            raise
         reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise RuntimeError(
             f"flex-fna could not compile FlexAttention for q {tuple(q.shape)}, k {tuple(k.shape)}, "
