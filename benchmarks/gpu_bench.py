@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this source tree before any installed natten
@@ -105,7 +104,6 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 def run_problem(p: Problem, device: torch.device, dtype: torch.dtype, backends: List[str],
                 passes: List[str], warmup: int, repeat: int, peers: bool = True) -> List[dict]:
     B, S, H, D = p.batch, p.spatial, p.heads, p.dim
-    N = p.tokens
     kernel, stride = p.kernel, p.per_axis("stride", 1)
     dilation, causal = p.per_axis("dilation", 1), p.per_axis("causal", False)
     na = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[p.rank]
@@ -232,10 +230,7 @@ def _peers(p: Problem, q, k, v, d_out, scale, device, passes, warmup, repeat, re
     """Times row-major flex and dense SDPA; returns the row-major flex output (heads-last), the
     reference the natten backends are checked against (None when it fails). A peer that fails is
     an error row, like a natten backend."""
-    B, S, H, D = p.batch, p.spatial, p.heads, p.dim
-    N = p.tokens
-    kernel, stride = p.kernel, p.per_axis("stride", 1)
-    dilation, causal = p.per_axis("dilation", 1), p.per_axis("causal", False)
+    B, H, D, N = p.batch, p.heads, p.dim, p.tokens
     # ---- flex, row-major NA block mask (also the correctness reference) ----
     reference = None
     try:
