@@ -55,7 +55,6 @@ def main() -> int:
     ap.add_argument("--problems", default="P2,P3")
     ap.add_argument("--repeat", type=int, default=10)
     args = ap.parse_args()
-    flex = fb.compiled_flex()
     for name in args.problems.split(","):
         p = PROBLEMS[name]
         gen = torch.Generator().manual_seed(0)
@@ -72,14 +71,13 @@ def main() -> int:
             full = int(bm.full_kv_num_blocks.sum()) if bm.full_kv_num_blocks is not None else 0
             part = int(bm.kv_num_blocks.sum())
             qf, kf, vf = fb._prepare(layout, q, k, v, None, None, 0)
-            kw = dict(block_mask=bm, scale=scale)
-            if options:
-                kw["kernel_options"] = options
+            # the backend's options for these blocks, with the variant's on top
+            kw = {**fb.kernel_options(q.device, q.dtype, qf.shape[-1], layout.block), **(options or {})}
             with torch.no_grad():
                 try:
-                    t_kernel = ms(lambda: flex(qf, kf, vf, **kw), args.repeat)
-                except Exception as e:  # an option this torch cannot lower
-                    print(f"  {label:28s} failed: {' '.join(str(e).split())[:160]}", flush=True)
+                    t_kernel = ms(lambda: fb.compiled_flex(qf, kf, vf, bm, scale, kw), args.repeat)
+                except Exception as e:  # noqa: BLE001 - an option this torch cannot lower: a row, go on
+                    print(f"  {label:28s} error: {type(e).__name__}: {' '.join(str(e).split())[:160]}", flush=True)
                     continue
                 t_prep = ms(lambda: fb._prepare(layout, q, k, v, None, None, 0), args.repeat)
                 out_f, lse_f = fb.run_flex(qf, kf, vf, bm, scale)

@@ -166,9 +166,15 @@ def device_backends(device: str) -> list:
     return list(backends.names_for_device(torch.device(device).type))
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())
+_REASON_CHARS = 400
+
+
+def _reason(exc: BaseException, with_type: bool = False) -> str:
+    """The exception as one line (compiler errors run to pages: the start says what failed)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if with_type and not text.startswith(type(exc).__name__):
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS - 3] + "..."
 
 
 def fused_problem(problem: Problem, inputs: dict):
@@ -251,22 +257,22 @@ def _fmt_rate(x: float) -> str:
 
 
 def format_table(rows: list) -> str:
+    """The result table; a pass that failed is one row whose cells after the pass read
+    ``error: <reason>``."""
     header = ("backend", "pass", "median ms", "min ms", "TFLOP/s", "host ms")
-    body = []
-    for t in rows:
-        if t.error:
-            body.append((t.backend, t.pass_name, "-", "-", "-", "-"))
-        else:
-            body.append((t.backend, t.pass_name, _fmt(t.median_ms, 3), _fmt(t.min_ms, 3), _fmt_rate(t.tflops),
-                         _fmt(t.host_ms, 3)))
-    widths = [max(len(str(r[i])) for r in [header] + body) for i in range(len(header))]
-    lines = []
-    for n, r in enumerate([header] + body):
-        cells = [str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
-        lines.append("  ".join(cells).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    cells = [(t.backend, t.pass_name, f"error: {t.error}") if t.error else
+             (t.backend, t.pass_name, _fmt(t.median_ms, 3), _fmt(t.min_ms, 3), _fmt_rate(t.tflops),
+              _fmt(t.host_ms, 3)) for t in rows]
+    timed = [header] + [c for c in cells if len(c) == len(header)]
+    widths = [max(len(c[i]) for c in [header] + cells) for i in range(2)]
+    widths += [max(len(c[i]) for c in timed) for i in range(2, len(header))]
+
+    def line(row):
+        text = [c.ljust(w) for c, w in zip(row[:2], widths)]
+        text += [row[2]] if len(row) == 3 else [c.rjust(w) for c, w in zip(row[2:], widths[2:])]
+        return "  ".join(text).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(c) for c in cells])
 
 
 def format_flops(n: int) -> str:
@@ -324,38 +330,47 @@ def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warm
     if not names:
         raise CliError(f"no natten backend is available on {problem.device}")
 
+    try:
+        fused_problem(problem, problem.make_inputs())
+    except (ValueError, TypeError) as e:
+        raise CliError(f"invalid problem: {_reason(e)}") from None
+
     rows: list = []
-    skipped: dict = {}
+    skipped: dict = {}  # backends natten declines for the problem, not asked for by name
     jobs = []
     for b in names:
-        sweep_b = sweep and check_backend(problem, b) is None
-        for p in passes:
-            configs = tile_jobs(problem, b, p) if sweep_b else [(b, None)]
-            jobs += [(b, p, label, tiles) for label, tiles in configs]
-    for i, (backend, pass_name, label, tiles) in enumerate(jobs, 1):
-        if backend in skipped:
+        declined = check_backend(problem, b)
+        if declined is not None and not requested:
+            skipped[b] = declined
             continue
-        progress(f"[{i}/{len(jobs)}] {label} {pass_name} ...")
-        try:
-            timing = time_pass(problem, backend, pass_name, warmup, repeat, tiles, label)
-        except (ValueError, TypeError, NotImplementedError) as e:
-            if requested:
-                raise CliError(f"backend {backend!r} cannot run this problem ({pass_name}): {_reason(e)}") from None
-            if pass_name == "forward":
-                skipped[backend] = _reason(e)
+        for p in passes:
+            if declined is not None:
+                jobs.append((b, p, b, None, f"cannot run this problem: {declined}"))
                 continue
-            timing = Timing(label, pass_name, error=_reason(e))
-        rows.append(timing)
-        if not timing.error:
-            progress(f"[{i}/{len(jobs)}] {label} {pass_name}: {timing.median_ms:.3f} ms")
-
-    if not rows:
+            try:
+                configs = tile_jobs(problem, b, p) if sweep else [(b, None)]
+            except Exception as e:  # noqa: BLE001 - a row of the table, like a failed timing
+                jobs.append((b, p, b, None, _reason(e, with_type=True)))
+                continue
+            jobs += [(b, p, label, tiles, None) for label, tiles in configs]
+    if not jobs:
         reasons = "; ".join(f"{b}: {r}" for b, r in skipped.items())
         raise CliError(f"no backend can run this problem: {reasons}")
+
+    for i, (backend, pass_name, label, tiles, error) in enumerate(jobs, 1):
+        progress(f"[{i}/{len(jobs)}] {label} {pass_name} ...")
+        if error is None:
+            try:
+                timing = time_pass(problem, backend, pass_name, warmup, repeat, tiles, label)
+            except Exception as e:  # noqa: BLE001 - a failing backend is a row; the others go on
+                error = _reason(e, with_type=True)
+        if error is not None:
+            timing = Timing(label, pass_name, error=error)
+        rows.append(timing)
+        status = f"error: {timing.error}" if timing.error else f"{timing.median_ms:.3f} ms"
+        progress(f"[{i}/{len(jobs)}] {label} {pass_name}: {status}")
+
     print(format_table(rows), file=out)
-    for t in rows:
-        if t.error:
-            print(f"{t.backend} {t.pass_name}: not supported: {t.error}", file=out)
     for backend, reason in skipped.items():
         print(f"skipped {backend}: {reason}", file=out)
     timer = "CUDA events" if problem.device.startswith("cuda") else "time.perf_counter"
@@ -364,6 +379,7 @@ def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warm
     return {
         "results": [t.to_dict() for t in rows],
         "skipped": [{"backend": b, "reason": r} for b, r in skipped.items()],
+        "all_failed": all(t.error for t in rows),
         "warmup": warmup,
         "repeat": repeat,
         "timer": timer,
@@ -372,7 +388,9 @@ def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warm
 
 
 def main(argv: Optional[list] = None, out=None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 bad arguments or unusable problem)."""
+    """Entry point; returns the exit status: 0 when some backend ran, 1 when every backend that
+    was timed failed (each failure is a row of the table), 2 for bad arguments or a problem no
+    backend can run."""
     out = out or sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -406,6 +424,9 @@ def main(argv: Optional[list] = None, out=None) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}", file=out)
+    if report.get("all_failed"):
+        print(f"{PROG}: error: every backend failed on this problem (see the table)", file=sys.stderr)
+        return 1
     return 0
 
 

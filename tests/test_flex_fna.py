@@ -100,21 +100,84 @@ def test_block_mask_matches_oracle(spec):
     assert (full | listed).sum() < nq * nk
 
 
+@pytest.mark.parametrize("spec", [c for c in MASK_CASES if c[6] is not None] + [
+    ((37,), 9, 3, 3, True, 0, (16,), (64,)),
+    ((9, 30), (5, 9), (1, 4), (1, 3), (True, False), 70, (4, 4), (2, 8)),
+    ((5, 7, 9), (3, 3, 5), (3, 1, 2), (1, 2, 1), (True, True, False), 0, (4, 2, 4), (2, 2, 4)),
+], ids=lambda s: "x".join(map(str, s[0])) + f"-q{s[6]}-kv{s[7]}")
+def test_box_tables_match_the_element_mask(spec):
+    """The block tables built per axis (memory linear in the blocks) are those of the element
+    mask: the same full blocks, the same visible ones."""
+    shape, kernel, stride, dilation, causal, extra, q_tile, kv_tile = spec
+    layout = flex.get_layout(_problem(shape, kernel, stride, dilation, causal, extra), q_tile, kv_tile)
+    nonempty, full = flex._element_block_tables(layout)
+    bm = layout.block_mask
+    for num, idx, expected in ((bm.full_kv_num_blocks, bm.full_kv_indices, full),
+                               (bm.kv_num_blocks, bm.kv_indices, nonempty & ~full)):
+        got = torch.zeros_like(expected)
+        for i in range(got.shape[0]):
+            got[i, idx[0, 0, i, : num[0, 0, i]].long()] = True
+        assert torch.equal(got, expected)
+
+
 def test_compiled_flex_uses_block_mask():
     """Compiled CPU flex (which honours full/partial/empty blocks) with the tiled layout gives the
-    oracle's output. Compiled CPU flex cannot return the LSE, so this bypasses the backend op."""
+    oracle's output. Compiled CPU flex cannot return the LSE, so this bypasses the backend op.
+
+    Each shape gets compiled callables of its own: with Dynamo's recompile limit at 1, a second
+    shape through one shared callable would run eager flex, the dense implementation, whose
+    warning is made an error here."""
+    import warnings
+
+    from torch.nn.attention import flex_attention as fa
+
     torch.manual_seed(0)
-    shape, kernel, dilation = (12, 16), (5, 7), (2, 1)
-    problem = _problem(shape, kernel, dilation=dilation, extra=3)
-    layout = flex.get_layout(problem, (4, 4), (2, 8))
-    q, k, v = (torch.randn(1, *shape, 2, 16) for _ in range(3))
-    ek, ev = (torch.randn(1, 3, 2, 16) for _ in range(2))
-    qf, kf, vf = flex._prepare(layout, q, k, v, ek, ev, 0)
-    out_f = flex.compiled_flex()(qf, kf, vf, block_mask=layout.block_mask, scale=0.25)
-    out = out_f.transpose(1, 2).index_select(1, layout.q_scatter).reshape(1, *shape, 2, 16)
-    ref, _ = reference_na(q.double(), k.double(), v.double(), kernel, (1, 1), dilation, (False, False),
-                          scale=0.25, additional_keys=ek.double(), additional_values=ev.double())
-    assert_close(out, ref, tolerance(torch.float32), "compiled flex output")
+    fa._WARNINGS_SHOWN.discard("flex_attention_performance")
+    for shape, kernel, dilation in (((12, 16), (5, 7), (2, 1)), ((10, 16), (3, 7), (1, 2))):
+        problem = _problem(shape, kernel, dilation=dilation, extra=3)
+        layout = flex.get_layout(problem, (4, 4), (2, 8))
+        q, k, v = (torch.randn(1, *shape, 2, 16) for _ in range(3))
+        ek, ev = (torch.randn(1, 3, 2, 16) for _ in range(2))
+        qf, kf, vf = flex._prepare(layout, q, k, v, ek, ev, 0)
+        with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*flex_attention called without torch.compile")
+            out_f = flex.compiled_flex(qf, kf, vf, layout.block_mask, 0.25)
+        out = out_f.transpose(1, 2).index_select(1, layout.q_scatter).reshape(1, *shape, 2, 16)
+        ref, _ = reference_na(q.double(), k.double(), v.double(), kernel, (1, 1), dilation, (False, False),
+                              scale=0.25, additional_keys=ek.double(), additional_values=ev.double())
+        assert_close(out, ref, tolerance(torch.float32), f"compiled flex output {shape}")
+
+
+def test_recompile_limit_is_an_error_not_a_dense_run(monkeypatch):
+    """Were two shapes to share a compiled callable, the second past Dynamo's recompile limit
+    raises flex-fna's error (and drops the callable) instead of running flex eagerly."""
+    shared = {}
+    real = flex._compiled
+
+    def one_callable(key):
+        return shared.setdefault("fn", real(key)) if not shared else shared["fn"]
+
+    monkeypatch.setattr(flex, "_compiled", one_callable)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for n, shape in enumerate(((8, 16), (12, 16))):
+            layout = flex.get_layout(_problem(shape, 3), (4, 4), (4, 4))
+            q = torch.randn(1, *shape, 1, 16)
+            qf, kf, vf = flex._prepare(layout, q, q, q, None, None, 0)
+            if n == 0:
+                flex.compiled_flex(qf, kf, vf, layout.block_mask, 0.5)
+                continue
+            with pytest.raises(RuntimeError, match="FailOnRecompileLimitHit.*does not fall back"):
+                flex.compiled_flex(qf, kf, vf, layout.block_mask, 0.5)
+
+
+def test_compiled_flex_refuses_to_run_eagerly(monkeypatch):
+    problem = _problem((8, 16), 3)
+    layout = flex.get_layout(problem, (4, 4), (4, 4))
+    q = torch.randn(1, 8, 16, 1, 16)
+    qf, kf, vf = flex._prepare(layout, q, q, q, None, None, 0)
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    with pytest.raises(RuntimeError, match="TorchDynamo is disabled"):
+        flex.compiled_flex(qf, kf, vf, layout.block_mask, 0.5)
 
 
 def test_lse_only_backward():
@@ -166,11 +229,74 @@ def test_listed_for_cuda_only():
     assert BACKEND in natten.backends.names_for_device("cuda")
 
 
-def test_cuda_backward_tiles_hold_equal_token_counts():
-    problem = flex.FusedProblem(**{**_problem((128, 128), 32).__dict__, "device": torch.device("cuda")})
+@pytest.fixture
+def gpu_capability(monkeypatch):
+    """Makes Inductor's flex heuristics answer for a GPU of the given capability (no GPU needed)."""
+    import contextlib
+
+    def use(capability):
+        flex.kernel_options.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+        monkeypatch.setattr(torch.cuda, "device", lambda *a, **k: contextlib.nullcontext())
+
+    yield use
+    flex.kernel_options.cache_clear()
+
+
+def _cuda_problem(shape, kernel, dtype=torch.float16, dim=64):
+    return flex.FusedProblem(**{**_problem(shape, kernel).__dict__, "device": torch.device("cuda"),
+                                "dtype": dtype, "dim": dim, "dim_v": dim})
+
+
+def test_forward_blocks_fit_inductor_on_h100(gpu_capability):
+    # The reported failure: on an H100 Inductor tiles float16 at head dim 64 with BLOCK_N 128, which
+    # does not divide the 64-token key boxes of 1-D and 2-D forwards.
+    gpu_capability((9, 0))
+    cuda = torch.device("cuda")
+    assert flex.inductor_configs(cuda, torch.float16, 64, False)[-1].block_n == 128
+    options = flex.kernel_options(cuda, torch.float16, 64, (128, 64))
+    assert options["BACKEND"] == "TRITON"
+    assert (options["fwd_BLOCK_M"], options["fwd_BLOCK_N"]) == (128, 64)
+    # head dim 160 runs the kernel's 256-wide tiles, so it gets the blocks Inductor gives 256
+    conf256 = flex.inductor_configs(cuda, torch.bfloat16, 256, False)[-1]
+    options = flex.kernel_options(cuda, torch.bfloat16, 160, (128, 128))
+    assert (options["fwd_BLOCK_M"], options["fwd_BLOCK_N"]) == (conf256.block_m, conf256.block_n)
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (9, 0), (10, 0), (12, 0)], ids=str)
+def test_default_tiles_fit_inductor_everywhere(gpu_capability, capability):
+    """For every rank, dtype and head dim of the GPU sweep, the default tiles give blocks whose
+    forward options Inductor accepts (the check its lowering makes) and a backward it can run."""
+    gpu_capability(capability)
     backend = flex.FlexBackend()
+    shapes = {1: ((300,), 9), 2: ((24, 20), 5), 3: ((6, 8, 10), 3)}
+    for rank, (shape, kernel) in shapes.items():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for dim in (8, 16, 32, 64, 96, 128, 160, 256):
+                problem = _cuda_problem(shape, kernel, dtype, dim)
+                for backward in (False, True):
+                    q, kv = backend.default_tiles(problem, backward)
+                    assert backend.check_tiles(problem, q, kv, backward) is None
+                    blocks = (math.prod(q), math.prod(kv))
+                    options = flex.kernel_options(problem.device, dtype, max(dim, 16), blocks)
+                    for conf in flex.inductor_configs(problem.device, dtype, max(dim, 16), False):
+                        assert blocks[0] % options["fwd_BLOCK_M"] == 0 and blocks[1] % options["fwd_BLOCK_N"] == 0
+                        assert options["fwd_BLOCK_M"] <= conf.block_m and options["fwd_BLOCK_N"] <= conf.block_n
+                        assert options["fwd_num_stages"] <= conf.num_stages
+
+
+def test_backward_tiles_checked_against_inductor(gpu_capability):
+    backend = flex.FlexBackend()
+    problem = _cuda_problem((128, 128), 32, torch.float16, 64)
     q, kv = backend.default_tiles(problem, backward=False)
     assert (q, kv) == ((8, 16), (8, 8))
-    assert "equal token counts" in backend.check_tiles(problem, q, kv, backward=True)
+    gpu_capability((9, 0))  # backward blocks of 64 x 128 / 128 x 64
+    reason = backend.check_tiles(problem, q, kv, backward=True)
+    assert "blocks of 128 queries and 128 keys" in reason and "got 128 and 64" in reason
+    assert "blocks of 128" in backend.check_tiles(problem, (8, 8), (8, 8), backward=True)
     q, kv = backend.default_tiles(problem, backward=True)
     assert backend.check_tiles(problem, q, kv, backward=True) is None and q == kv
+    gpu_capability((8, 0))  # an A100 runs 64 x 64 backward blocks at head dim 64
+    assert backend.check_tiles(problem, (8, 16), (8, 8), backward=True) is None
+    reason = backend.check_tiles(_cuda_problem((128, 128), 32, torch.float16, 256), (4, 4), (4, 4), backward=True)
+    assert "backward tiles must hold multiples" in reason and "got 16 and 16" in reason

@@ -17,13 +17,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _profiler_module():
-    """`natten.profiler` when installed; the source folder `profiler/` otherwise."""
-    try:
-        return "natten.profiler", importlib.import_module("natten.profiler.cli")
-    except ImportError:
-        if REPO not in sys.path:
-            sys.path.insert(0, REPO)
+    """The profiler of the natten under test: the source folder `profiler/` next to the imported
+    natten package when there is one (an editable install of another checkout could map
+    `natten.profiler` elsewhere), else the installed `natten.profiler`."""
+    import natten
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(natten.__file__)))
+    if os.path.isfile(os.path.join(root, "profiler", "cli.py")):
+        if root not in sys.path:
+            sys.path.insert(0, root)
         return "profiler", importlib.import_module("profiler.cli")
+    return "natten.profiler", importlib.import_module("natten.profiler.cli")
 
 
 MODULE, cli = _profiler_module()
@@ -40,19 +44,23 @@ def run_main(args, capsys):
 
 def run_subprocess(args, timeout=300):
     env = dict(os.environ)
-    cwd = REPO if MODULE == "profiler" else None
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__))) if MODULE == "profiler" else None
     return subprocess.run(
         [sys.executable, "-m", MODULE, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
     )
 
 
 def table_rows(text):
-    """(backend, pass, median, min, tflops, host ms) rows of the result table."""
+    """(backend, pass, median, min, tflops, host ms) rows of the result table; a failed pass is
+    (backend, pass, "error: <reason>")."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("backend"))
     rows = []
     for line in lines[start + 2:]:
         parts = line.split()
+        if len(parts) > 2 and parts[2] == "error:":
+            rows.append(parts[:2] + [line[line.index("error:"):]])
+            continue
         if len(parts) != 6:
             break
         rows.append(parts)
@@ -158,6 +166,70 @@ def test_bad_arguments_argparse(args, capsys):
         cli.main(args)
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def _failing(monkeypatch, failing, backends=("cpu", "flex-fna")):
+    """Two backends on the CPU (flex-fna runs CPU tensors when named), and `time_pass` raising a
+    multi-line compiler-like error for the backends in `failing`."""
+    monkeypatch.setattr(cli, "device_backends", lambda device: list(backends))
+    real = cli.time_pass
+
+    def time_pass(problem, backend, *args, **kwargs):
+        if backend in failing:
+            raise RuntimeError(f"{backend} lowering failed:\n  Q and KV block size must be divisible\n\nmore")
+        return real(problem, backend, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "time_pass", time_pass)
+
+
+def test_failing_backend_is_a_row_and_the_others_go_on(monkeypatch, tmp_path, capsys):
+    _failing(monkeypatch, {"flex-fna"})
+    path = tmp_path / "r.json"
+    rc, out, err = run_main(TINY + ["--backprop", "--json", str(path)], capsys)
+    assert rc == 0, err
+    rows = table_rows(out)
+    assert [r[:2] for r in rows] == [["cpu", "forward"], ["cpu", "fwd+bwd"], ["flex-fna", "forward"],
+                                     ["flex-fna", "fwd+bwd"]]
+    assert float(rows[0][2]) > 0 and float(rows[1][2]) > 0
+    expected = "error: RuntimeError: flex-fna lowering failed: Q and KV block size must be divisible more"
+    assert rows[2][2] == rows[3][2] == expected
+    assert "Traceback" not in err
+    report = json.loads(path.read_text())
+    assert not report["all_failed"]
+    assert [r["error"] is None for r in report["results"]] == [True, True, False, False]
+
+
+def test_every_backend_failing_exits_non_zero(monkeypatch, tmp_path, capsys):
+    _failing(monkeypatch, {"cpu", "flex-fna"})
+    path = tmp_path / "r.json"
+    rc, out, err = run_main(TINY + ["--json", str(path)], capsys)
+    assert rc == 1
+    assert [r[:2] for r in table_rows(out)] == [["cpu", "forward"], ["flex-fna", "forward"]]
+    assert all(r[2].startswith("error: RuntimeError") for r in table_rows(out))
+    assert "every backend failed" in err and "Traceback" not in err
+    assert json.loads(path.read_text())["all_failed"]
+
+
+def test_sweep_tiles_failure_is_a_row(monkeypatch, capsys):
+    _failing(monkeypatch, {"flex-fna"})
+    rc, out, err = run_main(TINY + ["--sweep-tiles"], capsys)
+    assert rc == 0, err
+    lines = out.splitlines()
+    cpu = [line for line in lines if line.startswith("cpu q")]
+    flex = [line for line in lines if line.startswith("flex-fna q")]
+    assert len(cpu) == 1 and "error" not in cpu[0]
+    assert len(flex) == 1 and "error: RuntimeError: flex-fna lowering failed" in flex[0]
+
+
+def test_declined_backend_named_explicitly_is_a_row(monkeypatch, capsys):
+    # float64 is CPU-only in natten but flex-fna declines it: a row for the named backend, while
+    # cpu runs.
+    monkeypatch.setattr(cli, "device_backends", lambda device: ["cpu", "flex-fna"])
+    rc, out, err = run_main(TINY + ["--dtype", "float64", "--backend", "cpu", "flex-fna"], capsys)
+    assert rc == 0, err
+    rows = table_rows(out)
+    assert rows[0][:2] == ["cpu", "forward"] and float(rows[0][2]) > 0
+    assert rows[1][:2] == ["flex-fna", "forward"] and "cannot run this problem" in rows[1][2] and "float64" in rows[1][2]
 
 
 # ---- subprocess ------------------------------------------------------------------------

@@ -14,11 +14,17 @@ How a problem becomes one flex call
    or true for additional keys (appended after the grid keys, visible to every query). Padded
    keys have position -1 (never visible); padded queries copy the window of a real query of
    their group and are discarded.
-5. The block mask (full / partial / empty per block pair) is evaluated from the very same
-   tables, chunk by chunk, so a block marked full is exactly one whose mask is all true.
+5. The block mask (full / partial / empty per block pair) comes from the same window tables
+   per axis: a block is a box, so a block pair is visible (full) exactly when its projection on
+   every axis is. Nothing on the way grows with the square of the token count.
 
-q/k/v are gathered into that order (one gather each), flex runs (compiled), and the output and
-logsumexp are scattered back. Masks, permutations and tables are cached per problem.
+q/k/v are gathered into that order (one gather each), flex runs, and the output and logsumexp
+are scattered back. Masks, permutations and tables are cached per problem.
+
+On CUDA flex runs compiled, with kernel options chosen with the blocks (kernel_options: Inductor
+refuses blocks its own configuration does not divide), through a compiled callable per call
+signature (_compiled: Dynamo's recompile limit would otherwise send a process that sees many
+shapes to the dense implementation). A call that cannot be compiled raises.
 
 Backward: CUDA recomputes through flex under autograd. FlexAttention has no backward on the CPU
 (torch raises), so on CPU tensors the backward recomputes with a dense masked softmax over the
@@ -29,9 +35,12 @@ forward runs eager flex: compiled CPU flex cannot return the logsumexp (torch 2.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import math
 import os
 import sys
+import types
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -261,7 +270,11 @@ def _build_layout(problem: FusedProblem, q_tile: Optional[Tile], kv_tile: Option
         num_q=num_q, num_kv_grid=num_kv_grid, num_kv=num_kv, num_extra=problem.num_extra,
         q_lo=[to(t) for t in q_lo], q_hi=[to(t) for t in q_hi], kv_pos=[to(t) for t in kv_pos],
         kv_extra=kv_extra.to(device), block=(q_block, kv_block))
-    layout.block_mask = _block_mask(layout)
+    if row_major:
+        nonempty, full = _element_block_tables(layout)
+    else:
+        nonempty, full = _box_block_tables(q_geo, kv_geo, intervals, q_tile, kv_tile, layout)
+    layout.block_mask = _block_mask(layout, nonempty.to(device), full.to(device))
     return layout
 
 
@@ -271,12 +284,11 @@ def _block_indices(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return num[None, None].contiguous(), idx[None, None].contiguous()
 
 
-def _block_mask(layout: Layout):
-    """BlockMask from the layout's own tables, evaluated chunk by chunk at block granularity."""
-    from torch.nn.attention.flex_attention import BlockMask
-
+def _element_block_tables(layout: Layout) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(nonempty, full) bool [query blocks, key blocks] from the element mask, evaluated chunk by
+    chunk: for row-major layouts, whose blocks are not boxes of the grid."""
     qb, kb = layout.block
-    nqb, nkb = layout.num_q // qb, layout.num_kv // kb
+    nkb = layout.num_kv // kb
     rows = max(1, _CHUNK_ELEMENTS // (layout.num_kv * qb)) * qb
     any_parts, all_parts = [], []
     for start in range(0, layout.num_q, rows):
@@ -284,11 +296,60 @@ def _block_mask(layout: Layout):
         m = m.view(-1, qb, nkb, kb)
         any_parts.append(m.any(3).any(1))
         all_parts.append(m.all(3).all(1))
-    nonempty, full = torch.cat(any_parts), torch.cat(all_parts)
+    return torch.cat(any_parts), torch.cat(all_parts)
+
+
+def _axis_box_tables(q_geo: _AxisGeometry, kv_geo: _AxisGeometry, first: torch.Tensor,
+                     last: torch.Tensor, q_t: int, kv_t: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Along one axis, (some, every) bool [query boxes, key boxes]: some query of the box sees some
+    key of the other, every query sees every key. Windows are intervals, so a box's windows all
+    lie inside [least start, greatest end] (`some` may only err towards true, which costs a masked
+    block, never a result) and all contain [greatest start, least end] (`every` is exact). A key
+    box holds a prefix of real keys (groups are padded at their end)."""
+    real, _ = q_geo.real_of_position()  # padding queries repeat a real window
+    base = torch.tensor(kv_geo.offsets, dtype=torch.long)[real % q_geo.dilation]
+    lo, hi = (base + first[real]).view(-1, q_t), (base + last[real]).view(-1, q_t)
+    _, kv_valid = kv_geo.real_of_position()
+    n_real = kv_valid.view(-1, kv_t).sum(1)
+    start = torch.arange(n_real.numel()) * kv_t
+    some = (n_real > 0) & (lo.min(1).values[:, None] <= start + n_real - 1) & (hi.max(1).values[:, None] >= start)
+    every = (n_real == kv_t) & (lo.max(1).values[:, None] <= start) & (hi.min(1).values[:, None] >= start + kv_t - 1)
+    return some, every
+
+
+def _outer_and(acc: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """[i, j] & [k, l] -> [i * k + row, j * l + column]: boxes numbered row-major over the axes."""
+    return (acc[:, None, :, None] & t[None, :, None, :]).reshape(acc.shape[0] * t.shape[0], -1)
+
+
+def _box_block_tables(q_geo, kv_geo, intervals, q_tile: Tile, kv_tile: Tile,
+                      layout: Layout) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(nonempty, full) bool [query blocks, key blocks] of a tiled layout without evaluating its
+    element mask (whose size grows with the square of the token count): blocks are boxes, and the
+    mask is a product over axes, so a block pair is visible (full) exactly when its projection on
+    every axis is. Blocks of additional keys are seen by every query, and full unless padded."""
+    nonempty = full = torch.ones(1, 1, dtype=torch.bool)
+    for a in range(len(q_tile)):
+        some, every = _axis_box_tables(q_geo[a], kv_geo[a], *intervals[a], q_tile[a], kv_tile[a])
+        nonempty, full = _outer_and(nonempty, some), _outer_and(full, every)
+    kb = layout.block[1]
+    extra_blocks = layout.num_kv // kb - nonempty.shape[1]
+    if extra_blocks:
+        ends = (torch.arange(extra_blocks) + 1) * kb + layout.num_kv_grid
+        whole = (ends <= layout.num_kv_grid + layout.num_extra).expand(nonempty.shape[0], -1)
+        nonempty = torch.cat([nonempty, torch.ones_like(whole)], 1)
+        full = torch.cat([full, whole], 1)
+    return nonempty, full
+
+
+def _block_mask(layout: Layout, nonempty: torch.Tensor, full: torch.Tensor):
+    """BlockMask from the (nonempty, full) tables of the layout's block pairs."""
+    from torch.nn.attention.flex_attention import BlockMask
+
     partial = nonempty & ~full
     kv_num, kv_idx = _block_indices(partial)
     full_num, full_idx = _block_indices(full)
-    assert nonempty.shape == (nqb, nkb)
+    assert nonempty.shape == (layout.num_q // layout.block[0], layout.num_kv // layout.block[1])
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=layout.block,
                                     mask_mod=_mask_mod(layout), seq_lengths=(layout.num_q, layout.num_kv))
 
@@ -336,25 +397,168 @@ def problem_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optio
 
 
 # ----------------------------------------------------------------------------------------
+# FlexAttention's kernel configurations (CUDA)
+# ----------------------------------------------------------------------------------------
+
+
+def inductor_configs(device: torch.device, dtype: torch.dtype, head_dim: int, backward: bool) -> list:
+    """The kernel configurations (block sizes, stages, warps) that Inductor's lowering of
+    flex_attention tries for this GPU, dtype and query head dim (torch's template heuristics, read
+    where the lowering reads them). Its forward raises unless our blocks are multiples of the
+    configuration's BLOCK_M/BLOCK_N or the kernel options replace them; its backward drops every
+    configuration whose blocks do not divide ours, and fails when none is left."""
+    from torch._inductor.virtualized import V
+
+    with torch.cuda.device(device):
+        if backward:
+            return list(V.choices.get_flex_attention_bwd_configs(head_dim, dtype, "cuda"))
+        return list(V.choices.get_flex_attention_fwd_configs(head_dim, dtype, "cuda"))
+
+
+def _flex_head_dim(dim: int) -> int:
+    """The query head dim flex sees (smaller ones are zero-padded, see _pad_head_dim)."""
+    return max(dim, _MIN_HEAD_DIM_CUDA)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_options(device: torch.device, dtype: torch.dtype, head_dim: int, blocks: Tuple[int, int]) -> dict:
+    """Options of every CUDA flex call with these blocks (query, key) and flex head dim.
+
+    BACKEND TRITON: the kernels whose configurations are read here (AUTO takes a decoding kernel,
+    with rules of its own, below 128 queries). fwd_BLOCK_M/N and fwd_num_stages: the forward's
+    blocks and stages are at most Inductor's and its blocks at most ours; all are powers of two,
+    so they divide ours, and no larger than a configuration made to fit the GPU's shared memory.
+    The configurations are those of the head dim and of the power of two the kernel pads it to
+    (a head dim of 160 runs the tiles of 256, which Inductor sizes smaller than its default). The
+    backward keeps Inductor's configuration; check_tiles makes sure it divides the blocks."""
+    padded = 1 << (head_dim - 1).bit_length()
+    configs = inductor_configs(device, dtype, head_dim, False) + inductor_configs(device, dtype, padded, False)
+    return {"BACKEND": "TRITON",
+            "fwd_BLOCK_M": min([blocks[0]] + [c.block_m for c in configs]),
+            "fwd_BLOCK_N": min([blocks[1]] + [c.block_n for c in configs]),
+            "fwd_num_stages": min(c.num_stages for c in configs)}
+
+
+def backward_blocks_problem(device: torch.device, dtype: torch.dtype, head_dim: int,
+                            blocks: Tuple[int, int]) -> Optional[str]:
+    """Why Inductor's flex backward cannot run these blocks (query, key) on this GPU, or None."""
+    configs = inductor_configs(device, dtype, _flex_head_dim(head_dim), True)
+    q_block, kv_block = blocks
+    for c in configs:
+        if (q_block % c.block_m1 == 0 and q_block % c.block_m2 == 0 and kv_block % c.block_n1 == 0
+                and kv_block % c.block_n2 == 0):
+            return None
+    c = configs[-1]
+    return (f"FlexAttention's CUDA backward runs {str(dtype).replace('torch.', '')} at head dim {head_dim} "
+            f"on this GPU in blocks of {max(c.block_m1, c.block_m2)} queries and {max(c.block_n1, c.block_n2)} "
+            f"keys, so backward tiles must hold multiples of those (got {q_block} and {kv_block} tokens; "
+            f"the default backward tiles hold {_DEFAULT_BLOCK} each)")
+
+
+# ----------------------------------------------------------------------------------------
 # Running flex
 # ----------------------------------------------------------------------------------------
 
-_COMPILED = None
+_FLEX = None  # torch.nn.attention.flex_attention, imported on first use (a slow import)
 
 
-def compiled_flex():
-    """torch.compile(flex_attention), made once. Every problem shape is a new specialisation,
-    so the recompile limit is raised: falling back to eager flex would materialise all scores."""
-    global _COMPILED
-    if _COMPILED is None:
-        from torch.nn.attention.flex_attention import flex_attention
+def _flex_module():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention import flex_attention
 
-        cfg = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(cfg, name) and getattr(cfg, name) < 64:
-                setattr(cfg, name, 64)
-        _COMPILED = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED
+        _FLEX = flex_attention
+    return _FLEX
+
+
+def compiled_flex(q, k, v, block_mask, scale: float, kernel_options: Optional[dict] = None):
+    """The output of compiled flex_attention alone, for callers that time or test flex itself on
+    prepared tensors (benchmark peers, tests); the same compiled callables as the backend's."""
+    return _call_compiled(q, k, v, block_mask, scale, kernel_options, None)
+
+
+def _flex_call(q, k, v, block_mask, scale, enable_gqa, kernel_options, aux):
+    return _FLEX.flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                                kernel_options=kernel_options, return_aux=aux)
+
+
+_COMPILED: "OrderedDict[tuple, Callable]" = OrderedDict()
+_COMPILED_CACHE_SIZE = 256
+_COMPILED_NAMES = itertools.count()
+
+
+def _compiled(key: tuple) -> Callable:
+    """The compiled callable of one call signature `key`, made on its first use.
+
+    Dynamo keeps compiled entries per code object and, past torch._dynamo.config.recompile_limit
+    entries (8 by default), runs the function eagerly, which for flex_attention is the unfused
+    implementation that materialises every score. Each signature gets a code object of its own,
+    so it holds one entry however many shapes a process sees, and a call checks one set of guards.
+    fullgraph: a graph break would also run flex eagerly."""
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        code = _flex_call.__code__.replace(co_name=f"_flex_call_{next(_COMPILED_NAMES)}")
+        own = types.FunctionType(code, _flex_call.__globals__, code.co_name)
+        compiled = _COMPILED[key] = torch.compile(own, dynamic=False, fullgraph=True)
+        while len(_COMPILED) > _COMPILED_CACHE_SIZE:
+            _COMPILED.popitem(last=False)
+    else:
+        _COMPILED.move_to_end(key)
+    return compiled
+
+
+def _global_state() -> tuple:
+    """What Dynamo also guards on, besides the arguments, that a training loop may switch between
+    calls: a signature includes it, so its code object never needs a second entry."""
+    return (torch.is_grad_enabled(), torch.is_autocast_enabled("cuda"), torch.get_default_dtype(),
+            torch.are_deterministic_algorithms_enabled())
+
+
+def _captured(mask_mod: Callable) -> tuple:
+    """What Dynamo specialises a mask_mod's captures on, besides their tensors' shapes: the length
+    of each captured tuple (one table per axis in ours)."""
+    return tuple(len(c.cell_contents) if isinstance(c.cell_contents, tuple) else -1
+                 for c in mask_mod.__closure__ or ())
+
+
+def _call_compiled(q, k, v, block_mask, scale: float, kernel_options: Optional[dict], aux):
+    """flex_attention through the compiled callable of this signature. A call that cannot be
+    compiled raises; it never runs the dense fallback."""
+    enable_gqa = q.shape[1] != k.shape[1]
+    key = (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), tuple(v.shape), v.stride(), q.dtype,
+           q.device, q.requires_grad, k.requires_grad, v.requires_grad, block_mask.BLOCK_SIZE,
+           _captured(block_mask.mask_mod), scale, enable_gqa,
+           None if kernel_options is None else tuple(sorted(kernel_options.items())), aux is None,
+           _global_state())
+    dynamo = torch._dynamo
+    if dynamo.config.disable:
+        raise RuntimeError("flex-fna needs torch.compile, and TorchDynamo is disabled "
+                           "(torch._dynamo.config.disable / TORCHDYNAMO_DISABLE=1): FlexAttention "
+                           "would then evaluate the whole score matrix")
+    first = key not in _COMPILED
+    fn = _compiled(key)
+    _flex_module()  # the compiled body reads it from the module's globals
+    args = (q, k, v, block_mask, scale, enable_gqa, kernel_options, aux)
+    try:
+        if not first:
+            return fn(*args)
+        _progress(f"compiling flex_attention for q {tuple(q.shape)}, k {tuple(k.shape)}, {q.dtype}, "
+                  f"blocks {block_mask.BLOCK_SIZE} (first call only)")
+        with dynamo.config.patch(suppress_errors=False):  # an error raises instead of running eagerly
+            return fn(*args)
+    except BaseException as e:
+        # fullgraph makes a recompile past Dynamo's limit raise FailOnRecompileLimitHit; a fresh
+        # callable (next call) starts with an empty cache
+        failed_compile = isinstance(e, (dynamo.exc.TorchDynamoException, dynamo.exc.FailOnRecompileLimitHit))
+        if first or failed_compile:
+            _COMPILED.pop(key, None)
+        if not failed_compile:
+            raise
+        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise RuntimeError(
+            f"flex-fna could not compile FlexAttention for q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"{q.dtype}, blocks {block_mask.BLOCK_SIZE}, kernel options {kernel_options}: "
+            f"{type(e).__name__}: {reason.strip()} (flex-fna does not fall back to a dense evaluation)") from e
 
 
 def _use_compile(device: torch.device) -> bool:
@@ -364,31 +568,22 @@ def _use_compile(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-_SEEN_SHAPES = set()
-
-
 def run_flex(q, k, v, block_mask, scale: float, compiled: bool = True):
-    """flex_attention on heads-first [B, H, N, D] tensors; returns (out, natural-log lse)."""
-    from torch.nn.attention import flex_attention as fa
-
-    fn = compiled_flex() if compiled else fa.flex_attention
-    kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    sig = (compiled, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, str(q.device),
-           block_mask.BLOCK_SIZE, torch.is_grad_enabled())
-    if compiled and sig not in _SEEN_SHAPES:
-        _SEEN_SHAPES.add(sig)
-        _progress(f"compiling flex_attention for q {tuple(q.shape)}, k {tuple(k.shape)}, {q.dtype}, "
-                  f"blocks {block_mask.BLOCK_SIZE} (first call only)")
+    """flex_attention on heads-first [B, H, N, D] tensors; returns (out, natural-log lse). Compiled
+    calls on CUDA get kernel options that fit their blocks (kernel_options)."""
+    fa = _flex_module()
+    aux = fa.AuxRequest(lse=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if not compiled:  # eager on purpose (see _use_compile)
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
-        if hasattr(fa, "AuxRequest"):
-            out, aux = fn(q, k, v, return_aux=fa.AuxRequest(lse=True), **kwargs)
-            lse = aux.lse
-        else:  # older torch
-            out, lse = fn(q, k, v, return_lse=True, **kwargs)
-    return out, lse
+            out, result = fa.flex_attention(q, k, v, block_mask=block_mask, scale=scale,
+                                            enable_gqa=q.shape[1] != k.shape[1], return_aux=aux)
+        else:
+            options = (kernel_options(q.device, q.dtype, q.shape[-1], block_mask.BLOCK_SIZE)
+                       if q.device.type == "cuda" else None)
+            out, result = _call_compiled(q, k, v, block_mask, scale, options, aux)
+    return out, result.lse
 
 
 def _heads_first(t: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
@@ -565,16 +760,17 @@ class FlexBackend(Backend):
                         f"power of two >= {_MIN_BLOCK} (e.g. 8x16 = 128)")
             if problem.device.type == "cuda" and n > _DEFAULT_BLOCK:
                 return f"{name} tile holds {n} tokens; FlexAttention's CUDA kernels take at most {_DEFAULT_BLOCK}"
-        if backward and problem.device.type == "cuda" and math.prod(q_tile) != math.prod(kv_tile):
-            return ("FlexAttention's CUDA backward needs query and key tiles of equal token counts, "
-                    f"got {math.prod(q_tile)} and {math.prod(kv_tile)}")
+        if backward and problem.device.type == "cuda":
+            return backward_blocks_problem(problem.device, problem.dtype, problem.dim,
+                                           (math.prod(q_tile), math.prod(kv_tile)))
         return None
 
     def default_tiles(self, problem: FusedProblem, backward: bool) -> Tuple[Tile, Tile]:
         # Measured on an H100 (bf16): 2-D windows gain from key boxes of half a query box (P2:
         # 1.32 ms against 1.70 ms with 128-token key boxes), while 3-D ones lose (P3: 11.4 ms
         # against 11.0 ms), so halving is the rule up to rank 2.
-        # The backward reruns flex under autograd, and its kernels need equal blocks.
+        # The backward reruns flex under autograd; Inductor's backward blocks (at most 128 queries
+        # and keys) divide 128-token tiles on every GPU.
         kv_block = _DEFAULT_BLOCK // 2 if problem.rank <= 2 and not backward else _DEFAULT_BLOCK
         return default_box(problem), default_box(problem, kv_block)
 
