@@ -9,7 +9,8 @@ one forward and backward through `natten.na{1,2,3}d(..., backend="flex-fna")`, w
     the bytes of its inputs, outputs and gradients: scores of one (batch, head) alone would take
     N^2 x 4 bytes, which is more;
   * torch's warning about the unfused implementation turned into an error.
-Each shape compiles its own kernels (about 5-10 s on an H100 host), so 100 shapes take minutes.
+Shapes share compiled kernels (sizes are symbolic): a signature (dtype, head dim, blocks, which
+inputs need gradients) compiles once, whatever the grid.
 
     python3 benchmarks/flex_many_shapes.py [--shapes 100] [--dtype float16] [--dim 64]
 

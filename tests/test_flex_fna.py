@@ -149,13 +149,14 @@ def test_compiled_flex_uses_block_mask():
 
 
 def test_recompile_limit_is_an_error_not_a_dense_run(monkeypatch):
-    """Were two shapes to share a compiled callable, the second past Dynamo's recompile limit
-    raises flex-fna's error (and drops the callable) instead of running flex eagerly."""
+    """Were every call to share one static callable, the second shape past Dynamo's recompile
+    limit (in the shape-generic attempt, then in the per-shape one) raises flex-fna's error
+    instead of running flex eagerly."""
     shared = {}
     real = flex._compiled
 
-    def one_callable(key):
-        return shared.setdefault("fn", real(key)) if not shared else shared["fn"]
+    def one_callable(key, dynamic):
+        return shared.setdefault("fn", real(key, False)) if not shared else shared["fn"]
 
     monkeypatch.setattr(flex, "_compiled", one_callable)
     with torch._dynamo.config.patch(recompile_limit=1):
@@ -168,6 +169,23 @@ def test_recompile_limit_is_an_error_not_a_dense_run(monkeypatch):
                 continue
             with pytest.raises(RuntimeError, match="FailOnRecompileLimitHit.*does not fall back"):
                 flex.compiled_flex(qf, kf, vf, layout.block_mask, 0.5)
+
+
+def test_compiled_flex_compiles_once_for_many_shapes():
+    """One shape-generic callable serves a signature at every grid size, with the results of
+    eager flex: a process that sees many resolutions neither recompiles per shape nor reaches
+    Dynamo's recompile limit."""
+    flex._COMPILED.clear()
+    flex._PER_SHAPE.clear()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for shape in ((8, 16), (12, 16), (16, 20), (20, 24), (24, 28)):
+            layout = flex.get_layout(_problem(shape, 3), (4, 4), (4, 4))
+            q, k, v = (torch.randn(2, *shape, 2, 16) for _ in range(3))
+            qf, kf, vf = flex._prepare(layout, q, k, v, None, None, 0)
+            out = flex.compiled_flex(qf, kf, vf, layout.block_mask, 0.5)
+            expected = flex._flex_module().flex_attention(qf, kf, vf, block_mask=layout.block_mask, scale=0.5)
+            assert_close(out, expected, 1e-5, f"grid {shape}")
+    assert len(flex._COMPILED) == 1 and not flex._PER_SHAPE
 
 
 def test_compiled_flex_refuses_to_run_eagerly(monkeypatch):

@@ -22,9 +22,11 @@ q/k/v are gathered into that order (one gather each), flex runs, and the output 
 are scattered back. Masks, permutations and tables are cached per problem.
 
 On CUDA flex runs compiled, with kernel options chosen with the blocks (kernel_options: Inductor
-refuses blocks its own configuration does not divide), through a compiled callable per call
-signature (_compiled: Dynamo's recompile limit would otherwise send a process that sees many
-shapes to the dense implementation). A call that cannot be compiled raises.
+refuses blocks its own configuration does not divide), through compiled callables with symbolic
+sizes, one per call signature (_compiled: a process that sees many shapes compiles each signature
+once, and Dynamo's recompile limit, which would send it to the dense implementation, is never
+reached; a signature that cannot compile shape-generically compiles per exact shape). A call
+that cannot be compiled raises.
 
 Backward: CUDA recomputes through flex under autograd. FlexAttention has no backward on the CPU
 (torch raises), so on CPU tensors the backward recomputes with a dense masked softmax over the
@@ -485,21 +487,25 @@ def _flex_call(q, k, v, block_mask, scale, enable_gqa, kernel_options, aux):
 _COMPILED: "OrderedDict[tuple, Callable]" = OrderedDict()
 _COMPILED_CACHE_SIZE = 256
 _COMPILED_NAMES = itertools.count()
+# Signatures whose shape-generic callable could not serve (a failed compile, or its recompile
+# limit reached): they compile per exact shape instead.
+_PER_SHAPE: set = set()
 
 
-def _compiled(key: tuple) -> Callable:
-    """The compiled callable of one call signature `key`, made on its first use.
+def _compiled(key: tuple, dynamic: bool) -> Callable:
+    """The compiled callable of `key`, made on its first use.
 
     Dynamo keeps compiled entries per code object and, past torch._dynamo.config.recompile_limit
     entries (8 by default), runs the function eagerly, which for flex_attention is the unfused
-    implementation that materialises every score. Each signature gets a code object of its own,
-    so it holds one entry however many shapes a process sees, and a call checks one set of guards.
+    implementation that materialises every score. Each key gets a code object of its own, so
+    its entries count on their own. dynamic: sizes are symbolic, so one compile serves every
+    shape of a signature (a training loop over many resolutions compiles once, not per shape).
     fullgraph: a graph break would also run flex eagerly."""
     compiled = _COMPILED.get(key)
     if compiled is None:
         code = _flex_call.__code__.replace(co_name=f"_flex_call_{next(_COMPILED_NAMES)}")
         own = types.FunctionType(code, _flex_call.__globals__, code.co_name)
-        compiled = _COMPILED[key] = torch.compile(own, dynamic=False, fullgraph=True)
+        compiled = _COMPILED[key] = torch.compile(own, dynamic=dynamic, fullgraph=True)
         while len(_COMPILED) > _COMPILED_CACHE_SIZE:
             _COMPILED.popitem(last=False)
     else:
@@ -509,7 +515,7 @@ def _compiled(key: tuple) -> Callable:
 
 def _global_state() -> tuple:
     """What Dynamo also guards on, besides the arguments, that a training loop may switch between
-    calls: a signature includes it, so its code object never needs a second entry."""
+    calls: a signature includes it, so its code object never needs a second entry for it."""
     return (torch.is_grad_enabled(), torch.is_autocast_enabled("cuda"), torch.get_default_dtype(),
             torch.are_deterministic_algorithms_enabled())
 
@@ -521,44 +527,59 @@ def _captured(mask_mod: Callable) -> tuple:
                  for c in mask_mod.__closure__ or ())
 
 
-def _call_compiled(q, k, v, block_mask, scale: float, kernel_options: Optional[dict], aux):
-    """flex_attention through the compiled callable of this signature. A call that cannot be
-    compiled raises; it never runs the dense fallback."""
-    enable_gqa = q.shape[1] != k.shape[1]
-    key = (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), tuple(v.shape), v.stride(), q.dtype,
-           q.device, q.requires_grad, k.requires_grad, v.requires_grad, block_mask.BLOCK_SIZE,
-           _captured(block_mask.mask_mod), scale, enable_gqa,
-           None if kernel_options is None else tuple(sorted(kernel_options.items())), aux is None,
-           _global_state())
+class _CompileFailed(Exception):
+    """Dynamo or Inductor could not compile a callable (the message says why)."""
+
+
+def _run_compiled(key: tuple, dynamic: bool, args: tuple, what: str):
     dynamo = torch._dynamo
-    if dynamo.config.disable:
-        raise RuntimeError("flex-fna needs torch.compile, and TorchDynamo is disabled "
-                           "(torch._dynamo.config.disable / TORCHDYNAMO_DISABLE=1): FlexAttention "
-                           "would then evaluate the whole score matrix")
     first = key not in _COMPILED
-    fn = _compiled(key)
+    fn = _compiled(key, dynamic)
     _flex_module()  # the compiled body reads it from the module's globals
-    args = (q, k, v, block_mask, scale, enable_gqa, kernel_options, aux)
+    if first:
+        _progress(f"compiling flex_attention for {what}{' (any shape)' if dynamic else ''}")
     try:
-        if not first:
-            return fn(*args)
-        _progress(f"compiling flex_attention for q {tuple(q.shape)}, k {tuple(k.shape)}, {q.dtype}, "
-                  f"blocks {block_mask.BLOCK_SIZE} (first call only)")
         with dynamo.config.patch(suppress_errors=False):  # an error raises instead of running eagerly
             return fn(*args)
     except BaseException as e:
-        # fullgraph makes a recompile past Dynamo's limit raise FailOnRecompileLimitHit; a fresh
-        # callable (next call) starts with an empty cache
+        # fullgraph makes a recompile past Dynamo's limit raise FailOnRecompileLimitHit
         failed_compile = isinstance(e, (dynamo.exc.TorchDynamoException, dynamo.exc.FailOnRecompileLimitHit))
         if first or failed_compile:
-            _COMPILED.pop(key, None)
+            _COMPILED.pop(key, None)  # a fresh callable (next call) starts with an empty cache
         if not failed_compile:
             raise
         reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise _CompileFailed(f"{type(e).__name__}: {reason.strip()}") from e
+
+
+def _call_compiled(q, k, v, block_mask, scale: float, kernel_options: Optional[dict], aux):
+    """flex_attention through a compiled callable: the shape-generic one of the call's signature,
+    or one per exact shape where that cannot serve. A call that cannot be compiled raises; it
+    never runs the dense fallback."""
+    if torch._dynamo.config.disable:
+        raise RuntimeError("flex-fna needs torch.compile, and TorchDynamo is disabled "
+                           "(torch._dynamo.config.disable / TORCHDYNAMO_DISABLE=1): FlexAttention "
+                           "would then evaluate the whole score matrix")
+    signature = (q.dim(), q.shape[-1], v.shape[-1], q.dtype, q.device, q.requires_grad, k.requires_grad,
+                 v.requires_grad, block_mask.BLOCK_SIZE, _captured(block_mask.mask_mod), scale,
+                 q.shape[1] != k.shape[1],
+                 None if kernel_options is None else tuple(sorted(kernel_options.items())), aux is None,
+                 _global_state())
+    args = (q, k, v, block_mask, scale, q.shape[1] != k.shape[1], kernel_options, aux)
+    what = f"q {tuple(q.shape)}, k {tuple(k.shape)}, {q.dtype}, blocks {block_mask.BLOCK_SIZE}"
+    if signature not in _PER_SHAPE:
+        try:
+            return _run_compiled(("any shape", signature), True, args, what)
+        except _CompileFailed as e:
+            _PER_SHAPE.add(signature)
+            _progress(f"shape-generic compile failed ({e}); compiling per shape instead")
+    shapes = (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), tuple(v.shape), v.stride())
+    try:
+        return _run_compiled((signature, shapes), False, args, what)
+    except _CompileFailed as e:
         raise RuntimeError(
-            f"flex-fna could not compile FlexAttention for q {tuple(q.shape)}, k {tuple(k.shape)}, "
-            f"{q.dtype}, blocks {block_mask.BLOCK_SIZE}, kernel options {kernel_options}: "
-            f"{type(e).__name__}: {reason.strip()} (flex-fna does not fall back to a dense evaluation)") from e
+            f"flex-fna could not compile FlexAttention for {what}, kernel options {kernel_options}: "
+            f"{e} (flex-fna does not fall back to a dense evaluation)") from e
 
 
 def _use_compile(device: torch.device) -> bool:
