@@ -219,9 +219,22 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     warpgroup_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, v_state.index()), acc_o);
   };
 
+  // Ping-pong turns: a consumer waits for its named barrier (1 + 2 + consumer) before issuing
+  // and then arrives on the other's; consumer 1 hands the first turn to consumer 0.
+  int const consumer = warpgroup - 1;
+  auto my_turn = [&] {
+    if constexpr (Config::kPingPong) asm volatile("bar.sync %0, 256;" ::"r"(3 + consumer));
+  };
+  auto your_turn = [&] {
+    if constexpr (Config::kPingPong) asm volatile("bar.arrive %0, 256;" ::"r"(4 - consumer));
+  };
+  if (consumer == 1) your_turn();
+
   clear(acc_o);
   q_full.wait(0);
+  my_turn();
   qk();
+  your_turn();
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_s);  // no read of the scores may move above the wait
   k_pipe.consumer_release(k_state);
@@ -229,8 +242,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   softmax_step(0);
   to_operand(acc_s, p_regs);
   for (int n = 1; n < steps; ++n) {
+    my_turn();
     qk();
     pv();
+    your_turn();
     warpgroup_wait<1>();  // Q.K^T(n) is done; P.V(n - 1) may still run
     warpgroup_fence_operand(acc_s);
     k_pipe.consumer_release(k_state);
@@ -244,7 +259,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     rescale(acc_o, alpha);
     to_operand(acc_s, p_regs);
   }
+  my_turn();
   pv();
+  your_turn();
+  if (consumer == 0) my_turn();  // takes consumer 1's last hand-over: no barrier is left half-arrived
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_o);
   v_pipe.consumer_release(v_state);
@@ -282,7 +300,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     }
     *reinterpret_cast<uint32_t*>(stage_o + staged(r, c)) = packed;
   }
-  int const consumer = warpgroup - 1;
   asm volatile("bar.sync %0, 128;" ::"r"(1 + consumer));  // this warpgroup's rows are staged
   int const t = ct % 128;
   constexpr int kPieces = D / 8;  // 16-byte pieces per row

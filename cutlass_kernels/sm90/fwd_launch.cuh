@@ -15,10 +15,12 @@ constexpr CUtensorMapDataType tma_type() {
 }
 
 // Writes out [B, *S, H, Dv] and lse [B, *S, H] (float32, natural log) on `stream`; throws
-// std::invalid_argument for a problem this instantiation cannot serve.
-template <int Rank, typename Element, int HeadDim, class QTile, class KVTile>
-void run_fna_forward(NaProblem const& problem, FnaTensors const& t, cudaStream_t stream) {
-  using Config = ForwardConfig<Rank, Element, HeadDim, QTile, KVTile>;
+// std::invalid_argument for a problem this configuration cannot serve.
+template <class Config>
+void run_forward(NaProblem const& problem, FnaTensors const& t, cudaStream_t stream) {
+  constexpr int Rank = Config::Rank, HeadDim = Config::D;
+  using QTile = typename Config::QTile;
+  using KVTile = typename Config::KVTile;
   using E = typename Config::Element;
   ForwardParams<Rank> const P =
       make_forward_params<Rank, QTile, KVTile>(problem, t, HeadDim, tma_type<E>(), int(sizeof(E)));
@@ -28,6 +30,11 @@ void run_fna_forward(NaProblem const& problem, FnaTensors const& t, cudaStream_t
   for (int a = 0; a < Rank; ++a) q_tiles *= int64_t(g.axis[a].q_tiles) * g.axis[a].spec.dilation;
   sm80::launch(fna_forward_kernel<Config>, dim3(sm80::grid_x(q_tiles), g.heads, g.batch), Config::kThreads,
                sizeof(ForwardSmem<Config>), stream, "sm90 fna_forward", P);
+}
+
+template <int Rank, typename Element, int HeadDim, class QTile, class KVTile>
+void run_fna_forward(NaProblem const& problem, FnaTensors const& t, cudaStream_t stream) {
+  run_forward<ForwardConfig<Rank, Element, HeadDim, QTile, KVTile>>(problem, t, stream);
 }
 
 }  // namespace natten::sm90

@@ -30,9 +30,12 @@ namespace natten::sm90 {
 using namespace cute;
 
 // Compile-time shape of one forward instantiation.
-template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_>
+// kPingPong: the two consumer warpgroups take turns issuing their GEMMs, so that one's softmax
+// runs while the other's GEMMs occupy the tensor cores.
+template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kPingPong_ = false>
 struct ForwardConfig {
   static constexpr int Rank = Rank_;
+  static constexpr bool kPingPong = kPingPong_;
   using QTile = QTile_;
   using KVTile = KVTile_;
   using Element = typename sm80::ElementOf<Element_>::type;  // cutlass::half_t / bfloat16_t
@@ -44,6 +47,7 @@ struct ForwardConfig {
   static constexpr int kChunks = D / kChunkCols;
   static_assert(sizeof(Element) == 2, "16-bit elements only (a 128-byte swizzle span is 64 columns)");
   static_assert(M % 64 == 0 && M <= 128, "query tiles of 64 or 128 tokens");
+  static_assert(!kPingPong || kConsumers == 2, "ping-pong needs two consumer warpgroups");
   static_assert(N % 16 == 0 && N <= 256, "key tiles of 16..256 tokens, a multiple of 16");
   static_assert(D % kChunkCols == 0 && D <= 256, "head dims of 64, 128, 192 or 256");
 

@@ -1,10 +1,11 @@
 // Standalone check of the SM90 forward (no torch): small problems against a float64 CPU
 // evaluation of SPEC section 1 (window arithmetic from common/na_window.h), then timings of the
 // benchmark problems P1-P3. Built by tests/cuda/run_sm90_forward_check.sh as several translation
-// units of this one file: NATTEN_PART 0 is the harness, parts 1-4 hold the instantiations listed
+// units of this one file: NATTEN_PART 0 is the harness, parts 1-5 hold the instantiations listed
 // once in NATTEN_INSTANCES below (compiled in parallel).
 //
-//   sm90_forward_check [--checks] [--timings] [--quick]   (default: both; --quick: three checks)
+//   sm90_forward_check [--checks] [--timings] [--quick] [--family F]
+// (default: checks and timings of every family; --quick: one check per instance)
 // Exit status non-zero when any check fails.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -17,6 +18,12 @@ namespace natten::sm90 {
 using sm80::Box;
 template <int Rank, typename Element, int HeadDim, class QTile, class KVTile>
 void run_fna_forward(NaProblem const&, FnaTensors const&, cudaStream_t);
+#if NATTEN_PART == 0
+template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kPingPong_>
+struct ForwardConfig;
+template <class Config>
+void run_forward(NaProblem const&, FnaTensors const&, cudaStream_t);
+#endif
 }  // namespace natten::sm90
 namespace natten::sm80 {
 template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
@@ -28,6 +35,8 @@ using bf16 = __nv_bfloat16;
 using fp16 = __half;
 
 // X(part, family, rank, element, head dim, query tile, key tile); tiles as aliases (no commas).
+// Families: sm90 (the entry point), sm90pp (its ping-pong configuration), sm80 (the SM80
+// family's forward, for timings in the same run).
 using B64 = Box<64>;
 using B128 = Box<128>;
 using B8x8 = Box<8, 8>;
@@ -49,23 +58,30 @@ using B4x4x8 = Box<4, 4, 8>;
   X(3, sm90, 3, fp16, 64, B2x8x8, B2x4x8)      \
   X(4, sm80, 1, bf16, 128, B128, B64)          \
   X(4, sm80, 2, bf16, 128, B16x8, B8x8)        \
-  X(4, sm80, 3, bf16, 128, B4x4x8, B4x4x4)
+  X(4, sm80, 3, bf16, 128, B4x4x8, B4x4x4)       \
+  X(5, sm90pp, 1, bf16, 128, B128, B128)       \
+  X(5, sm90pp, 2, bf16, 128, B16x8, B16x8)     \
+  X(5, sm90pp, 3, bf16, 128, B2x8x8, B2x8x8)   \
+  X(5, sm90pp, 3, fp16, 64, B2x8x8, B2x4x8)
+
+#define NATTEN_ENTRY_sm80(R, T, HD, Q, KV) natten::sm80::fna_forward<R, T, HD, Q, KV>
+#define NATTEN_ENTRY_sm90(R, T, HD, Q, KV) natten::sm90::run_fna_forward<R, T, HD, Q, KV>
+#define NATTEN_ENTRY_sm90pp(R, T, HD, Q, KV) \
+  natten::sm90::run_forward<natten::sm90::ForwardConfig<R, T, HD, Q, KV, true>>
 
 #if NATTEN_PART > 0
 // One part of the instantiations.
 #if NATTEN_PART == 4
 #include "sm80/fna_forward.cuh"
-#define NATTEN_ENTRY_sm80 natten::sm80::fna_forward
 #else
 #include "sm90/fwd_launch.cuh"
-#define NATTEN_ENTRY_sm90 natten::sm90::run_fna_forward
 #endif
 #define NATTEN_SELECT_1(...) __VA_ARGS__
 #define NATTEN_SELECT_0(...)
 #define NATTEN_CAT(a, b) a##b
 #define NATTEN_SELECT(c) NATTEN_CAT(NATTEN_SELECT_, c)
 #define INSTANTIATE(part, family, R, T, HD, Q, KV)                                                         \
-  NATTEN_SELECT(NATTEN_PART_##part)(template void NATTEN_ENTRY_##family<R, T, HD, Q, KV>( \
+  NATTEN_SELECT(NATTEN_PART_##part)(template void NATTEN_ENTRY_##family(R, T, HD, Q, KV)( \
       natten::NaProblem const&, natten::FnaTensors const&, cudaStream_t);)
 #if NATTEN_PART == 1
 #define NATTEN_PART_1 1
@@ -86,6 +102,11 @@ using B4x4x8 = Box<4, 4, 8>;
 #define NATTEN_PART_4 1
 #else
 #define NATTEN_PART_4 0
+#endif
+#if NATTEN_PART == 5
+#define NATTEN_PART_5 1
+#else
+#define NATTEN_PART_5 0
 #endif
 NATTEN_INSTANCES(INSTANTIATE)
 
@@ -122,6 +143,7 @@ struct Instance {
   int head_dim;
   std::string tiles;
   Runner run;
+  int q_box[3], kv_box[3];
 };
 
 template <class T>
@@ -135,10 +157,9 @@ std::string tile_name() {
 }
 
 std::vector<Instance> const& instances() {
-#define NATTEN_ENTRY_sm80 natten::sm80::fna_forward
-#define NATTEN_ENTRY_sm90 natten::sm90::run_fna_forward
 #define LIST(part, family, R, T, HD, Q, KV) \
-  {#family, R, std::is_same_v<T, bf16>, HD, tile_name<Q>() + "/" + tile_name<KV>(), &NATTEN_ENTRY_##family<R, T, HD, Q, KV>},
+  {#family, R, std::is_same_v<T, bf16>, HD, tile_name<Q>() + "/" + tile_name<KV>(), &NATTEN_ENTRY_##family(R, T, HD, Q, KV), \
+   {Q::extent(0), Q::extent(1), Q::extent(2)}, {KV::extent(0), KV::extent(1), KV::extent(2)}},
   static std::vector<Instance> const all = {NATTEN_INSTANCES(LIST)};
   return all;
 }
@@ -230,7 +251,7 @@ void reference(NaProblem const& p, std::vector<double> const& q, std::vector<dou
 double to_double(bf16 x) { return double(__bfloat162float(x)); }
 double to_double(fp16 x) { return double(__half2float(x)); }
 template <class T>
-T from_float(float x) {
+__host__ __device__ T from_float(float x) {
   if constexpr (std::is_same_v<T, bf16>) return __float2bfloat16(x);
   else return __float2half(x);
 }
@@ -354,22 +375,47 @@ std::vector<Case> check_cases(int rank) {
   return cs;
 }
 
+// Deterministic pseudo-random values in [-2, 2), made on the device (the benchmark tensors are
+// too large to draw on the host in reasonable time).
 template <class T>
-float time_ms(Instance const& inst, NaProblem const& p, int iters) {
-  int64_t const n = p.tokens();
-  std::mt19937 rng(7);
-  Input<T> q(p.batch * n * p.heads * p.dim, rng), k(p.batch * n * p.heads_kv * p.dim, rng),
-      v(p.batch * n * p.heads_kv * p.dim_v, rng);
-  T* out;
-  float* lse;
-  CUDA_CHECK(cudaMalloc(&out, p.batch * n * p.heads * p.dim_v * sizeof(T)));
-  CUDA_CHECK(cudaMalloc(&lse, p.batch * n * p.heads * sizeof(float)));
+__global__ void fill_random(T* x, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 0x9E3779B1u ^ seed;
+    h ^= h >> 15;
+    h *= 0x85EBCA77u;
+    h ^= h >> 13;
+    x[i] = from_float<T>(float(h >> 8) * (4.f / 16777216.f) - 2.f);
+  }
+}
+
+// Buffers of one timed problem, shared by every instance timed on it.
+template <class T>
+struct BenchTensors {
   FnaTensors t;
-  t.q = q.dev;
-  t.k = k.dev;
-  t.v = v.dev;
-  t.out = out;
-  t.lse = lse;
+  std::vector<void*> owned;
+  explicit BenchTensors(NaProblem const& p) {
+    int64_t const n = p.batch * p.tokens();
+    auto alloc = [&](size_t count, size_t bytes, uint32_t seed) {
+      void* d;
+      CUDA_CHECK(cudaMalloc(&d, count * bytes));
+      if (seed) fill_random<T><<<1024, 256>>>(static_cast<T*>(d), count, seed);
+      owned.push_back(d);
+      return d;
+    };
+    t.q = alloc(n * p.heads * p.dim, sizeof(T), 1);
+    t.k = alloc(n * p.heads_kv * p.dim, sizeof(T), 2);
+    t.v = alloc(n * p.heads_kv * p.dim_v, sizeof(T), 3);
+    t.out = alloc(n * p.heads * p.dim_v, sizeof(T), 0);
+    t.lse = alloc(n * p.heads, sizeof(float), 0);
+    CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  ~BenchTensors() {
+    for (void* d : owned) cudaFree(d);
+  }
+};
+
+// Median of `iters` timed launches after three warm-up ones.
+float time_ms(Instance const& inst, NaProblem const& p, FnaTensors const& t, int iters) {
   cudaEvent_t e0, e1;
   CUDA_CHECK(cudaEventCreate(&e0));
   CUDA_CHECK(cudaEventCreate(&e1));
@@ -386,19 +432,37 @@ float time_ms(Instance const& inst, NaProblem const& p, int iters) {
     ms.push_back(x);
   }
   std::sort(ms.begin(), ms.end());
-  cudaFree(out);
-  cudaFree(lse);
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
   return ms[ms.size() / 2];
 }
 
+// Query rows times keys that the tiles of an instance compute (every query box's key walk in
+// whole key boxes), per batch entry and head; dilation 1. Tiles form a grid, so the sum over
+// query boxes of the product of per-axis box counts is the product of per-axis sums.
+double tile_pairs(NaProblem const& p, int const* q_box, int const* kv_box) {
+  double pairs = 1;
+  for (int a = 0; a < p.rank; ++a) {
+    AxisSpec const& ax = p.axis[a];
+    double boxes = 0;
+    for (int64_t x0 = 0; x0 < ax.extent; x0 += q_box[a]) {
+      int64_t const x1 = std::min(x0 + q_box[a], ax.extent) - 1;
+      int64_t const span = natten::axis_window(ax, ax.extent, x1).last - natten::axis_window(ax, ax.extent, x0).first + 1;
+      boxes += double((span + kv_box[a] - 1) / kv_box[a]) * kv_box[a] * q_box[a];
+    }
+    pairs *= boxes;
+  }
+  return pairs;
+}
+
 int main(int argc, char** argv) {
   bool checks = true, timings = true, quick = false;
+  std::string family;  // empty: every family
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--checks")) timings = false;
     if (!std::strcmp(argv[i], "--timings")) checks = false;
     if (!std::strcmp(argv[i], "--quick")) quick = true;
+    if (!std::strcmp(argv[i], "--family") && i + 1 < argc) family = argv[++i];
   }
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // whole lines even if a hang gets the run killed
   cudaDeviceProp prop;
@@ -408,7 +472,7 @@ int main(int argc, char** argv) {
   if (checks) {
     std::mt19937 rng(1234);
     for (auto const& inst : instances()) {
-      if (std::strcmp(inst.family, "sm90")) continue;
+      if (!std::strncmp(inst.family, "sm80", 4) || (!family.empty() && family != inst.family)) continue;
       auto cases = check_cases(inst.rank);
       if (quick) cases.resize(1);
       for (auto const& c : cases) {
@@ -430,17 +494,29 @@ int main(int argc, char** argv) {
         {"P2", {"2-D 128x128 k32x32", 2, {128, 128}, {32, 32}, {1, 1}, {1, 1}, {false, false}, 1, 16, 16, 128}, 0.45},
         {"P3", {"3-D 16x64x64 k8x16x16", 3, {16, 64, 64}, {8, 16, 16}, {1, 1, 1}, {1, 1, 1}, {false, false, false}, 1, 16, 16, 128}, 4.0},
     };
-    std::printf("\n%-3s %-22s %-5s %-13s %9s %9s %8s\n", "", "problem", "fam", "tiles", "ms", "TFLOP/s", "target");
+    // dense: the same instance with every window the whole grid (its attainable rate);
+    // bound: the FLOPs its tiles compute at that rate; "of bound": bound / measured.
+    std::printf("\n%-3s %-22s %-6s %-13s %8s %8s %7s %9s %8s %8s\n", "", "problem", "family", "tiles", "ms",
+                "TFLOP/s", "target", "dense TF", "bound", "of bound");
     for (auto const& bench : benches) {
       NaProblem const p = problem_of(bench.c, 128);
+      NaProblem dense = p;
+      for (int a = 0; a < p.rank; ++a) dense.axis[a].kernel = p.axis[a].extent;
       double pairs = 1;
       for (int a = 0; a < p.rank; ++a) pairs *= double(natten::axis_visible_pairs(p.axis[a]));
-      double const flops = 4.0 * p.batch * p.heads * pairs * p.dim;
+      double const per_pair = 4.0 * p.batch * p.heads * p.dim;
+      double const dense_flops = per_pair * double(p.tokens()) * double(p.tokens());
+      BenchTensors<bf16> const tensors(p);
       for (auto const& inst : instances()) {
         if (inst.rank != p.rank || !inst.bf || inst.head_dim != 128) continue;
-        float const ms = time_ms<bf16>(inst, p, 20);
-        std::printf("%-3s %-22s %-5s %-13s %9.3f %9.1f %8.2f\n", bench.name, bench.c.name.c_str(), inst.family,
-                    inst.tiles.c_str(), ms, flops / (ms * 1e9), bench.target_ms);
+        if (!family.empty() && family != inst.family) continue;
+        float const ms = time_ms(inst, p, tensors.t, 20);
+        float const dense_ms = time_ms(inst, dense, tensors.t, 5);
+        double const dense_rate = dense_flops / (dense_ms * 1e-3);
+        double const bound_ms = per_pair * tile_pairs(p, inst.q_box, inst.kv_box) / dense_rate * 1e3;
+        std::printf("%-3s %-22s %-6s %-13s %8.3f %8.1f %7.2f %9.1f %8.3f %7.0f%%\n", bench.name,
+                    bench.c.name.c_str(), inst.family, inst.tiles.c_str(), ms, per_pair * pairs / (ms * 1e9),
+                    bench.target_ms, dense_rate * 1e-12, bound_ms, 100.0 * bound_ms / ms);
       }
     }
   }
