@@ -507,6 +507,34 @@ int main(int argc, char** argv) {
       double const per_pair = 4.0 * p.batch * p.heads * p.dim;
       double const dense_flops = per_pair * double(p.tokens()) * double(p.tokens());
       BenchTensors<bf16> const tensors(p);
+      {
+        // What a token permutation into contiguous boxes would cost at least: one copy of Q, K, V
+        // in and of O back, at the copy engine's device-to-device rate.
+        size_t const bytes = size_t(p.batch) * p.tokens() * p.heads * p.dim * sizeof(bf16);
+        void* scratch;
+        CUDA_CHECK(cudaMalloc(&scratch, bytes));
+        std::vector<float> ms;
+        cudaEvent_t e0, e1;
+        CUDA_CHECK(cudaEventCreate(&e0));
+        CUDA_CHECK(cudaEventCreate(&e1));
+        for (int i = 0; i < 10; ++i) {
+          CUDA_CHECK(cudaEventRecord(e0));
+          for (void const* src : {tensors.t.q, tensors.t.k, tensors.t.v, static_cast<void const*>(tensors.t.out)}) {
+            CUDA_CHECK(cudaMemcpyAsync(scratch, src, bytes, cudaMemcpyDeviceToDevice));
+          }
+          CUDA_CHECK(cudaEventRecord(e1));
+          CUDA_CHECK(cudaEventSynchronize(e1));
+          float x;
+          CUDA_CHECK(cudaEventElapsedTime(&x, e0, e1));
+          ms.push_back(x);
+        }
+        std::sort(ms.begin(), ms.end());
+        std::printf("%-3s %-22s copies of Q, K, V, O (a permutation's least cost): %.3f ms\n", bench.name,
+                    bench.c.name.c_str(), ms[ms.size() / 2]);
+        cudaFree(scratch);
+        cudaEventDestroy(e0);
+        cudaEventDestroy(e1);
+      }
       for (auto const& inst : instances()) {
         if (inst.rank != p.rank || !inst.bf || inst.head_dim != 128) continue;
         if (!family.empty() && family != inst.family) continue;
