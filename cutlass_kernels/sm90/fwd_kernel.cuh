@@ -7,7 +7,8 @@
 // guarded by a full/empty mbarrier pair (PipelineTmaAsync). The other warpgroups consume, 64
 // query rows each: S = Q.K^T, the mask only on key boxes not fully inside every query's window,
 // the online softmax, O += P.V. The next step's Q.K^T is issued before the current P.V, so each
-// warpgroup's softmax runs while its previous P.V is on the tensor cores. setmaxnreg moves the
+// warpgroup's softmax runs while its previous P.V is on the tensor cores; optionally (kPingPong)
+// the two consumers also take turns issuing their GEMMs. setmaxnreg moves the
 // producer's registers to the consumers. The epilogue normalises O, stages it in the
 // consumer's own slice of Q's shared memory and writes whole 16-byte pieces of each row, and
 // writes the natural-log LSE.

@@ -132,7 +132,8 @@ ForwardParams<Rank> make_forward_params(NaProblem const& p, FnaTensors const& t,
     }
   }
   auto aligned = [](void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  if (!aligned(t.q) || !aligned(t.k) || !aligned(t.v) || !aligned(t.out) || (p.num_extra > 0 && (!aligned(t.extra_k) || !aligned(t.extra_v)))) {
+  bool const extra_aligned = p.num_extra == 0 || (aligned(t.extra_k) && aligned(t.extra_v));
+  if (!aligned(t.q) || !aligned(t.k) || !aligned(t.v) || !aligned(t.out) || !extra_aligned) {
     fail(op, "q, k, v, out and the additional keys/values must start on 16-byte boundaries");
   }
   int const q_box[3] = {QTile::extent(0), QTile::extent(1), QTile::extent(2)};

@@ -28,6 +28,6 @@ done
 [ $status -eq 0 ] || exit $status
 nvcc "${flags[@]}" "$out"/part*.o -o "$out/sm90_forward_check"
 # Resource report of the kernels: registers, spills, shared memory.
-grep -h -A2 "Compiling entry function '_ZN6natten4sm90" "$out"/part*.log | grep -E "registers|spill" || true
+grep -h -A3 "Compiling entry function '_ZN6natten4sm90" "$out"/part*.log | grep -E "registers|spill" || true
 [ "${BUILD_ONLY:-0}" = 1 ] && exit 0
 exec "$out/sm90_forward_check" "$@"

@@ -332,9 +332,9 @@ bool check_case(Instance const& inst, Case const& c, std::mt19937& rng) {
     double const tol = inst.bf ? 1e-2 : 2e-3;
     ok = unwritten == 0 && e_out < tol && e_lse < 1e-3;
   }
-  std::printf("%-4s %-5s %d-D hd%-3d %-13s %-34s err %.2e lse %.2e nonfinite %zu %s%s\n", ok ? "ok" : "FAIL",
-              inst.bf ? "bf16" : "fp16", inst.rank, inst.head_dim, inst.tiles.c_str(), c.name.c_str(), e_out,
-              e_lse, unwritten, error.c_str(), "");
+  std::printf("%-4s %-6s %-5s %d-D hd%-3d %-13s %-34s err %.2e lse %.2e nonfinite %zu %s\n", ok ? "ok" : "FAIL",
+              inst.family, inst.bf ? "bf16" : "fp16", inst.rank, inst.head_dim, inst.tiles.c_str(), c.name.c_str(),
+              e_out, e_lse, unwritten, error.c_str());
   cudaFree(out);
   cudaFree(lse);
   return ok;
