@@ -1,5 +1,5 @@
-"""natten.distributed (context parallelism) on the CPU: gloo process groups of 2-4 ranks
-against the float64 oracle of the whole grid.
+"""natten.distributed (context parallelism): gloo process groups of 2-4 CPU ranks, and NCCL
+groups of 2-4 GPUs where the machine has them, against the float64 oracle of the whole grid.
 
 One process group per world size runs every case of that size (starting processes is the
 expensive part) and writes one verdict per case; the tests below read the verdicts. Every
@@ -26,11 +26,12 @@ _TIMEOUT_S = 60
 
 
 def _case(world, shape, extents, kernel, stride=1, dilation=1, causal=False, shard_dim=0,
-          heads=2, heads_kv=None, extra=0, lse=False, dtype="float64", batch=1, name=""):
+          heads=2, heads_kv=None, extra=0, lse=False, dtype="float64", batch=1, name="",
+          dims=(8, 6), device="cpu", backend="cpu"):
     return dict(world=world, shape=shape, extents=extents, kernel=kernel, stride=stride,
                 dilation=dilation, causal=causal, shard_dim=shard_dim, heads=heads,
                 heads_kv=heads_kv or heads, extra=extra, lse=lse, dtype=dtype, batch=batch,
-                name=name)
+                name=name, dims=dims, device=device, backend=backend)
 
 
 def _random_1d_cases(world, count, seed):
@@ -76,6 +77,17 @@ CASES = [
     *_random_1d_cases(4, 10, seed=3),
 ]
 
+
+def _on_gpu(case, dtype, backend):
+    return dict(case, dtype=dtype, backend=backend, device="cuda", dims=(32, 32),
+                name=f"{case['name']}_{dtype}_{backend}")
+
+
+# Every fixed geometry on the GPU: float32 on the plain-CUDA reference kernels, bfloat16 on the
+# backend that backend=None picks.
+GPU_CASES = [_on_gpu(c, dtype, backend) for c in CASES if not c["name"].startswith("random")
+             for dtype, backend in (("float32", "reference"), ("bfloat16", None))]
+
 # (world, name, text of each rank's error)
 _REJECTED = "rejected their inputs"
 ERROR_CASES = [
@@ -94,15 +106,16 @@ def _tensors(case, seed):
     g = torch.Generator().manual_seed(seed)
     dt = _dtype(case["dtype"])
     b, shape, h, hk = case["batch"], tuple(case["shape"]), case["heads"], case["heads_kv"]
+    d, dv = case["dims"]
 
     def rand(*s):
         return torch.randn(*s, generator=g, dtype=torch.float64).to(dt)
 
-    t = dict(q=rand(b, *shape, h, 8), k=rand(b, *shape, hk, 8), v=rand(b, *shape, hk, 6))
+    t = dict(q=rand(b, *shape, h, d), k=rand(b, *shape, hk, d), v=rand(b, *shape, hk, dv))
     if case["extra"]:
-        t["ek"] = rand(b, case["extra"], hk, 8)
-        t["ev"] = rand(b, case["extra"], hk, 6)
-    t["gout"] = rand(b, *shape, h, 6)
+        t["ek"] = rand(b, case["extra"], hk, d)
+        t["ev"] = rand(b, case["extra"], hk, dv)
+    t["gout"] = rand(b, *shape, h, dv)
     t["glse"] = rand(b, *shape, h)
     return t
 
@@ -130,21 +143,22 @@ def _run_case(case, seed, me):
     loss.backward()
 
     # This rank's slab through natten.distributed.
-    local = {x: t[x].narrow(axis, lo, n).clone().requires_grad_(True) for x in ("q", "k", "v")}
+    dev = case["device"]
+    local = {x: t[x].narrow(axis, lo, n).to(dev).requires_grad_(True) for x in ("q", "k", "v")}
     for x in ("ek", "ev"):
         if x in t:
-            local[x] = t[x].clone().requires_grad_(True)
+            local[x] = t[x].to(dev).requires_grad_(True)
     op = getattr(nd, f"na{rank}d")
     got = op(local["q"], local["k"], local["v"], **window, shard_dim=case["shard_dim"],
              additional_keys=local.get("ek"), additional_values=local.get("ev"),
-             return_lse=case["lse"], backend="cpu")
+             return_lse=case["lse"], backend=case["backend"])
     out, lse = got if case["lse"] else (got, None)
-    local_loss = (out.double() * t["gout"].narrow(axis, lo, n).double()).sum()
+    local_loss = (out.double() * t["gout"].narrow(axis, lo, n).to(dev).double()).sum()
     if lse is not None:
-        local_loss = local_loss + (lse.double() * t["glse"].narrow(axis, lo, n).double()).sum()
+        local_loss = local_loss + (lse.double() * t["glse"].narrow(axis, lo, n).to(dev).double()).sum()
     local_loss.backward()
 
-    tol = tolerance(_dtype(case["dtype"]))
+    tol = tolerance(_dtype(case["dtype"]), dev, case["backend"])
     assert_close(out, ref_out.narrow(axis, lo, n), tol, f"rank {me} output")
     if lse is not None:
         assert_close(lse, ref_lse.narrow(axis, lo, n), tol, f"rank {me} lse")
@@ -188,10 +202,14 @@ def _error_case(name, me):
     raise AssertionError(f"{name}: no error raised")
 
 
-def _worker(me, world, init_file, out_dir, case_ids, error_names):
+def _worker(me, world, init_file, out_dir, cases, error_names):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=me,
-                            world_size=world, timeout=timedelta(seconds=_TIMEOUT_S))
+    on_gpu = cases[0]["device"] == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(me)
+        os.environ["NCCL_NVLS_ENABLE"] = "0"
+    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"file://{init_file}",
+                            rank=me, world_size=world, timeout=timedelta(seconds=_TIMEOUT_S))
     verdicts = {}
 
     def record(key, fn):
@@ -201,9 +219,9 @@ def _worker(me, world, init_file, out_dir, case_ids, error_names):
         except Exception:  # noqa: BLE001 - every failure becomes this case's verdict
             verdicts[key] = traceback.format_exc()
 
-    for i in case_ids:
-        record(CASES[i]["name"], lambda i=i: _run_case(CASES[i], 1000 + i, me))
-    if world == 2:
+    for i, case in enumerate(cases):
+        record(case["name"], lambda case=case, i=i: _run_case(case, 1000 + i, me))
+    if world == 2 and not on_gpu:
         record("module", lambda: _module_case(me, world))
     for name in error_names:
         def expect_error(name=name):
@@ -218,21 +236,34 @@ def _worker(me, world, init_file, out_dir, case_ids, error_names):
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def verdicts(tmp_path_factory):
+def _run_groups(cases, errors, tmp_path_factory, tag):
     """{world: [per-rank {case name: verdict}]}, one process group per world size."""
     result = {}
-    for world in sorted({c["world"] for c in CASES}):
-        out_dir = tmp_path_factory.mktemp(f"world{world}")
-        ids = [i for i, c in enumerate(CASES) if c["world"] == world]
-        errors = [name for w, name, _ in ERROR_CASES if w == world]
-        mp.spawn(_worker, args=(world, str(out_dir / "store"), str(out_dir), ids, errors),
+    for world in sorted({c["world"] for c in cases}):
+        out_dir = tmp_path_factory.mktemp(f"{tag}{world}")
+        mine = [c for c in cases if c["world"] == world]
+        names = [name for w, name, _ in errors if w == world]
+        mp.spawn(_worker, args=(world, str(out_dir / "store"), str(out_dir), mine, names),
                  nprocs=world, join=True)
         result[world] = []
         for me in range(world):
             with open(out_dir / f"rank{me}.json") as f:
                 result[world].append(json.load(f))
     return result
+
+
+@pytest.fixture(scope="module")
+def verdicts(tmp_path_factory):
+    return _run_groups(CASES, ERROR_CASES, tmp_path_factory, "cpu")
+
+
+@pytest.fixture(scope="module")
+def gpu_verdicts(tmp_path_factory):
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < 2:
+        pytest.skip("needs 2 or more CUDA devices")
+    cases = [c for c in GPU_CASES if c["world"] <= gpus]
+    return _run_groups(cases, [], tmp_path_factory, "gpu")
 
 
 def _check_all_ranks(verdicts, world, key):
@@ -243,6 +274,13 @@ def _check_all_ranks(verdicts, world, key):
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_matches_whole_grid(verdicts, case):
     _check_all_ranks(verdicts, case["world"], case["name"])
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c["name"] for c in GPU_CASES])
+def test_matches_whole_grid_gpu(gpu_verdicts, case):
+    if case["world"] not in gpu_verdicts:
+        pytest.skip(f"needs {case['world']} CUDA devices")
+    _check_all_ranks(gpu_verdicts, case["world"], case["name"])
 
 
 def test_module_forward(verdicts):
