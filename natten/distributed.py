@@ -77,6 +77,9 @@ def _slabs(extents: Tuple[int, ...], kernel: int, stride: int, dilation: int,
     total = sum(extents)
     span = kernel * dilation
     period = dilation * stride
+    if span > total or min(extents) < 1:
+        raise ValueError(f"slabs {list(extents)} cannot hold a window of kernel_size {kernel} * "
+                         f"dilation {dilation}: every slab needs a row and the grid {span} rows")
     global_windows = _window_firsts(total, kernel, stride, dilation, causal, range(total))
     slabs = []
     lo = 0
