@@ -354,6 +354,8 @@ def _sharded(rank: int, q, k, v, kernel_size, stride, dilation, is_causal, shard
              scale, additional_keys, additional_values, return_lse, backend):
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("natten.distributed needs an initialised torch.distributed process group")
+    if dist.get_rank(group) < 0:
+        raise ValueError("natten.distributed: this process is not a member of `group`")
     extra = (("additional_keys", additional_keys), ("additional_values", additional_values))
     error, window, rows = None, None, 0
     try:

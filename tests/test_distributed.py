@@ -77,6 +77,9 @@ CASES = [
     *_random_1d_cases(4, 10, seed=3),
 ]
 
+SUBGROUP_CASE = _case(2, (6, 15), (8, 7), (3, 5), dilation=(1, 2), shard_dim=1, extra=2, lse=True,
+                      name="subgroup")
+
 
 def _on_gpu(case, dtype, backend):
     return dict(case, dtype=dtype, backend=backend, device="cuda", dims=(32, 32),
@@ -120,7 +123,7 @@ def _tensors(case, seed):
     return t
 
 
-def _run_case(case, seed, me):
+def _run_case(case, seed, me, group=None):
     import natten.distributed as nd
 
     rank = len(case["shape"])
@@ -149,7 +152,7 @@ def _run_case(case, seed, me):
         if x in t:
             local[x] = t[x].to(dev).requires_grad_(True)
     op = getattr(nd, f"na{rank}d")
-    got = op(local["q"], local["k"], local["v"], **window, shard_dim=case["shard_dim"],
+    got = op(local["q"], local["k"], local["v"], **window, shard_dim=case["shard_dim"], group=group,
              additional_keys=local.get("ek"), additional_values=local.get("ev"),
              return_lse=case["lse"], backend=case["backend"])
     out, lse = got if case["lse"] else (got, None)
@@ -223,6 +226,12 @@ def _worker(me, world, init_file, out_dir, cases, error_names):
         record(case["name"], lambda case=case, i=i: _run_case(case, 1000 + i, me))
     if world == 2 and not on_gpu:
         record("module", lambda: _module_case(me, world))
+    if world == 3 and not on_gpu:
+        # Ranks 1 and 2 of the world as a group of their own (group ranks differ from world ranks).
+        sub = dist.new_group([1, 2])
+        verdicts["subgroup"] = "ok"
+        if me > 0:
+            record("subgroup", lambda: _run_case(SUBGROUP_CASE, 99, me - 1, group=sub))
     for name in error_names:
         def expect_error(name=name):
             try:
@@ -281,6 +290,10 @@ def test_matches_whole_grid_gpu(gpu_verdicts, case):
     if case["world"] not in gpu_verdicts:
         pytest.skip(f"needs {case['world']} CUDA devices")
     _check_all_ranks(gpu_verdicts, case["world"], case["name"])
+
+
+def test_subgroup(verdicts):
+    _check_all_ranks(verdicts, 3, "subgroup")
 
 
 def test_module_forward(verdicts):
