@@ -54,7 +54,7 @@ _OPS = {1: _na1d, 2: _na2d, 3: _na3d}
 # ----------------------------------------------------------------------------------------
 
 
-def _window_firsts(extent: int, kernel: int, stride: int, dilation: int, causal: bool,
+def _windows(extent: int, kernel: int, stride: int, dilation: int, causal: bool,
                    xs: Sequence[int], offset: int = 0) -> List[Tuple[int, int]]:
     """(first, last) visible key of every coordinate in xs, as coordinates of the axis plus
     ``offset``."""
@@ -80,12 +80,14 @@ def _slabs(extents: Tuple[int, ...], kernel: int, stride: int, dilation: int,
     if span > total or min(extents) < 1:
         raise ValueError(f"slabs {list(extents)} cannot hold a window of kernel_size {kernel} * "
                          f"dilation {dilation}: every slab needs a row and the grid {span} rows")
-    global_windows = _window_firsts(total, kernel, stride, dilation, causal, range(total))
+    global_windows = _windows(total, kernel, stride, dilation, causal, range(total))
     slabs = []
     lo = 0
     for n in extents:
         hi = lo + n
         need = global_windows[lo:hi]
+        # First guess: the rows the windows reach, a rounded down to keep residues and stride
+        # leaders; the check below is what makes the slab exact.
         a = min(w[0] for w in need)
         a -= a % period
         b = max(w[1] for w in need) + 1
@@ -96,7 +98,7 @@ def _slabs(extents: Tuple[int, ...], kernel: int, stride: int, dilation: int,
                     a = max(0, b - span)
                     a -= a % period
                 continue
-            got = _window_firsts(b - a, kernel, stride, dilation, causal,
+            got = _windows(b - a, kernel, stride, dilation, causal,
                                  range(lo - a, hi - a), offset=a)
             bad = next((i for i, (g, w) in enumerate(zip(got, need)) if g != w), None)
             if bad is None:
