@@ -10,20 +10,51 @@ tracer, which fvcore counts FLOPs with, cannot record bool[] arguments."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from natten import backends
-from natten._checks import Window
+from natten._checks import FusedProblem, Window, fused_problem
 from natten._memo import memoize
-from natten.backends.base import lse_dtype
+from natten.backends.base import Backend, Tile, lse_dtype
 
 
 def pack_window(window: Window) -> List[int]:
     return [*window.kernel_size, *window.stride, *window.dilation, *map(int, window.is_causal)]
+
+
+# A tile of the operators' tile_shapes left to the backend's default (real tiles are positive).
+_DEFAULT_TILE = 0
+
+
+def pack_tiles(tiles: Sequence[Optional[Tile]], rank: int) -> List[int]:
+    """The operators' tile_shapes argument; None marks a tile the operator resolves (resolve)."""
+    return [x for t in tiles for x in (t or (_DEFAULT_TILE,) * rank)]
+
+
+def resolve(backend: Backend, problem: FusedProblem, q_tile: Optional[Tile], kv_tile: Optional[Tile],
+            backward: bool) -> Tuple[Tile, Tile]:
+    """The tiles a call runs with: those given, the backend's defaults for the others; raises
+    ValueError naming the arguments when they do not fit the backend."""
+    q_tile, kv_tile, reason = backends.resolve_tiles(backend, problem, q_tile, kv_tile, backward)
+    if reason is not None:
+        prefix = "backward_" if backward else ""
+        raise ValueError(f"{prefix}q_tile_shape={q_tile} / {prefix}kv_tile_shape={kv_tile} do not "
+                         f"fit backend {backend.name!r}: {reason}")
+    return q_tile, kv_tile
+
+
+def _operator_tiles(backend: Backend, tile_shapes: List[int], window: Window, backward: bool, query,
+                    key, value, additional_keys) -> Tuple[Tile, Tile]:
+    """The tiles of an operator call. Plans of traced calls leave default tiles to the operator,
+    and check none against the backend (natten._plan): here the extents are concrete."""
+    q_tile, kv_tile = (None if _DEFAULT_TILE in t else t for t in _split(tile_shapes, 2))
+    # The forward operator takes no gradients itself; requires_grad marks the backward's problem.
+    problem = fused_problem(window, query, key, value, additional_keys, backward)
+    return resolve(backend, problem, q_tile, kv_tile, backward)
 
 
 def _split(values: List[int], parts: int) -> List[Tuple[int, ...]]:
@@ -57,10 +88,11 @@ def fna_forward(query: Tensor, key: Tensor, value: Tensor, additional_keys: Opti
                 additional_values: Optional[Tensor], window: List[int], scale: float, backend: str,
                 tile_shapes: List[int]) -> Tuple[Tensor, Tensor]:
     """tile_shapes: the query and key tiles of the forward, then those of the backward."""
-    q_tile, kv_tile, _, _ = _split(tile_shapes, 4)
-    return backends.get(backend).fna_forward(
-        *_dense_all(query, key, value, additional_keys, additional_values), _window(window), scale,
-        q_tile, kv_tile)
+    impl, window = backends.get(backend), _window(window)
+    tiles = _operator_tiles(impl, tile_shapes[:len(tile_shapes) // 2], window, False, query, key,
+                            value, additional_keys)
+    return impl.fna_forward(*_dense_all(query, key, value, additional_keys, additional_values),
+                            window, scale, *tiles)
 
 
 @fna_forward.register_fake
@@ -76,10 +108,11 @@ def fna_backward(d_out: Tensor, d_lse: Optional[Tensor], query: Tensor, key: Ten
                  lse: Tensor, window: List[int], scale: float, backend: str,
                  tile_shapes: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """tile_shapes: the query tile, then the key tile."""
-    q_tile, kv_tile = _split(tile_shapes, 2)
-    grads = backends.get(backend).fna_backward(
+    impl, window = backends.get(backend), _window(window)
+    tiles = _operator_tiles(impl, tile_shapes, window, True, query, key, value, additional_keys)
+    grads = impl.fna_backward(
         *_dense_all(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse),
-        _window(window), scale, q_tile, kv_tile)
+        window, scale, *tiles)
     return tuple(_empty_if_none(g, query) for g in grads)
 
 
