@@ -10,6 +10,8 @@ tracer, which fvcore counts FLOPs with, cannot record bool[] arguments."""
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -83,6 +85,30 @@ def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- fused attention
 
+def _dispatch_keys(*names: str) -> torch._C.DispatchKeySet:
+    return functools.reduce(operator.or_, (torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, n))
+                                           for n in names))
+
+
+# While a Python dispatch mode handles an operator, torch excludes every dispatch key above
+# Python, and an operator's implementation inherits that. torch.compile runs the first call of
+# each compiled graph under such a mode (its check of custom operators' aliasing), where the
+# function transforms flex-fna relies on (vmap in FlexAttention's block masks, functionalization
+# in its compiled kernels) would fail. The fused operators run their backend with those keys back,
+# excluding only what a plain call of an operator excludes: autograd and autocast.
+_ABOVE_PYTHON = (torch._C._dispatch_keyset_full()
+                 - torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.Python)
+                 - _dispatch_keys("Python"))
+_PLAIN_EXCLUDED = _dispatch_keys("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor",
+                                 *(n for n in dir(torch._C.DispatchKey) if n.startswith("Autocast")))
+
+
+def _as_plain_call():
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                           exclude - (_ABOVE_PYTHON - _PLAIN_EXCLUDED))
+
+
 @torch.library.custom_op("natten::fna_forward", mutates_args=())
 def fna_forward(query: Tensor, key: Tensor, value: Tensor, additional_keys: Optional[Tensor],
                 additional_values: Optional[Tensor], window: List[int], scale: float, backend: str,
@@ -91,8 +117,9 @@ def fna_forward(query: Tensor, key: Tensor, value: Tensor, additional_keys: Opti
     impl, window = backends.get(backend), _window(window)
     tiles = _operator_tiles(impl, tile_shapes[:len(tile_shapes) // 2], window, False, query, key,
                             value, additional_keys)
-    return impl.fna_forward(*_dense_all(query, key, value, additional_keys, additional_values),
-                            window, scale, *tiles)
+    with _as_plain_call():
+        return impl.fna_forward(*_dense_all(query, key, value, additional_keys, additional_values),
+                                window, scale, *tiles)
 
 
 @fna_forward.register_fake
@@ -110,9 +137,10 @@ def fna_backward(d_out: Tensor, d_lse: Optional[Tensor], query: Tensor, key: Ten
     """tile_shapes: the query tile, then the key tile."""
     impl, window = backends.get(backend), _window(window)
     tiles = _operator_tiles(impl, tile_shapes, window, True, query, key, value, additional_keys)
-    grads = impl.fna_backward(
-        *_dense_all(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse),
-        window, scale, *tiles)
+    with _as_plain_call():
+        grads = impl.fna_backward(
+            *_dense_all(d_out, d_lse, query, key, value, additional_keys, additional_values, out,
+                        lse), window, scale, *tiles)
     return tuple(_empty_if_none(g, query) for g in grads)
 
 
