@@ -78,6 +78,13 @@ def _dense_all(*tensors: Optional[Tensor]) -> List[Optional[Tensor]]:
     return [None if t is None else t.contiguous() for t in tensors]
 
 
+def _fake_like(t: Tensor) -> Tensor:
+    """A fake result shaped like t and, as every real result of the operators, contiguous (they
+    make their inputs contiguous first): torch.empty_like keeps the strides of a permuted input,
+    and inductor asserts that real results have the strides of the fake ones."""
+    return t.new_empty(t.shape)
+
+
 def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     # Operator results cannot be None; an absent gradient travels as an empty tensor.
     return like.new_empty(0) if t is None else t
@@ -147,9 +154,9 @@ def fna_backward(d_out: Tensor, d_lse: Optional[Tensor], query: Tensor, key: Ten
 @fna_backward.register_fake
 def _(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse, window, scale,
       backend, tile_shapes):
-    extra = [_empty_if_none(None if t is None else torch.empty_like(t), query)
+    extra = [_empty_if_none(None if t is None else _fake_like(t), query)
              for t in (additional_keys, additional_values)]
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), *extra
+    return _fake_like(query), _fake_like(key), _fake_like(value), *extra
 
 
 def _fna_grads(ctx, d_out, d_lse, backward):
@@ -273,7 +280,7 @@ def na_qk_backward(d_attn: Tensor, query: Tensor, key: Tensor, has_rpb: bool,
 def _(d_attn, query, key, has_rpb, window):
     kernel_size = _window(window).kernel_size
     rpb_shape = (query.shape[-2], *(2 * k - 1 for k in kernel_size)) if has_rpb else (0,)
-    return torch.empty_like(query), torch.empty_like(key), query.new_empty(rpb_shape)
+    return _fake_like(query), _fake_like(key), query.new_empty(rpb_shape)
 
 
 def _qk_setup(ctx, inputs, output):
@@ -312,7 +319,7 @@ def na_av_backward(d_out: Tensor, attn: Tensor, value: Tensor,
 
 @na_av_backward.register_fake
 def _(d_out, attn, value, window):
-    return torch.empty_like(attn), torch.empty_like(value)
+    return _fake_like(attn), _fake_like(value)
 
 
 def _av_setup(ctx, inputs, output):
