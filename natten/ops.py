@@ -125,8 +125,10 @@ def fna_forward(query: Tensor, key: Tensor, value: Tensor, additional_keys: Opti
     tiles = _operator_tiles(impl, tile_shapes[:len(tile_shapes) // 2], window, False, query, key,
                             value, additional_keys)
     with _as_plain_call():
-        return impl.fna_forward(*_dense_all(query, key, value, additional_keys, additional_values),
-                                window, scale, *tiles)
+        out, lse = impl.fna_forward(
+            *_dense_all(query, key, value, additional_keys, additional_values), window, scale, *tiles)
+    # Dense as the fake results: inductor asserts their strides (a backend may return views).
+    return out.contiguous(), lse.contiguous()
 
 
 @fna_forward.register_fake
@@ -148,7 +150,9 @@ def fna_backward(d_out: Tensor, d_lse: Optional[Tensor], query: Tensor, key: Ten
         grads = impl.fna_backward(
             *_dense_all(d_out, d_lse, query, key, value, additional_keys, additional_values, out,
                         lse), window, scale, *tiles)
-    return tuple(_empty_if_none(g, query) for g in grads)
+    # Dense as the fake results (see fna_forward): flex-fna's gradients of the additional keys
+    # and values are transposed views.
+    return tuple(_empty_if_none(g, query) for g in _dense_all(*grads))
 
 
 @fna_backward.register_fake
