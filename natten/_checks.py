@@ -179,9 +179,9 @@ def fused_problem(window: Window, query: torch.Tensor, key: torch.Tensor, value:
     """The problem of tensors that passed check_fused with this window."""
     rank = window.rank
     num_extra = 0 if additional_keys is None else additional_keys.shape[1]
-    return FusedProblem(window, tuple(query.shape[1:rank + 1]), query.shape[0], query.shape[rank + 1],
-                        key.shape[rank + 1], query.shape[-1], value.shape[-1], num_extra, query.dtype,
-                        query.device, requires_grad)
+    return FusedProblem(window, tuple(query.shape[1:rank + 1]), query.shape[0],
+                        query.shape[rank + 1], key.shape[rank + 1], query.shape[-1],
+                        value.shape[-1], num_extra, query.dtype, query.device, requires_grad)
 
 
 def check_tile(name: str, tile: Optional[IntOrTuple], rank: int) -> Optional[Tuple[int, ...]]:

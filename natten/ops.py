@@ -37,8 +37,8 @@ def pack_tiles(tiles: Sequence[Optional[Tile]], rank: int) -> List[int]:
     return [x for t in tiles for x in (t or (_DEFAULT_TILE,) * rank)]
 
 
-def resolve(backend: Backend, problem: FusedProblem, q_tile: Optional[Tile], kv_tile: Optional[Tile],
-            backward: bool) -> Tuple[Tile, Tile]:
+def resolve(backend: Backend, problem: FusedProblem, q_tile: Optional[Tile],
+            kv_tile: Optional[Tile], backward: bool) -> Tuple[Tile, Tile]:
     """The tiles a call runs with: those given, the backend's defaults for the others; raises
     ValueError naming the arguments when they do not fit the backend."""
     q_tile, kv_tile, reason = backends.resolve_tiles(backend, problem, q_tile, kv_tile, backward)
@@ -106,8 +106,9 @@ def _dispatch_keys(*names: str) -> torch._C.DispatchKeySet:
 _ABOVE_PYTHON = (torch._C._dispatch_keyset_full()
                  - torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.Python)
                  - _dispatch_keys("Python"))
-_PLAIN_EXCLUDED = _dispatch_keys("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor",
-                                 *(n for n in dir(torch._C.DispatchKey) if n.startswith("Autocast")))
+_PLAIN_EXCLUDED = _dispatch_keys(
+    "AutogradFunctionality", "AutogradOther", "AutogradNestedTensor",
+    *(name for name in dir(torch._C.DispatchKey) if name.startswith("Autocast")))
 
 
 def _as_plain_call():
@@ -126,7 +127,8 @@ def fna_forward(query: Tensor, key: Tensor, value: Tensor, additional_keys: Opti
                             value, additional_keys)
     with _as_plain_call():
         out, lse = impl.fna_forward(
-            *_dense_all(query, key, value, additional_keys, additional_values), window, scale, *tiles)
+            *_dense_all(query, key, value, additional_keys, additional_values), window, scale,
+            *tiles)
     # Dense as the fake results: inductor asserts their strides (a backend may return views).
     return out.contiguous(), lse.contiguous()
 

@@ -110,8 +110,9 @@ FUSED_CASES = {
                                   (4, (11,), 10, 5)), extra=7),
     2: FusedCase((3, 5), 1, (2, 1), (False, True), ((2, (9, 11), 6, 3), (3, (12, 10), 4, 2),
                                                     (5, (7, 13), 8, 4), (4, (14, 9), 10, 5))),
-    3: FusedCase(3, (1, 2, 1), 1, (True, False, False), ((2, (5, 7, 4), 6, 3), (3, (8, 5, 7), 4, 2),
-                                                         (5, (4, 6, 9), 8, 4), (4, (7, 9, 5), 10, 5))),
+    3: FusedCase(3, (1, 2, 1), 1, (True, False, False),
+                 ((2, (5, 7, 4), 6, 3), (3, (8, 5, 7), 4, 2), (5, (4, 6, 9), 8, 4),
+                  (4, (7, 9, 5), 10, 5))),
 }
 # Each CUDA backend at a dtype it serves for every case (cutlass-fna pads head dim 16 to 32).
 _CUDA_DTYPE = torch.float16
@@ -257,9 +258,10 @@ def _check_unfused_steps(case, dynamic, device, dtype, tol, compiler=None):
         got = compiled(*inputs)
         eager = fn(*inputs)
         leaves = _leaves(inputs)
-        ref = [reference_na_unfused(*leaves[:3], as_tuple(case.kernel, r), as_tuple(case.dilation, r),
-                                    as_tuple(case.causal, r), rpb=leaves[3]),
-               reference_na_unfused(*leaves[:3], as_tuple(case.kernel, r), as_tuple(case.dilation, r))]
+        kernel, dilation = as_tuple(case.kernel, r), as_tuple(case.dilation, r)
+        ref = [reference_na_unfused(*leaves[:3], kernel, dilation, as_tuple(case.causal, r),
+                                    rpb=leaves[3]),
+               reference_na_unfused(*leaves[:3], kernel, dilation)]
         what = f"{r}-D step {step}"
         _compare(got, eager, ref, tol, what)
 
