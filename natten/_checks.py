@@ -143,7 +143,6 @@ def check_fused(rank: int, query, key, value, kernel_size, stride, dilation, is_
     _gqa(heads, heads_kv, "key")
     window = check_window(rank, spatial, kernel_size, stride, dilation, is_causal)
 
-    num_extra = 0
     if (additional_keys is None) != (additional_values is None):
         raise ValueError("additional_keys and additional_values must be given together")
     if additional_keys is not None:
@@ -162,7 +161,6 @@ def check_fused(rank: int, query, key, value, kernel_size, stride, dilation, is_
                 f"additional_keys has {additional_keys.shape[1]} tokens but additional_values has "
                 f"{additional_values.shape[1]}"
             )
-        num_extra = additional_keys.shape[1]
 
     if scale is None:
         scale = dim ** -0.5
@@ -171,9 +169,17 @@ def check_fused(rank: int, query, key, value, kernel_size, stride, dilation, is_
     requires_grad = any(
         t is not None and t.requires_grad for t in (query, key, value, additional_keys, additional_values)
     )
-    problem = FusedProblem(window, spatial, batch, heads, heads_kv, dim, value.shape[-1], num_extra,
-                           query.dtype, query.device, requires_grad)
-    return problem, float(scale)
+    return fused_problem(window, query, key, value, additional_keys, requires_grad), float(scale)
+
+
+def fused_problem(window: Window, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  additional_keys: Optional[torch.Tensor], requires_grad: bool) -> FusedProblem:
+    """The problem of tensors that passed check_fused with this window."""
+    rank = window.rank
+    num_extra = 0 if additional_keys is None else additional_keys.shape[1]
+    return FusedProblem(window, tuple(query.shape[1:rank + 1]), query.shape[0],
+                        query.shape[rank + 1], key.shape[rank + 1], query.shape[-1],
+                        value.shape[-1], num_extra, query.dtype, query.device, requires_grad)
 
 
 def check_tile(name: str, tile: Optional[IntOrTuple], rank: int) -> Optional[Tuple[int, ...]]:

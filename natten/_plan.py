@@ -4,14 +4,14 @@ that work costs more host time than a small problem's kernels run."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
 from natten import backends
 from natten._checks import check_fused, check_tile
-from natten.backends.base import Backend, Tile, tf32_allowed
-from natten.ops import pack_window
+from natten.backends.base import Backend, tf32_allowed
+from natten.ops import pack_tiles, pack_window, resolve
 
 
 class Plan(NamedTuple):
@@ -20,7 +20,9 @@ class Plan(NamedTuple):
     backend: Backend
     window: List[int]  # the operators' packed window (natten.ops.pack_window)
     scale: float
-    tiles: List[int]  # query and key tiles of the forward, then those of the backward
+    # Query and key tiles of the forward, then those of the backward (natten.ops.pack_tiles): in
+    # plans of traced calls, as given, the operator resolving the others.
+    tiles: List[int]
     requires_grad: bool
     # The backend's fna_forward / fna_backward with all but the tensors bound (Backend.bind);
     # eager plans only: binding reaches into natten._C, which torch.compile cannot trace.
@@ -28,36 +30,41 @@ class Plan(NamedTuple):
     backward: Optional[Callable]
 
 
-def _tiles(name_q, q_tile, name_kv, kv_tile, backend, problem, backward) -> Tuple[Tile, Tile]:
-    q_tile = check_tile(name_q, q_tile, problem.rank)
-    kv_tile = check_tile(name_kv, kv_tile, problem.rank)
-    q_tile, kv_tile, reason = backends.resolve_tiles(backend, problem, q_tile, kv_tile, backward)
-    if reason is not None:
-        raise ValueError(f"{name_q}={q_tile} / {name_kv}={kv_tile} do not fit backend "
-                         f"{backend.name!r}: {reason}")
-    return q_tile, kv_tile
-
-
-def _build(bind, rank, query, key, value, additional_keys, additional_values, kernel_size, stride,
+def _build(eager, rank, query, key, value, additional_keys, additional_values, kernel_size, stride,
            dilation, is_causal, scale, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape,
            backward_kv_tile_shape) -> Plan:
+    # Under torch.compile the sizes may be symbols. Validation and the backend choice read sizes
+    # only in comparisons that every valid size passes alike (k * d <= L, H % H_kv == 0, a
+    # backend's size limits), which Dynamo turns into guards on the symbols: one graph then serves
+    # every spatial shape, batch size and head count. A size that fails a check fails its guard,
+    # and the retrace raises the check's error. Head dims pick kernels and set the scale (a float
+    # argument of the operators), so Dynamo specialises on them.
     problem, scale = check_fused(rank, query, key, value, kernel_size, stride, dilation, is_causal,
                                  scale, additional_keys, additional_values)
     impl = backends.select(problem, backend)
-    tiles = _tiles("q_tile_shape", q_tile_shape, "kv_tile_shape", kv_tile_shape, impl, problem, False)
+    given = [check_tile(name, tile, rank) for name, tile in (
+        ("q_tile_shape", q_tile_shape), ("kv_tile_shape", kv_tile_shape),
+        ("backward_q_tile_shape", backward_q_tile_shape),
+        ("backward_kv_tile_shape", backward_kv_tile_shape))]
+    window = pack_window(problem.window)
+    if not eager:
+        # Default tiles depend on the exact extents (a CPU tile clips to each dilation group,
+        # cutlass-fna and flex-fna weigh every box against the grid), so a traced call leaves
+        # them, and the checks of the tiles given against them, to the operator, which runs
+        # on concrete tensors (natten.ops.fna_forward): specialising the plan on the extents
+        # instead would recompile for every new shape, and fullgraph=True fails hard once
+        # torch._dynamo.config.recompile_limit is reached.
+        return Plan(impl, window, scale, pack_tiles(given, rank), problem.requires_grad, None, None)
+    tiles = resolve(impl, problem, given[0], given[1], False)
     # A call without gradients runs no backward (a backend may have no backward kernels for the
     # problem at all, e.g. cutlass-fna at head dim 256): its tiles are checked only when given.
     bwd_tiles = tiles
-    if problem.requires_grad or backward_q_tile_shape is not None or backward_kv_tile_shape is not None:
-        bwd_tiles = _tiles("backward_q_tile_shape", backward_q_tile_shape, "backward_kv_tile_shape",
-                           backward_kv_tile_shape, impl, problem, True)
-    forward = backward = None
-    if bind:
-        forward = impl.bind(problem, scale, *tiles, False)
-        if problem.requires_grad:
-            backward = impl.bind(problem, scale, *bwd_tiles, True)
-    return Plan(impl, pack_window(problem.window), scale, [*tiles[0], *tiles[1], *bwd_tiles[0],
-                *bwd_tiles[1]], problem.requires_grad, forward, backward)
+    if problem.requires_grad or given[2] is not None or given[3] is not None:
+        bwd_tiles = resolve(impl, problem, given[2], given[3], True)
+    forward = impl.bind(problem, scale, *tiles, False)
+    backward = impl.bind(problem, scale, *bwd_tiles, True) if problem.requires_grad else None
+    return Plan(impl, window, scale, pack_tiles([*tiles, *bwd_tiles], rank), problem.requires_grad,
+                forward, backward)
 
 
 # Plans of eager calls by signature (see plan). A workload repeats a few signatures; one that

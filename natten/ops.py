@@ -10,20 +10,53 @@ tracer, which fvcore counts FLOPs with, cannot record bool[] arguments."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import functools
+import operator
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from natten import backends
-from natten._checks import Window
+from natten._checks import FusedProblem, Window, fused_problem
 from natten._memo import memoize
-from natten.backends.base import lse_dtype
+from natten.backends.base import Backend, Tile, lse_dtype
 
 
 def pack_window(window: Window) -> List[int]:
     return [*window.kernel_size, *window.stride, *window.dilation, *map(int, window.is_causal)]
+
+
+# A tile of the operators' tile_shapes left to the backend's default (real tiles are positive).
+_DEFAULT_TILE = 0
+
+
+def pack_tiles(tiles: Sequence[Optional[Tile]], rank: int) -> List[int]:
+    """The operators' tile_shapes argument; None marks a tile the operator resolves (resolve)."""
+    return [x for t in tiles for x in (t or (_DEFAULT_TILE,) * rank)]
+
+
+def resolve(backend: Backend, problem: FusedProblem, q_tile: Optional[Tile],
+            kv_tile: Optional[Tile], backward: bool) -> Tuple[Tile, Tile]:
+    """The tiles a call runs with: those given, the backend's defaults for the others; raises
+    ValueError naming the arguments when they do not fit the backend."""
+    q_tile, kv_tile, reason = backends.resolve_tiles(backend, problem, q_tile, kv_tile, backward)
+    if reason is not None:
+        prefix = "backward_" if backward else ""
+        raise ValueError(f"{prefix}q_tile_shape={q_tile} / {prefix}kv_tile_shape={kv_tile} do not "
+                         f"fit backend {backend.name!r}: {reason}")
+    return q_tile, kv_tile
+
+
+def _operator_tiles(backend: Backend, tile_shapes: List[int], window: Window, backward: bool, query,
+                    key, value, additional_keys) -> Tuple[Tile, Tile]:
+    """The tiles of an operator call. Plans of traced calls leave default tiles to the operator,
+    and check none against the backend (natten._plan): here the extents are concrete."""
+    q_tile, kv_tile = (None if _DEFAULT_TILE in t else t for t in _split(tile_shapes, 2))
+    # The forward operator takes no gradients itself; requires_grad marks the backward's problem.
+    problem = fused_problem(window, query, key, value, additional_keys, backward)
+    return resolve(backend, problem, q_tile, kv_tile, backward)
 
 
 def _split(values: List[int], parts: int) -> List[Tuple[int, ...]]:
@@ -45,6 +78,13 @@ def _dense_all(*tensors: Optional[Tensor]) -> List[Optional[Tensor]]:
     return [None if t is None else t.contiguous() for t in tensors]
 
 
+def _fake_like(t: Tensor) -> Tensor:
+    """A fake result shaped like t and, as every real result of the operators, contiguous (they
+    make their inputs contiguous first): torch.empty_like keeps the strides of a permuted input,
+    and inductor asserts that real results have the strides of the fake ones."""
+    return t.new_empty(t.shape)
+
+
 def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     # Operator results cannot be None; an absent gradient travels as an empty tensor.
     return like.new_empty(0) if t is None else t
@@ -52,15 +92,45 @@ def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- fused attention
 
+def _dispatch_keys(*names: str) -> torch._C.DispatchKeySet:
+    return functools.reduce(operator.or_, (torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, n))
+                                           for n in names))
+
+
+# While a Python dispatch mode handles an operator, torch excludes every dispatch key above
+# Python, and an operator's implementation inherits that. torch.compile runs the first call of
+# each compiled graph under such a mode (its check of custom operators' aliasing), where the
+# function transforms flex-fna relies on (vmap in FlexAttention's block masks, functionalization
+# in its compiled kernels) would fail. The fused operators run their backend with those keys back,
+# excluding only what a plain call of an operator excludes: autograd and autocast.
+_ABOVE_PYTHON = (torch._C._dispatch_keyset_full()
+                 - torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.Python)
+                 - _dispatch_keys("Python"))
+_PLAIN_EXCLUDED = _dispatch_keys(
+    "AutogradFunctionality", "AutogradOther", "AutogradNestedTensor",
+    *(name for name in dir(torch._C.DispatchKey) if name.startswith("Autocast")))
+
+
+def _as_plain_call():
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                           exclude - (_ABOVE_PYTHON - _PLAIN_EXCLUDED))
+
+
 @torch.library.custom_op("natten::fna_forward", mutates_args=())
 def fna_forward(query: Tensor, key: Tensor, value: Tensor, additional_keys: Optional[Tensor],
                 additional_values: Optional[Tensor], window: List[int], scale: float, backend: str,
                 tile_shapes: List[int]) -> Tuple[Tensor, Tensor]:
     """tile_shapes: the query and key tiles of the forward, then those of the backward."""
-    q_tile, kv_tile, _, _ = _split(tile_shapes, 4)
-    return backends.get(backend).fna_forward(
-        *_dense_all(query, key, value, additional_keys, additional_values), _window(window), scale,
-        q_tile, kv_tile)
+    impl, window = backends.get(backend), _window(window)
+    tiles = _operator_tiles(impl, tile_shapes[:len(tile_shapes) // 2], window, False, query, key,
+                            value, additional_keys)
+    with _as_plain_call():
+        out, lse = impl.fna_forward(
+            *_dense_all(query, key, value, additional_keys, additional_values), window, scale,
+            *tiles)
+    # Dense as the fake results: inductor asserts their strides (a backend may return views).
+    return out.contiguous(), lse.contiguous()
 
 
 @fna_forward.register_fake
@@ -76,19 +146,23 @@ def fna_backward(d_out: Tensor, d_lse: Optional[Tensor], query: Tensor, key: Ten
                  lse: Tensor, window: List[int], scale: float, backend: str,
                  tile_shapes: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """tile_shapes: the query tile, then the key tile."""
-    q_tile, kv_tile = _split(tile_shapes, 2)
-    grads = backends.get(backend).fna_backward(
-        *_dense_all(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse),
-        _window(window), scale, q_tile, kv_tile)
-    return tuple(_empty_if_none(g, query) for g in grads)
+    impl, window = backends.get(backend), _window(window)
+    tiles = _operator_tiles(impl, tile_shapes, window, True, query, key, value, additional_keys)
+    with _as_plain_call():
+        grads = impl.fna_backward(
+            *_dense_all(d_out, d_lse, query, key, value, additional_keys, additional_values, out,
+                        lse), window, scale, *tiles)
+    # Dense as the fake results (see fna_forward): flex-fna's gradients of the additional keys
+    # and values are transposed views.
+    return tuple(_empty_if_none(g, query) for g in _dense_all(*grads))
 
 
 @fna_backward.register_fake
 def _(d_out, d_lse, query, key, value, additional_keys, additional_values, out, lse, window, scale,
       backend, tile_shapes):
-    extra = [_empty_if_none(None if t is None else torch.empty_like(t), query)
+    extra = [_empty_if_none(None if t is None else _fake_like(t), query)
              for t in (additional_keys, additional_values)]
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), *extra
+    return _fake_like(query), _fake_like(key), _fake_like(value), *extra
 
 
 def _fna_grads(ctx, d_out, d_lse, backward):
@@ -212,7 +286,7 @@ def na_qk_backward(d_attn: Tensor, query: Tensor, key: Tensor, has_rpb: bool,
 def _(d_attn, query, key, has_rpb, window):
     kernel_size = _window(window).kernel_size
     rpb_shape = (query.shape[-2], *(2 * k - 1 for k in kernel_size)) if has_rpb else (0,)
-    return torch.empty_like(query), torch.empty_like(key), query.new_empty(rpb_shape)
+    return _fake_like(query), _fake_like(key), query.new_empty(rpb_shape)
 
 
 def _qk_setup(ctx, inputs, output):
@@ -251,7 +325,7 @@ def na_av_backward(d_out: Tensor, attn: Tensor, value: Tensor,
 
 @na_av_backward.register_fake
 def _(d_out, attn, value, window):
-    return torch.empty_like(attn), torch.empty_like(value)
+    return _fake_like(attn), _fake_like(value)
 
 
 def _av_setup(ctx, inputs, output):
