@@ -300,7 +300,7 @@ def _module(rank, rpb, device):
     cls = {1: natten.NeighborhoodAttention1D, 2: natten.NeighborhoodAttention2D,
            3: natten.NeighborhoodAttention3D}[rank]
     kernel, _ = MODULE_STEPS[rank]
-    return cls(_DIM, _HEADS, kernel, rel_pos_bias=rpb).to(device)
+    return cls(_DIM, _HEADS, kernel, bias=rpb).to(device)
 
 
 def _check_module_steps(rank, rpb, dynamic, device, compiler=None):
