@@ -110,7 +110,7 @@ def test_family_without_kernels_declines_with_the_reason(family):
 
     _backend(family)
     q = torch.randn(1, 12, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=f"{family.backend}.*no kernels yet"):
+    with pytest.raises(ValueError, match=f"{family.backend} supports no problem yet"):
         natten.na2d(q, q, q, kernel_size=5, backend=family.backend)
     # Its entry points exist, and decline too (through the family's error path).
     from natten import _C
