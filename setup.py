@@ -5,7 +5,8 @@ Environment:
   NATTEN_CPU_ARCH       gcc -march for the CPU kernels (default: native; e.g. x86-64-v3 for a
                         portable build)
   NATTEN_CUDA_ARCH      CUDA compute capabilities to build, e.g. "8.0;9.0" (9.0 means sm_90a);
-                        default: those of the visible GPUs when torch has CUDA, else none
+                        default: those of the visible GPUs when torch has CUDA, else none. Each
+                        kernel family is compiled only for those it runs on (autogen/registry.py)
   NATTEN_KERNEL_FILTER  which GPU instantiations to build, family:dtype:head_dim:rank globs,
                         comma-separated (e.g. "reference:bf16:*:2"); default: all
 """
@@ -43,6 +44,11 @@ def gencode(arch: str) -> str:
     return f"-gencode=arch=compute_{target},code=sm_{target}"
 
 
+# Absolute path of each generated CUDA source -> the -gencode flags of its family's targets
+# (filled by extension(), read by the build command).
+GENCODES = {}
+
+
 def extension():
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
@@ -52,8 +58,9 @@ def extension():
     if archs and cutlass is None:
         print("natten: nvidia-cutlass is not installed, so the CUTLASS kernel families are left out "
               "(pip install --no-deps nvidia-cutlass)", file=sys.stderr)
-    files = generate.render(registry.kernels(bool(archs), os.environ.get("NATTEN_KERNEL_FILTER", ""),
-                                             with_cutlass=cutlass is not None))
+    kernels = registry.kernels(bool(archs), os.environ.get("NATTEN_KERNEL_FILTER", ""),
+                               with_cutlass=cutlass is not None, capabilities=archs)
+    files = generate.render(kernels, tuple(archs))
     generate.write(files)
     cpu_arch = os.environ.get("NATTEN_CPU_ARCH", "native")
     # -fopenmp: at::parallel_for is inline header code that is serial without it.
@@ -63,9 +70,17 @@ def extension():
     if not archs:
         return CppExtension(name="natten._C", sources=sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    print(f"natten: building CUDA kernels for {', '.join(archs)}", file=sys.stderr)
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNATTEN_WITH_CUDA",
-            *(gencode(a) for a in archs)]
+    if not any(k.family.name == "reference" for k in kernels):
+        sys.exit("natten: a CUDA build needs reference kernels (the GPU fallback, and the unfused ops): "
+                 "check NATTEN_KERNEL_FILTER and NATTEN_CUDA_ARCH (the reference family needs 7.5 or newer)")
+    for k in kernels:
+        if k.family.cuda:
+            targets = k.family.targets(archs)
+            GENCODES[str(generate.OUT_DIR / f"{k.name}{k.suffix}")] = [gencode(a) for a in targets]
+    built = sorted({k.family.name: k.family.targets(archs) for k in kernels if k.family.cuda}.items())
+    print("natten: building CUDA kernels: " + "; ".join(f"{name} for {', '.join(t)}" for name, t in built),
+          file=sys.stderr)
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNATTEN_WITH_CUDA"]
     return CUDAExtension(
         name="natten._C",
         sources=[*sources, "cutlass_kernels/binding/cuda_binding.cpp"],
@@ -79,7 +94,33 @@ def build_ext_class():
     from torch.utils.cpp_extension import BuildExtension
 
     os.environ.setdefault("MAX_JOBS", os.environ.get("NATTEN_N_WORKERS", str(os.cpu_count() or 1)))
-    return BuildExtension.with_options(use_ninja=True)
+
+    class Build(BuildExtension):
+        """Compiles each CUDA family only for its own targets: the sources are compiled in
+        groups that share their -gencode flags (torch's build gives one set to every source)."""
+
+        def build_extension(self, ext):
+            compile_all = self.compiler.compile
+
+            def compile_by_targets(sources, *args, extra_postargs=None, **kwargs):
+                groups = {}
+                for source in sources:
+                    groups.setdefault(tuple(GENCODES.get(os.path.abspath(source), ())), []).append(source)
+                objects = []
+                for gencodes, group in groups.items():
+                    flags = dict(extra_postargs or {})
+                    if "nvcc" in flags:
+                        flags["nvcc"] = [*flags["nvcc"], *gencodes]
+                    objects += compile_all(group, *args, extra_postargs=flags, **kwargs)
+                return objects
+
+            self.compiler.compile = compile_by_targets
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler.compile = compile_all
+
+    return Build.with_options(use_ninja=True)
 
 
 setup(

@@ -2,7 +2,8 @@
 GPU) for every target their family lists, so a machine without CUDA torch still proves the
 kernels build.
 
-By default one rank/dtype of every op of every CUDA family; --filter narrows or widens it.
+By default one rank/dtype of every op of every CUDA family (the sm90 skeleton included);
+--filter narrows or widens it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 from autogen import generate, registry
 
-DEFAULT_FILTER = "reference:bfloat16:*:2,sm80:bfloat16:128:2,sm80:float32:128:2"
+DEFAULT_FILTER = "reference:bfloat16:*:2,sm80:bfloat16:128:2,sm80:float32:128:2,sm90:bfloat16:128:2"
 
 
 def main() -> int:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import fnmatch
 import math
 import pathlib
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import Callable, Optional
 
 # dtype name -> (short name, CPU storage type, CUDA storage type, natten::DType enumerator)
 DTYPES = {
@@ -21,6 +21,7 @@ DTYPES = {
     "float16": ("fp16", "Half", "__half", "DType::kFloat16"),
     "bfloat16": ("bf16", "BFloat16", "__nv_bfloat16", "DType::kBFloat16"),
 }
+DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Op:
     header: str    # header that defines it, relative to cutlass_kernels/
     signature: str  # parameter list of the instantiation
     # Tiled families: rank -> ((query box, key box), ...) instantiated per head dim. The
-    # profiler may pick any of them; natten/backends/sm80.py picks a default by rule.
+    # profiler may pick any of them; the family's backend picks a default by rule.
     tiles: Optional[dict] = None
 
 
@@ -60,25 +61,63 @@ REFERENCE_OPS = (
 )
 
 
-_SM80_SIG = "NaProblem const&, FnaTensors const&, cudaStream_t"
+# Every tiled family has these two ops with these signatures, so that the binding's one pair of
+# tiled entry points (binding/cuda_binding.cpp) serves all of them.
+_TILED_FWD_SIG = "NaProblem const&, FnaTensors const&, cudaStream_t"
+_TILED_BWD_SIG = "NaProblem const&, FnaTensors const&, float*, cudaStream_t"
+TILED_OPS = (("fna_fwd", _TILED_FWD_SIG), ("fna_bwd", _TILED_BWD_SIG))
+
 SM80_OPS = (
-    Op("fna_fwd", "fna_forward", "sm80/fna_forward.cuh", _SM80_SIG, tiles={
+    Op("fna_fwd", "fna_forward", "sm80/fna_forward.cuh", _TILED_FWD_SIG, tiles={
         1: (((128,), (64,)), ((64,), (64,))),
         2: (((8, 16), (8, 8)), ((16, 8), (8, 8)), ((8, 8), (8, 8))),
         3: (((4, 4, 8), (4, 4, 4)), ((2, 8, 8), (2, 4, 8)), ((4, 4, 4), (4, 4, 4))),
     }),
     # The dK/dV kernel holds a 64-key box against query boxes of 64 (registers bound both).
-    Op("fna_bwd", "fna_backward", "sm80/fna_backward.cuh",
-       "NaProblem const&, FnaTensors const&, float*, cudaStream_t", tiles={
-           1: (((64,), (64,)),),
-           2: (((8, 8), (8, 8)),),
-           3: (((4, 4, 4), (4, 4, 4)),),
-       }),
+    Op("fna_bwd", "fna_backward", "sm80/fna_backward.cuh", _TILED_BWD_SIG, tiles={
+        1: (((64,), (64,)),),
+        2: (((8, 8), (8, 8)),),
+        3: (((4, 4, 4), (4, 4, 4)),),
+    }),
 )
+
+# The Hopper family's skeleton: its ops decline every problem until kernels exist; one tile pair
+# per rank is enough to carry the generated tables, the binding and the backend.
+_SM90_TILES = {1: (((128,), (128,)),), 2: (((16, 8), (16, 8)),), 3: (((4, 4, 8), (4, 4, 8)),)}
+SM90_OPS = (
+    Op("fna_fwd", "fna_forward", "sm90/fna_forward.cuh", _TILED_FWD_SIG, tiles=_SM90_TILES),
+    Op("fna_bwd", "fna_backward", "sm90/fna_backward.cuh", _TILED_BWD_SIG, tiles=_SM90_TILES),
+)
+
+
+def _sm80_forward_smem(dtype: str, head_dim: int, q_tile: tuple, kv_tile: tuple) -> int:
+    """Shared memory of one SM80 forward CTA in bytes (ForwardSmem in sm80/fna_forward.cuh): the
+    query tile, the key/value stages (fewer as rows grow) and the row table."""
+    row = head_dim * DTYPE_BYTES[dtype]
+    stages = 4 if row <= 64 else 3 if row <= 128 else 2
+    queries = math.prod(q_tile)
+    return (queries + 2 * stages * math.prod(kv_tile)) * row + queries * (1 + 2 * len(q_tile)) * 4
+
+
+def _sm80_fits(family, op, dtype: str, head_dim: int, q_tile: tuple, kv_tile: tuple) -> bool:
+    """Whether an SM80 instantiation fits the registers and shared memory of every GPU of the
+    family.
+    - Head dim 256: the forward with 64-query boxes only (a 128-query box would hold 256 output
+      accumulators per thread); no backward, whose dK/dV kernel would hold 256 accumulators per
+      thread. Problems that need its gradients run on another backend.
+    - The forward's shared memory within the family's limit (float32 at head dim 128 with a
+      128-query box needs 192 KiB)."""
+    if head_dim >= 256 and (op.name != "fna_fwd" or math.prod(q_tile) > 64):
+        return False
+    smem = _sm80_forward_smem(dtype, head_dim, q_tile, kv_tile)
+    return op.name != "fna_fwd" or smem <= family.smem_kib * 1024
 
 
 @dataclass(frozen=True)
 class Family:
+    """A kernel family. A tiled family (one whose ops have tiles: exactly TILED_OPS) plugs into
+    natten through this entry, its folder under cutlass_kernels/ and its backend class in
+    natten/backends/; the generator, setup.py and the binding need nothing else."""
     name: str
     ops: tuple
     ranks: tuple
@@ -89,18 +128,42 @@ class Family:
     archs: tuple = ()  # CUDA targets the family must compile for (the nvcc compile check)
     decl_header: str = ""  # declares the op templates (for the dispatch table)
     cutlass: bool = False  # needs the CUTLASS/CuTe headers of the nvidia-cutlass package
+    backend: str = ""  # the natten backend that runs it
+    # Compute capabilities it runs on: from min_capability on, or only that one when its kernels
+    # use arch-specific instructions (sm_90a: wgmma, TMA).
+    min_capability: tuple = (7, 5)
+    arch_specific: bool = False
+    smem_kib: int = 48  # shared memory per block of the smallest GPU it runs on
+    fits: Optional[Callable] = None  # (family, op, dtype, head dim, q tile, kv tile) -> bool
+
+    @property
+    def tiled(self) -> bool:
+        return any(op.tiles is not None for op in self.ops)
+
+    def targets(self, capabilities) -> list:
+        """Those of the build's compute capabilities ("8.0", "9.0") the family is compiled for."""
+        def runs(capability: str) -> bool:
+            cc = tuple(int(x) for x in capability.split("."))
+            return cc == self.min_capability if self.arch_specific else cc >= self.min_capability
+        return [c for c in capabilities if runs(c)]
 
 
 FAMILIES = (
     Family("cpu", CPU_OPS, (1, 2, 3), ("float32", "float64", "float16", "bfloat16"), False, "natten::cpu",
-           decl_header="cpu/kernels.h"),
+           decl_header="cpu/kernels.h", backend="cpu"),
     # Plain CUDA: every GPU CUDA 13 targets, from Turing (sm_75) on.
     Family("reference", REFERENCE_OPS, (1, 2, 3), ("float32", "float16", "bfloat16", "float64"), True,
-           "natten::reference", archs=("75", "80", "90a"), decl_header="reference/kernels.h"),
+           "natten::reference", archs=("75", "80", "90a"), decl_header="reference/kernels.h",
+           backend="reference"),
     # Tensor cores through CuTe (mma.sync, cp.async): Ampere and every later GPU; float32 on
-    # TF32 tensor cores.
+    # TF32 tensor cores. An A100 offers 163 KiB of shared memory per block.
     Family("sm80", SM80_OPS, (1, 2, 3), ("float16", "bfloat16", "float32"), True, "natten::sm80",
-           head_dims=(32, 64, 128, 256), archs=("80", "90a"), decl_header="sm80/kernels.h", cutlass=True),
+           head_dims=(32, 64, 128, 256), archs=("80", "90a"), decl_header="sm80/kernels.h", cutlass=True,
+           backend="cutlass-fna", min_capability=(8, 0), smem_kib=163, fits=_sm80_fits),
+    # Hopper tensor cores (wgmma, TMA): sm_90a only; 227 KiB of shared memory per block.
+    Family("sm90", SM90_OPS, (1, 2, 3), ("float16", "bfloat16"), True, "natten::sm90",
+           head_dims=(64, 128), archs=("90a",), decl_header="sm90/kernels.h", cutlass=True,
+           backend="hopper-fna", min_capability=(9, 0), arch_specific=True, smem_kib=227),
 )
 
 
@@ -109,37 +172,53 @@ def _dims(box) -> str:
 
 
 @dataclass(frozen=True)
+class Key:
+    """What names one instantiation. The generator carries it by name, field by field, into the
+    manifest's rows (natten/_manifest.py: Key) and into the key of the C++ dispatch tables
+    (kernel_key.h: KernelKey, every field but family and op, which choose the table). A new axis
+    of instantiation (a schedule, a cluster shape) is one field here, with its C++ form in
+    `cpp` ("int", "dtype" or "extents") and its name in lookup errors in `words`; a field a
+    family does not use is None here and 0 in C++."""
+    family: str
+    op: str
+    rank: int = field(metadata={"cpp": "int", "words": "rank"})
+    dtype: str = field(metadata={"cpp": "dtype", "words": "dtype"})
+    head_dim: Optional[int] = field(default=None, metadata={"cpp": "int", "words": "head dim"})
+    q_tile: Optional[tuple] = field(default=None, metadata={"cpp": "extents", "words": "query box"})
+    kv_tile: Optional[tuple] = field(default=None, metadata={"cpp": "extents", "words": "key box"})
+
+
+KEY_FIELDS = tuple(f.name for f in fields(Key))
+TABLE_KEY_FIELDS = tuple(f for f in fields(Key) if "cpp" in f.metadata)
+
+
+@dataclass(frozen=True)
 class Kernel:
+    """One instantiation: its key, and the family and op that key names."""
     family: Family
     op: Op
-    rank: int
-    dtype: str
-    head_dim: Optional[int] = None  # tiled families: the instantiation's (padded) head dim
-    q_tile: Optional[tuple] = None
-    kv_tile: Optional[tuple] = None
+    key: Key
 
     @property
     def name(self) -> str:
+        k = self.key
         tiled = ""
-        if self.head_dim is not None:
-            tiled = f"_hd{self.head_dim}_q{_dims(self.q_tile)}_kv{_dims(self.kv_tile)}"
-        return f"{self.op.name}_{self.rank}d_{DTYPES[self.dtype][0]}{tiled}_{self.family.name}"
+        if k.head_dim is not None:
+            tiled = f"_hd{k.head_dim}_q{_dims(k.q_tile)}_kv{_dims(k.kv_tile)}"
+        return f"{k.op}_{k.rank}d_{DTYPES[k.dtype][0]}{tiled}_{k.family}"
 
     @property
     def template_args(self) -> str:
-        args = [str(self.rank), self.cpp_type]
-        if self.head_dim is not None:
+        k = self.key
+        args = [str(k.rank), self.cpp_type]
+        if k.head_dim is not None:
             box = lambda t: f"Box<{', '.join(map(str, t))}>"  # noqa: E731
-            args += [str(self.head_dim), box(self.q_tile), box(self.kv_tile)]
+            args += [str(k.head_dim), box(k.q_tile), box(k.kv_tile)]
         return ", ".join(args)
 
     @property
     def cpp_type(self) -> str:
-        return DTYPES[self.dtype][2 if self.family.cuda else 1]
-
-    @property
-    def cpp_dtype(self) -> str:
-        return DTYPES[self.dtype][3]
+        return DTYPES[self.key.dtype][2 if self.family.cuda else 1]
 
     @property
     def suffix(self) -> str:
@@ -148,21 +227,25 @@ class Kernel:
     def matches(self, pattern: str) -> bool:
         """pattern: family:dtype:head_dim:rank, each field a glob (head_dim is '*' for the
         families that serve any head dim); missing trailing fields match anything."""
-        fields = (pattern.split(":") + ["*"] * 4)[:4]
-        values = (self.family.name, self.dtype, "*" if self.head_dim is None else str(self.head_dim),
-                  str(self.rank))
+        globs = (pattern.split(":") + ["*"] * 4)[:4]
+        k = self.key
+        values = (k.family, k.dtype, "*" if k.head_dim is None else str(k.head_dim), str(k.rank))
         return all(fnmatch.fnmatch(v, f) or (f in DTYPES and DTYPES[f][0] == v) or
-                   (v in DTYPES and DTYPES[v][0] == f) for v, f in zip(values, fields))
+                   (v in DTYPES and DTYPES[v][0] == f) for v, f in zip(values, globs))
 
 
-def kernels(with_cuda: bool, kernel_filter: str = "", with_cutlass: bool = True) -> list:
+def kernels(with_cuda: bool, kernel_filter: str = "", with_cutlass: bool = True,
+            capabilities: Optional[list] = None) -> list:
     """Instantiations of a build: every CPU kernel, and the CUDA ones the filter admits
     (comma-separated patterns, see Kernel.matches; empty admits all); families that need the
-    CUTLASS headers only `with_cutlass`."""
+    CUTLASS headers only `with_cutlass`; given the build's compute capabilities, only the CUDA
+    families that run on one of them."""
     patterns = [p for p in kernel_filter.split(",") if p.strip()]
     out = []
     for family in FAMILIES:
         if (family.cuda and not with_cuda) or (family.cutlass and not with_cutlass):
+            continue
+        if family.cuda and capabilities is not None and not family.targets(capabilities):
             continue
         for op in family.ops:
             for rank in family.ranks:
@@ -174,28 +257,19 @@ def kernels(with_cuda: bool, kernel_filter: str = "", with_cutlass: bool = True)
     return out
 
 
-def _fits(op: Op, dtype: str, head_dim: int, q_tile: tuple) -> bool:
-    """Whether a tiled instantiation fits every GPU of its family (registers, and shared memory
-    of an A100: 163 KiB per block).
-    - Head dim 256: the forward with 64-query boxes only (a 128-query box would hold 256 output
-      accumulators per thread); no backward, whose dK/dV kernel would hold 256 accumulators per
-      thread. Problems that need its gradients run on another backend.
-    - float32 (4-byte rows): at head dim 128 a 128-query forward box needs 192 KiB; head dim 256
-      does not fit at all."""
-    size = math.prod(q_tile)
-    if head_dim >= 256:
-        return op.name == "fna_fwd" and size <= 64 and dtype != "float32"
-    return not (dtype == "float32" and head_dim >= 128 and size > 64)
-
-
 def _variants(family: Family, op: Op, rank: int, dtype: str):
     if op.tiles is None:
-        yield Kernel(family, op, rank, dtype)
+        yield Kernel(family, op, Key(family.name, op.name, rank, dtype))
         return
     for head_dim in family.head_dims:
         for q_tile, kv_tile in op.tiles[rank]:
-            if _fits(op, dtype, head_dim, q_tile):
-                yield Kernel(family, op, rank, dtype, head_dim, q_tile, kv_tile)
+            if family.fits is None or family.fits(family, op, dtype, head_dim, q_tile, kv_tile):
+                yield Kernel(family, op, Key(family.name, op.name, rank, dtype, head_dim, q_tile, kv_tile))
+
+
+for _family in FAMILIES:
+    if _family.tiled and tuple((op.name, op.signature) for op in _family.ops) != TILED_OPS:
+        raise AssertionError(f"tiled family {_family.name} must have exactly the ops {TILED_OPS}")
 
 
 def cutlass_include() -> Optional[str]:

@@ -1,4 +1,4 @@
-"""Argument validation for every public entry point (SPEC section 4), in one place.
+"""Argument validation for every public entry point (docs/semantics.md, bad input), in one place.
 
 Each check raises before any kernel runs, with a message that names the argument, the value
 it got and the rule it broke. The result is a normalised, hashable description of the problem

@@ -2,7 +2,7 @@
 
 Counts follow fvcore's convention: one multiply-add is one flop, and the softmax is not
 counted (fvcore does not count it for dense attention either). Counts are exact: they
-use the number of (query, key) pairs that SPEC section 1 makes visible, so causal masks,
+use the number of (query, key) pairs that docs/semantics.md makes visible, so causal masks,
 stride and dilation are all accounted for. The window arithmetic itself lives in the
 extension (``natten._C.axis_visible_pairs``); nothing here re-derives it.
 
@@ -73,7 +73,7 @@ def visible_pairs(
 ) -> int:
     """Number of visible (query, key) pairs of one (batch, head) over the whole grid.
 
-    Visibility is a product over axes (SPEC section 1), so this is the product of the
+    Visibility is a product over axes (docs/semantics.md), so this is the product of the
     per-axis counts of ``natten._C.axis_visible_pairs``.
 
     Args:

@@ -1,4 +1,4 @@
-"""Public functional API (SPEC section 3): fused attention, unfused ops, and the original
+"""Public functional API (docs/semantics.md, public API): fused attention, unfused ops, and the original
 heads-first API. Every entry point validates through natten._checks before any kernel runs."""
 
 from __future__ import annotations

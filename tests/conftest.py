@@ -22,7 +22,7 @@ LONG_TESTS = os.environ.get("NATTEN_LONG_TESTS", "0") == "1"
 HAS_CUDA = torch.cuda.is_available()
 
 # ---------------------------------------------------------------------------
-# Tolerances (SPEC section 5)
+# Tolerances (docs/semantics.md, accuracy)
 # ---------------------------------------------------------------------------
 
 _TOL_CPU = {
@@ -45,7 +45,7 @@ TF32_BACKENDS = ("cutlass-fna",)
 def tolerance(dtype, device="cpu", backend=None):
     dev = torch.device(device).type
     if dtype == torch.float32 and backend in TF32_BACKENDS:
-        return _TOL_GPU[torch.float16]  # SPEC: tf32 as float16
+        return _TOL_GPU[torch.float16]  # docs/semantics.md: tf32 as float16
     table = _TOL_CPU if dev == "cpu" else _TOL_GPU
     return table[dtype]
 

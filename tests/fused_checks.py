@@ -158,7 +158,7 @@ def lse_dtype_for(dtype):
 
 
 def maybe_skip_unsupported(device, backend, dtype, fn):
-    """GPU backends may decline dtypes/head dims (SPEC section 4 says explicitly
+    """GPU backends may decline dtypes/head dims (docs/semantics.md, bad input, says explicitly
     requested backends raise ValueError naming the reason). CPU never declines."""
     if device != "cpu" and dtype == torch.float64:
         pytest.skip("float64 is CPU-only")

@@ -1,4 +1,4 @@
-"""Float64 dense-mask evaluation of SPEC section 1, written from the SPEC text only.
+"""Float64 dense-mask evaluation of docs/semantics.md, written from the rules' text only.
 
 Nothing here imports `natten`: the oracle must be independent of the library it judges.
 
@@ -42,7 +42,7 @@ def as_tuple(x, rank):
 
 
 def axis_params(L, k, s, d, c, x):
-    """Window of real coordinate x on one axis, per SPEC section 1.
+    """Window of real coordinate x on one axis, per docs/semantics.md.
 
     Returns (xi, first, last, group_len) in dilation-group coordinates.
     """
@@ -69,7 +69,7 @@ def axis_params(L, k, s, d, c, x):
 def axis_mask(L, k, s, d, c):
     """Bool [L, L]: mask[x, y] is True iff query x sees key y along this axis.
 
-    Written as the literal rules of the SPEC (not via first/last) so that the two
+    Written as the literal rules of docs/semantics.md (not via first/last) so that the two
     formulations check each other in test_oracle.py.
     """
     m = torch.zeros(L, L, dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""SPEC section 4: every bad input raises ValueError (TypeError for wrong types) naming
+"""docs/semantics.md (bad input): every bad input raises ValueError (TypeError for wrong types) naming
 the argument, before any kernel runs."""
 
 import pytest

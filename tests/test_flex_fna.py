@@ -6,7 +6,7 @@ tests check the layout, permutations, mask tables, extra KV, GQA and gradient wi
 mask itself (full / partial / empty blocks, which eager flex ignores) is checked separately
 against the oracle's dense mask, and once through compiled CPU flex, which does use it.
 
-Float32 tolerance is the SPEC's CPU 1e-5: flex's CPU math path accumulates in float32 and lands
+Float32 tolerance is the CPU's 1e-5 (docs/semantics.md): flex's CPU math path accumulates in float32 and lands
 near 1e-7 on these sizes."""
 
 import math
@@ -58,7 +58,7 @@ MASK_CASES = [
 @pytest.mark.parametrize("spec", MASK_CASES, ids=lambda s: "x".join(map(str, s[0])))
 def test_block_mask_matches_oracle(spec):
     """Blocks marked full are fully visible, blocks not listed are fully invisible, and the
-    element mask of partial blocks is the SPEC mask, in the layout's token order."""
+    element mask of partial blocks is the window mask of docs/semantics.md, in the layout's token order."""
     shape, kernel, stride, dilation, causal, extra, q_tile, kv_tile = spec
     problem = _problem(shape, kernel, stride, dilation, causal, extra)
     layout = flex.get_layout(problem, q_tile, kv_tile)

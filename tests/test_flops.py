@@ -1,7 +1,7 @@
-"""FLOP counts of natten.flops against a brute-force count of SPEC section 1.
+"""FLOP counts of natten.flops against a brute-force count of docs/semantics.md.
 
 The oracle here builds the dense visibility mask of a problem directly from the rules of
-SPEC section 1 (written out again below, independently of the library) and counts the
+docs/semantics.md (written out again below, independently of the library) and counts the
 multiply-adds a dense masked attention would need on the visible pairs only.
 """
 
@@ -18,12 +18,12 @@ from natten import flops as nflops  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------
-# Oracle: SPEC section 1, one axis at a time
+# Oracle: docs/semantics.md, one axis at a time
 # ----------------------------------------------------------------------------------------
 
 
 def axis_sees(L, k, s, d, c, x, y):
-    """Does query x see key y along one axis (SPEC section 1, rules 1-3)?"""
+    """Does query x see key y along one axis (docs/semantics.md, steps 1-4)?"""
     if x % d != y % d:
         return False
     xi, yi = x // d, y // d

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/na_params.h"
+#include "kernel_key.h"
 
 namespace natten::binding {
 
@@ -57,14 +58,21 @@ inline void require_dense(c10::DeviceType device, std::initializer_list<at::Tens
 
 inline void* ptr(std::optional<at::Tensor> const& t) { return t ? t->data_ptr() : nullptr; }
 
-// Entry of a generated dispatch table (rank, dtype) -> function; tables end in a null entry.
-template <typename Entry>
-auto find_kernel(Entry const* table, int rank, DType dtype, char const* what) {
+// The function of a generated dispatch table (tables end in a null entry) for a key; a miss
+// names the family, the op and the key in words.
+template <typename Fn>
+Fn* find_kernel(KernelEntry<Fn> const* table, KernelKey const& key, char const* what) {
   for (; table->fn != nullptr; ++table) {
-    if (table->rank == rank && table->dtype == dtype) return table->fn;
+    if (same_key(table->key, key)) return table->fn;
   }
-  TORCH_CHECK(false, "natten: this build has no ", what, " kernel for rank ", rank,
-              " and dtype ", static_cast<int>(dtype), " (see NATTEN_KERNEL_FILTER)");
+  TORCH_CHECK(false, "natten: this build has no ", what, " kernel for ", describe(key),
+              " (see NATTEN_KERNEL_FILTER)");
+}
+
+// Families without tiles: their key is the rank and the dtype.
+template <typename Fn>
+Fn* find_kernel(KernelEntry<Fn> const* table, int rank, DType dtype, char const* what) {
+  return find_kernel(table, KernelKey{rank, dtype}, what);
 }
 
 // Problem and pointers of a fused call; the backward adds its gradients to the result.
@@ -100,56 +108,25 @@ inline void add_gradients(FnaTensors& t, at::Tensor const& d_out,
   t.d_extra_v = ptr(d_extra_v);
 }
 
-// Problems and pointers of the unfused ops. attn [B,*S,H,K] plays the query's role in av's
-// problem shape (its last dim is not D).
-inline std::pair<NaProblem, NaUnfusedTensors> qk_call(at::Tensor const& q, at::Tensor const& k,
-                                                      std::optional<at::Tensor> const& rpb,
-                                                      at::Tensor const& attn, Window const& w) {
+// Problems of the unfused ops with their operands' pointers; each entry point adds its outputs
+// (and the gradients it reads). attn [B,*S,H,K] plays the query's role in av's problem shape
+// (its last dim is not D).
+inline std::pair<NaProblem, NaUnfusedTensors> qk_operands(at::Tensor const& q, at::Tensor const& k,
+                                                          Window const& w) {
   NaUnfusedTensors t;
   t.q = q.data_ptr();
   t.k = k.data_ptr();
-  t.rpb = ptr(rpb);
-  t.out = attn.data_ptr();
   return {make_problem(q, k, k.size(-1), w), t};
 }
 
-inline std::pair<NaProblem, NaUnfusedTensors> qk_backward_call(
-    at::Tensor const& d_attn, at::Tensor const& q, at::Tensor const& k, at::Tensor const& d_q,
-    at::Tensor const& d_k, Window const& w) {
-  NaUnfusedTensors t;
-  t.d_out = d_attn.data_ptr();
-  t.q = q.data_ptr();
-  t.k = k.data_ptr();
-  t.d_q = d_q.data_ptr();
-  t.d_k = d_k.data_ptr();
-  return {make_problem(q, k, k.size(-1), w), t};
-}
-
-inline NaProblem av_problem(at::Tensor const& attn, at::Tensor const& v, Window const& w) {
+inline std::pair<NaProblem, NaUnfusedTensors> av_operands(at::Tensor const& attn, at::Tensor const& v,
+                                                          Window const& w) {
   NaProblem p = make_problem(attn, v, v.size(-1), w);
   p.dim = v.size(-1);
-  return p;
-}
-
-inline std::pair<NaProblem, NaUnfusedTensors> av_call(at::Tensor const& attn, at::Tensor const& v,
-                                                      at::Tensor const& out, Window const& w) {
   NaUnfusedTensors t;
   t.attn = attn.data_ptr();
   t.v = v.data_ptr();
-  t.out = out.data_ptr();
-  return {av_problem(attn, v, w), t};
-}
-
-inline std::pair<NaProblem, NaUnfusedTensors> av_backward_call(
-    at::Tensor const& d_out, at::Tensor const& attn, at::Tensor const& v, at::Tensor const& d_attn,
-    at::Tensor const& d_v, Window const& w) {
-  NaUnfusedTensors t;
-  t.d_out = d_out.data_ptr();
-  t.attn = attn.data_ptr();
-  t.v = v.data_ptr();
-  t.d_attn = d_attn.data_ptr();
-  t.d_v = d_v.data_ptr();
-  return {av_problem(attn, v, w), t};
+  return {p, t};
 }
 
 // CUDA functions of the module, defined in cuda_binding.cpp when built with CUDA.

@@ -1,14 +1,15 @@
 // The CUDA entry points of natten._C (built only with CUDA): tensors to NaProblem + raw
-// pointers on the current stream, then the generated dispatch table of the kernel family.
+// pointers on the current stream, then a generated dispatch table. The reference family has its
+// own entry points; every tiled family (generated tiled_families.h) shares one pair, whose
+// kernel the backend looks up once per plan (find_tiled_kernel).
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <string>
+
 #include "binding/binding_common.h"
 #include "dispatch_reference.h"
-#if __has_include("dispatch_sm80.h")
-#define NATTEN_WITH_SM80
-#include "dispatch_sm80.h"
-#endif
+#include "tiled_families.h"
 
 namespace natten::binding {
 namespace {
@@ -20,6 +21,73 @@ cudaStream_t stream_of(at::Tensor const& t) {
 // Scratch buffers of the reference kernels hold their accumulation type (reference::Acc).
 at::ScalarType accumulation_type(at::Tensor const& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+using TiledForward = void(NaProblem const&, FnaTensors const&, cudaStream_t);
+using TiledBackward = void(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
+
+// One instantiation of a tiled family, found by key: the forward or the backward kernel.
+struct TiledKernel {
+  TiledForward* forward = nullptr;
+  TiledBackward* backward = nullptr;
+  size_t (*backward_workspace_floats)(NaProblem const&) = nullptr;
+  KernelKey key{};
+  std::string name;  // "sm80 fna_fwd", for errors
+};
+
+TiledKernel find_tiled_kernel(std::string const& family, std::string const& op,
+                              pybind11::dict const& key_fields) {
+  for (auto const* f = dispatch::tiled_families; f->name != nullptr; ++f) {
+    if (family != f->name) continue;
+    TiledKernel k;
+    k.key = key_from_python(key_fields);
+    k.name = family + " " + op;
+    k.backward_workspace_floats = f->backward_workspace_floats;
+    if (op == "fna_fwd") {
+      k.forward = find_kernel(f->fna_fwd, k.key, k.name.c_str());
+    } else {
+      TORCH_CHECK(op == "fna_bwd", "natten: tiled families have no op ", op);
+      k.backward = find_kernel(f->fna_bwd, k.key, k.name.c_str());
+    }
+    return k;
+  }
+  TORCH_CHECK(false, "natten: this build has no tiled kernel family ", family);
+}
+
+// The kernel serves the tensors' rank and dtype: a key from a stale manifest fails here, never
+// in a kernel.
+void check_key(TiledKernel const& kernel, NaProblem const& p, at::Tensor const& q) {
+  TORCH_CHECK(kernel.key.rank == p.rank && kernel.key.dtype == dtype_of(q), "natten: ",
+              kernel.name, " kernel for ", describe(kernel.key), " called with rank ", p.rank,
+              " and ", dtype_name(dtype_of(q)));
+}
+
+void tiled_fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
+                       std::optional<at::Tensor> extra_v, Window const& w, double scale,
+                       TiledKernel const& kernel, at::Tensor out, at::Tensor lse) {
+  require_dense(c10::kCUDA, {&q, &k, &v, &out, &lse});
+  TORCH_CHECK(kernel.forward != nullptr, "natten: ", kernel.name, " is not a forward kernel");
+  c10::cuda::CUDAGuard guard(q.device());
+  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
+  check_key(kernel, p, q);
+  kernel.forward(p, t, stream_of(q));
+}
+
+void tiled_fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
+                        std::optional<at::Tensor> extra_v, at::Tensor out, at::Tensor lse,
+                        at::Tensor d_out, std::optional<at::Tensor> d_lse, Window const& w,
+                        double scale, TiledKernel const& kernel, at::Tensor d_q, at::Tensor d_k,
+                        at::Tensor d_v, std::optional<at::Tensor> d_extra_k,
+                        std::optional<at::Tensor> d_extra_v) {
+  require_dense(c10::kCUDA, {&q, &k, &v, &out, &lse, &d_out, &d_q, &d_k, &d_v});
+  TORCH_CHECK(kernel.backward != nullptr, "natten: ", kernel.name, " is not a backward kernel");
+  c10::cuda::CUDAGuard guard(q.device());
+  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
+  check_key(kernel, p, q);
+  add_gradients(t, d_out, d_lse, d_q, d_k, d_v, d_extra_k, d_extra_v);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(kernel.backward_workspace_floats(p))},
+                                   q.options().dtype(at::kFloat));
+  kernel.backward(p, t, workspace.data_ptr<float>(), stream_of(q));
 }
 
 void fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
@@ -51,7 +119,9 @@ void na_qk_forward(at::Tensor q, at::Tensor k, std::optional<at::Tensor> rpb, Wi
                    at::Tensor attn) {
   require_dense(c10::kCUDA, {&q, &k, &attn});
   c10::cuda::CUDAGuard guard(q.device());
-  auto const [p, t] = qk_call(q, k, rpb, attn, w);
+  auto [p, t] = qk_operands(q, k, w);
+  t.rpb = ptr(rpb);
+  t.out = attn.data_ptr();
   find_kernel(reference::dispatch::na_qk_fwd, p.rank, dtype_of(q), "reference qk")(p, t,
                                                                                   stream_of(q));
 }
@@ -60,7 +130,10 @@ void na_qk_backward(at::Tensor d_attn, at::Tensor q, at::Tensor k, Window const&
                     at::Tensor d_q, at::Tensor d_k, std::optional<at::Tensor> d_rpb) {
   require_dense(c10::kCUDA, {&d_attn, &q, &k, &d_q, &d_k});
   c10::cuda::CUDAGuard guard(q.device());
-  auto const [p, t] = qk_backward_call(d_attn, q, k, d_q, d_k, w);
+  auto [p, t] = qk_operands(q, k, w);
+  t.d_out = d_attn.data_ptr();
+  t.d_q = d_q.data_ptr();
+  t.d_k = d_k.data_ptr();
   // The bias gradient sums over batch and tokens: accumulate in the accumulation type, then
   // convert.
   std::optional<at::Tensor> accum;
@@ -73,7 +146,8 @@ void na_qk_backward(at::Tensor d_attn, at::Tensor q, at::Tensor k, Window const&
 void na_av_forward(at::Tensor attn, at::Tensor v, Window const& w, at::Tensor out) {
   require_dense(c10::kCUDA, {&attn, &v, &out});
   c10::cuda::CUDAGuard guard(v.device());
-  auto const [p, t] = av_call(attn, v, out, w);
+  auto [p, t] = av_operands(attn, v, w);
+  t.out = out.data_ptr();
   find_kernel(reference::dispatch::na_av_fwd, p.rank, dtype_of(v), "reference av")(p, t,
                                                                                   stream_of(v));
 }
@@ -82,70 +156,25 @@ void na_av_backward(at::Tensor d_out, at::Tensor attn, at::Tensor v, Window cons
                     at::Tensor d_attn, at::Tensor d_v) {
   require_dense(c10::kCUDA, {&d_out, &attn, &v, &d_attn, &d_v});
   c10::cuda::CUDAGuard guard(v.device());
-  auto const [p, t] = av_backward_call(d_out, attn, v, d_attn, d_v, w);
+  auto [p, t] = av_operands(attn, v, w);
+  t.d_out = d_out.data_ptr();
+  t.d_attn = d_attn.data_ptr();
+  t.d_v = d_v.data_ptr();
   find_kernel(reference::dispatch::na_av_bwd, p.rank, dtype_of(v), "reference av backward")(
       p, t, stream_of(v));
 }
 
-#ifdef NATTEN_WITH_SM80
-// Tiled families: (rank, dtype, head dim, query box, key box) -> function.
-template <typename Entry>
-auto find_tiled_kernel(Entry const* table, NaProblem const& p, DType dtype, int64_t head_dim,
-                       std::vector<int64_t> const& q_tile, std::vector<int64_t> const& kv_tile,
-                       char const* what) {
-  auto same = [&](int const* box, std::vector<int64_t> const& want) {
-    for (int a = 0; a < 3; ++a) {
-      if (box[a] != (a < p.rank ? want.at(a) : 1)) return false;
-    }
-    return true;
-  };
-  for (; table->fn != nullptr; ++table) {
-    if (table->rank == p.rank && table->dtype == dtype && table->head_dim == head_dim &&
-        same(table->q_tile, q_tile) && same(table->kv_tile, kv_tile)) {
-      return table->fn;
-    }
-  }
-  TORCH_CHECK(false, "natten: this build has no ", what, " kernel for rank ", p.rank, ", dtype ",
-              static_cast<int>(dtype), ", head dim ", head_dim, " and these tile shapes");
-}
-
-void sm80_fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
-                      std::optional<at::Tensor> extra_v, Window const& w, double scale,
-                      int64_t head_dim, std::vector<int64_t> q_tile, std::vector<int64_t> kv_tile,
-                      at::Tensor out, at::Tensor lse) {
-  require_dense(c10::kCUDA, {&q, &k, &v, &out, &lse});
-  c10::cuda::CUDAGuard guard(q.device());
-  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
-  auto fn = find_tiled_kernel(sm80::dispatch::fna_fwd, p, dtype_of(q), head_dim, q_tile, kv_tile,
-                              "sm80 forward");
-  fn(p, t, stream_of(q));
-}
-
-void sm80_fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> extra_k,
-                       std::optional<at::Tensor> extra_v, at::Tensor out, at::Tensor lse,
-                       at::Tensor d_out, std::optional<at::Tensor> d_lse, Window const& w,
-                       double scale, int64_t head_dim, std::vector<int64_t> q_tile,
-                       std::vector<int64_t> kv_tile, at::Tensor d_q, at::Tensor d_k, at::Tensor d_v,
-                       std::optional<at::Tensor> d_extra_k, std::optional<at::Tensor> d_extra_v) {
-  require_dense(c10::kCUDA, {&q, &k, &v, &out, &lse, &d_out, &d_q, &d_k, &d_v});
-  c10::cuda::CUDAGuard guard(q.device());
-  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
-  add_gradients(t, d_out, d_lse, d_q, d_k, d_v, d_extra_k, d_extra_v);
-  at::Tensor workspace = at::empty({static_cast<int64_t>(sm80::fna_backward_workspace_floats(p))},
-                                   q.options().dtype(at::kFloat));
-  auto fn = find_tiled_kernel(sm80::dispatch::fna_bwd, p, dtype_of(q), head_dim, q_tile, kv_tile,
-                              "sm80 backward");
-  fn(p, t, workspace.data_ptr<float>(), stream_of(q));
-}
-#endif
-
 }  // namespace
 
 void register_cuda(pybind11::module_& m) {
-#ifdef NATTEN_WITH_SM80
-  m.def("sm80_fna_forward", &sm80_fna_forward);
-  m.def("sm80_fna_backward", &sm80_fna_backward);
-#endif
+  namespace py = pybind11;
+  py::class_<TiledKernel>(m, "TiledKernel")
+      .def_readonly("name", &TiledKernel::name)
+      .def("__repr__", [](TiledKernel const& k) { return k.name + " kernel for " + describe(k.key); });
+  m.def("find_tiled_kernel", &find_tiled_kernel, py::arg("family"), py::arg("op"), py::arg("key"),
+        "The kernel of a tiled family for a manifest key's fields (a miss names the key in words)");
+  m.def("tiled_fna_forward", &tiled_fna_forward);
+  m.def("tiled_fna_backward", &tiled_fna_backward);
   m.def("reference_fna_forward", &fna_forward);
   m.def("reference_fna_backward", &fna_backward);
   m.def("reference_na_qk_forward", &na_qk_forward);

@@ -3,7 +3,9 @@
 // tensors into NaProblem + raw pointers and calls the generated dispatch table.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "binding/binding_common.h"
 #include "common/na_window.h"
@@ -102,14 +104,19 @@ void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Te
 void na_qk_forward(at::Tensor q, at::Tensor k, std::optional<at::Tensor> rpb, Window const& w,
                    at::Tensor attn) {
   require_dense(c10::kCPU, {&q, &k, &attn});
-  auto const [p, t] = qk_call(q, k, rpb, attn, w);
+  auto [p, t] = qk_operands(q, k, w);
+  t.rpb = ptr(rpb);
+  t.out = attn.data_ptr();
   find_kernel(cpu::dispatch::na_qk_fwd, p.rank, dtype_of(q), "cpu qk")(p, t, TorchHostServices{});
 }
 
 void na_qk_backward(at::Tensor d_attn, at::Tensor q, at::Tensor k, Window const& w,
                     at::Tensor d_q, at::Tensor d_k, std::optional<at::Tensor> d_rpb) {
   require_dense(c10::kCPU, {&d_attn, &q, &k, &d_q, &d_k});
-  auto [p, t] = qk_backward_call(d_attn, q, k, d_q, d_k, w);
+  auto [p, t] = qk_operands(q, k, w);
+  t.d_out = d_attn.data_ptr();
+  t.d_q = d_q.data_ptr();
+  t.d_k = d_k.data_ptr();
   t.d_rpb = ptr(d_rpb);
   find_kernel(cpu::dispatch::na_qk_bwd, p.rank, dtype_of(q), "cpu qk backward")(
       p, t, TorchHostServices{});
@@ -117,14 +124,18 @@ void na_qk_backward(at::Tensor d_attn, at::Tensor q, at::Tensor k, Window const&
 
 void na_av_forward(at::Tensor attn, at::Tensor v, Window const& w, at::Tensor out) {
   require_dense(c10::kCPU, {&attn, &v, &out});
-  auto const [p, t] = av_call(attn, v, out, w);
+  auto [p, t] = av_operands(attn, v, w);
+  t.out = out.data_ptr();
   find_kernel(cpu::dispatch::na_av_fwd, p.rank, dtype_of(v), "cpu av")(p, t, TorchHostServices{});
 }
 
 void na_av_backward(at::Tensor d_out, at::Tensor attn, at::Tensor v, Window const& w,
                     at::Tensor d_attn, at::Tensor d_v) {
   require_dense(c10::kCPU, {&d_out, &attn, &v, &d_attn, &d_v});
-  auto const [p, t] = av_backward_call(d_out, attn, v, d_attn, d_v, w);
+  auto [p, t] = av_operands(attn, v, w);
+  t.d_out = d_out.data_ptr();
+  t.d_attn = d_attn.data_ptr();
+  t.d_v = d_v.data_ptr();
   find_kernel(cpu::dispatch::na_av_bwd, p.rank, dtype_of(v), "cpu av backward")(
       p, t, TorchHostServices{});
 }
@@ -135,6 +146,24 @@ std::tuple<int64_t, int64_t, int64_t> axis_window_at(int64_t extent, int64_t ker
   AxisSpec const a{extent, kernel, stride, dilation, causal};
   AxisWindow const w = axis_window(a, group_length(a, x % dilation), x / dilation);
   return {w.start, w.first, w.last};
+}
+
+// Per query tile of `tile` coordinates, dilation group by group: the keys the tile reaches and
+// those all its queries see (common/na_window.h: tile_key_range), as
+// (first, last, full_first, full_last) in group coordinates.
+std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> tile_key_ranges(
+    int64_t extent, int64_t kernel, int64_t stride, int64_t dilation, bool causal, int64_t tile) {
+  AxisSpec const a{extent, kernel, stride, dilation, causal};
+  TORCH_CHECK(axis_is_valid(a) && tile >= 1, "natten: invalid axis or tile");
+  std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> ranges;
+  for (int64_t r = 0; r < dilation; ++r) {
+    int64_t const length = group_length(a, r);
+    for (int64_t x = 0; x < length; x += tile) {
+      TileKeyRange const k = tile_key_range(a, length, x, std::min(x + tile, length) - 1);
+      ranges.emplace_back(k.first, k.last, k.full_first, k.full_last);
+    }
+  }
+  return ranges;
 }
 
 int64_t visible_pairs(int64_t extent, int64_t kernel, int64_t stride, int64_t dilation,
@@ -161,6 +190,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("axis_window", &axis_window_at, py::arg("extent"), py::arg("kernel"), py::arg("stride"),
         py::arg("dilation"), py::arg("causal"), py::arg("x"),
         "(start, first, last) of the window of coordinate x, in dilation-group coordinates");
+  m.def("tile_key_ranges", &tile_key_ranges, py::arg("extent"), py::arg("kernel"),
+        py::arg("stride"), py::arg("dilation"), py::arg("causal"), py::arg("tile"),
+        "(first, last, full_first, full_last) keys of every query tile, dilation group by group");
   m.def("axis_visible_pairs", &visible_pairs, py::arg("extent"), py::arg("kernel"),
         py::arg("stride"), py::arg("dilation"), py::arg("causal"),
         "visible (query, key) pairs along one axis, summed over its queries");

@@ -1,4 +1,4 @@
-// Neighbourhood arithmetic of SPEC section 1, per axis.
+// Neighbourhood arithmetic of docs/semantics.md, per axis.
 //
 // The single definition of which keys a query sees. CPU kernels, every GPU family and the
 // test suite (through the extension's `window` helper) all call these functions, so the
@@ -48,8 +48,8 @@ struct BasicAxisWindow {
 };
 using AxisWindow = BasicAxisWindow<int64_t>;
 
-// SPEC's constraints on one axis. natten/_checks.py enforces them before any kernel runs; GPU
-// entry points re-check them as their own contract.
+// The constraints on one axis (docs/semantics.md). natten/_checks.py enforces them before any
+// kernel runs; GPU entry points re-check them as their own contract.
 NA_HOST_DEVICE bool axis_is_valid(AxisSpec const& a) {
   return a.extent >= 1 && a.kernel >= 1 && a.dilation >= 1 && a.stride >= 1 &&
          a.stride <= a.kernel && a.kernel * a.dilation <= a.extent;
@@ -91,13 +91,28 @@ NA_HOST_DEVICE BasicAxisWindow<I> axis_window(BasicAxisSpec<I> const& a, Same<I>
   return {centre - left, centre - left, centre + right};
 }
 
-// Union of the windows of queries xi in [x_begin, x_end) (non-empty), as [first, last].
-// Both window bounds are non-decreasing in xi and consecutive windows overlap or touch
-// (stride <= kernel), so the union is one contiguous range spanned by the two end queries.
-NA_HOST_DEVICE void tile_key_range(AxisSpec const& a, int64_t group_len, int64_t x_begin,
-                                   int64_t x_end, int64_t* first, int64_t* last) {
-  *first = axis_window(a, group_len, x_begin).first;
-  *last = axis_window(a, group_len, x_end - 1).last;
+// The keys a tile of queries xi in [x_first, x_last] (non-empty) reaches along one axis: the
+// union of their windows, [first, last], and the keys every one of them sees, [full_first,
+// full_last] (empty when full_first > full_last). Both window bounds are non-decreasing in xi and
+// consecutive windows overlap or touch (stride <= kernel), so the union is one contiguous range
+// spanned by the two end queries, and so is the intersection. The one definition of a query
+// tile's key range: the CPU tiles, the walks of the tiled GPU families, and (through the
+// extension's `tile_key_ranges`) the flex backend's block mask and the tile cost rules.
+template <class I>
+struct BasicTileKeyRange {
+  I first;
+  I last;
+  I full_first;
+  I full_last;
+};
+using TileKeyRange = BasicTileKeyRange<int64_t>;
+
+template <class I>
+NA_HOST_DEVICE BasicTileKeyRange<I> tile_key_range(BasicAxisSpec<I> const& a, Same<I> group_len,
+                                                   Same<I> x_first, Same<I> x_last) {
+  BasicAxisWindow<I> const w0 = axis_window(a, group_len, x_first);
+  BasicAxisWindow<I> const w1 = axis_window(a, group_len, x_last);
+  return {w0.first, w1.last, w1.first, w0.last};
 }
 
 // Queries of one dilation group that see key `yi`, as group coordinates [first, last]

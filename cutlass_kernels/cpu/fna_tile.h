@@ -81,9 +81,9 @@ struct TileView {
     for (int a = 0; a < Rank; ++a) {
       AxisSpec const& ax = grid.axis(a);
       q_extent[a] = t[a].q_end - t[a].q_begin;
-      int64_t last = 0;
-      tile_key_range(ax, t[a].group_len, t[a].q_begin, t[a].q_end, &k_first[a], &last);
-      k_extent[a] = last - k_first[a] + 1;
+      TileKeyRange const keys = tile_key_range(ax, t[a].group_len, t[a].q_begin, t[a].q_end - 1);
+      k_first[a] = keys.first;
+      k_extent[a] = keys.last - keys.first + 1;
       lo[a].resize(q_extent[a]);
       hi[a].resize(q_extent[a]);
       for (int64_t i = 0; i < q_extent[a]; ++i) {

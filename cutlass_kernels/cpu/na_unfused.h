@@ -1,5 +1,5 @@
 // Unfused neighbourhood attention on the CPU: attn = q.k (+ rpb) over each query's window,
-// out = attn.v, and the gradients of both (SPEC section 1; layouts in na_params.h).
+// out = attn.v, and the gradients of both (docs/semantics.md; layouts in na_params.h).
 //
 // All four ops walk a query's window through one enumeration (WindowTable), so they cannot
 // disagree on which key, which bias entry or which visibility an offset stands for.

@@ -1,5 +1,5 @@
 // Unfused neighbourhood attention, reference CUDA kernels: attn = q.k (+ rpb) over each
-// query's window, out = attn.v, and the gradients of both (SPEC section 1; layouts in
+// query's window, out = attn.v, and the gradients of both (docs/semantics.md; layouts in
 // na_params.h; same window-offset convention as the CPU backend: offset i along an axis
 // stands for key group coordinate window.start + i, visible when inside [first, last]).
 //

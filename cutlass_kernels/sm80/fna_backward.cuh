@@ -492,9 +492,7 @@ void fna_backward(NaProblem const& problem, FnaTensors const& t, float* workspac
   constexpr int kCut = DkDvCut<QBox, DkDvTraits>::type::kSize;
   static_assert(kCut % DkDvTraits::kAtomK == 0, "query cut must be whole MMA K slices");
 
-  int const q_box[3] = {QBox::extent(0), QBox::extent(1), QBox::extent(2)};
-  int const kv_box[3] = {KVBox::extent(0), KVBox::extent(1), KVBox::extent(2)};
-  Params<Rank> p = make_params<Rank>(problem, t, HeadDim, q_box, kv_box, "fna_backward");
+  Params<Rank> p = make_box_params<Rank, QBox, KVBox>(problem, t, HeadDim, "sm80 fna_backward");
   if (p.batch == 0 || p.heads == 0 || p.tokens == 0) return;
   if (p.num_extra > 0 && (t.d_extra_k == nullptr || t.d_extra_v == nullptr)) {
     throw std::invalid_argument("natten sm80 fna_backward: additional keys need their gradients");

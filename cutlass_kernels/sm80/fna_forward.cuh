@@ -188,9 +188,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kH
 template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
 void fna_forward(NaProblem const& problem, FnaTensors const& t, cudaStream_t stream) {
   using Traits = MmaTraits<T, HeadDim, 4>;
-  int const q_box[3] = {QBox::extent(0), QBox::extent(1), QBox::extent(2)};
-  int const kv_box[3] = {KVBox::extent(0), KVBox::extent(1), KVBox::extent(2)};
-  Params<Rank> const p = make_params<Rank>(problem, t, HeadDim, q_box, kv_box, "fna_forward");
+  Params<Rank> const p = make_box_params<Rank, QBox, KVBox>(problem, t, HeadDim, "sm80 fna_forward");
   if (p.batch == 0 || p.heads == 0 || p.tokens == 0) return;
   int64_t q_tiles = 1;
   for (int a = 0; a < Rank; ++a) q_tiles *= int64_t(p.axis[a].q_tiles) * p.axis[a].spec.dilation;

@@ -18,7 +18,7 @@
 #include <cstddef>
 
 #include "common/na_params.h"
-#include "sm80/params.h"
+#include "common/tile_params.h"
 
 namespace natten::sm80 {
 

@@ -5,7 +5,7 @@
 #pragma once
 
 #include "sm80/mma.cuh"
-#include "sm80/tile_geometry.cuh"
+#include "common/tile_geometry.cuh"
 
 namespace natten::sm80 {
 

@@ -1,7 +1,9 @@
-"""Backends by name, and the choice of one for a problem (SPEC section 3)."""
+"""Backends by name, and the choice of one for a problem."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Dict, List, Optional, Tuple
 
 from natten._checks import FusedProblem
@@ -10,14 +12,25 @@ from natten.backends.base import Backend, Tile
 from natten.backends.cpu import CpuBackend
 from natten.backends.flex import FlexBackend
 from natten.backends.reference import ReferenceBackend
-from natten.backends.sm80 import Sm80Backend
+from natten.backends.tiled import TiledBackend
+
+
+def _tiled_backends() -> List[Backend]:
+    """The backend of every tiled kernel family: the TiledBackend subclasses that this package's
+    modules define (a family adds its module, nothing here), the newest architecture first
+    (family names are architectures: sm90 before sm80)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    families = [c for c in TiledBackend.__subclasses__() if c.family]
+    return [c() for c in sorted(families, key=lambda c: c.family, reverse=True)]
+
 
 # Preference order for backend=None: the first available one that supports the problem. On
 # GPUs the fused tensor-core kernels come first; the tiled FlexAttention backend (float32,
 # odd head dims) outruns the one-warp-per-query reference kernels.
-_BACKENDS: Dict[str, Backend] = {b.name: b for b in (CpuBackend(), Sm80Backend(), FlexBackend(),
+_BACKENDS: Dict[str, Backend] = {b.name: b for b in (CpuBackend(), *_tiled_backends(), FlexBackend(),
                                                      ReferenceBackend())}
-KNOWN_BACKENDS = ("cpu", "reference", "cutlass-fna", "hopper-fna", "flex-fna")
+KNOWN_BACKENDS = tuple(_BACKENDS)
 
 
 @memoize

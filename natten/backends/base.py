@@ -44,13 +44,13 @@ def tf32_allowed() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-                torch.bfloat16: "bfloat16"}
+DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+               torch.bfloat16: "bfloat16"}
 
 
 def manifest_rows() -> Optional[tuple]:
-    """The generated manifest's rows (family, op, rank, dtype, head dim, query box, key box), or
-    None when natten._C is not built."""
+    """The generated manifest's rows (natten._manifest.Key: family, op, rank, dtype, head dim,
+    query box, key box), or None when natten._C is not built."""
     try:
         from natten._manifest import INSTANTIATIONS
     except ImportError:
@@ -58,9 +58,19 @@ def manifest_rows() -> Optional[tuple]:
     return INSTANTIATIONS
 
 
+def manifest_archs() -> dict:
+    """CUDA family -> the compute capabilities the build compiled it for ({} without CUDA)."""
+    try:
+        from natten._manifest import ARCHS
+    except ImportError:
+        return {}
+    return ARCHS
+
+
 # (family, op, rank, dtype) of every instantiation, gathered once: a set built per call took
 # longer than a small kernel runs.
-_PRESENT = None if manifest_rows() is None else frozenset(row[:4] for row in manifest_rows())
+_PRESENT = None if manifest_rows() is None else frozenset(
+    (row.family, row.op, row.rank, row.dtype) for row in manifest_rows())
 
 
 def missing_kernels(family: str, ops, rank: int, dtype: torch.dtype) -> Optional[str]:
@@ -68,7 +78,7 @@ def missing_kernels(family: str, ops, rank: int, dtype: torch.dtype) -> Optional
     lists exactly what natten._C was compiled with), or None when all are there."""
     if _PRESENT is None:
         return "natten._C is not built"
-    name = _DTYPE_NAMES[dtype]
+    name = DTYPE_NAMES[dtype]
     absent = [op for op in ops if (family, op, rank, name) not in _PRESENT]
     if absent:
         return (f"this build has no {family} kernels {', '.join(absent)} for rank {rank} and "

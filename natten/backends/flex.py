@@ -676,17 +676,13 @@ def _axis_block_pairs(extent: int, kernel: int, stride: int, dilation: int, caus
     intervals whose bounds grow with the query, so a tile's union of windows runs from its
     first query's first key to its last query's last key, and their intersection the other
     way round."""
-    window = _axis_window()
+    from natten import _C
+
     visible = full = 0
-    for r in range(dilation):
-        group = len(range(r, extent, dilation))
-        for i in range(math.ceil(group / tile)):
-            x0, x1 = i * tile, min((i + 1) * tile, group) - 1
-            _, lo, all_hi = window(extent, kernel, stride, dilation, causal, x0 * dilation + r)
-            _, all_lo, hi = window(extent, kernel, stride, dilation, causal, x1 * dilation + r)
-            # key tiles meeting [lo, hi]; key tiles inside [all_lo, all_hi] and the group
-            visible += hi // tile - lo // tile + 1
-            full += max(0, (all_hi + 1) // tile - (all_lo + tile - 1) // tile)
+    for lo, hi, all_lo, all_hi in _C.tile_key_ranges(extent, kernel, stride, dilation, causal, tile):
+        # key tiles meeting [lo, hi]; key tiles inside [all_lo, all_hi] and the group
+        visible += hi // tile - lo // tile + 1
+        full += max(0, (all_hi + 1) // tile - (all_lo + tile - 1) // tile)
     return visible, full
 
 

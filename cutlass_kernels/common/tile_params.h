@@ -1,5 +1,6 @@
-// Problem parameters of the SM80 fused kernels, built on the host from NaProblem and passed to
-// every kernel by value. Torch-free and CuTe-free so that host code can include it.
+// Problem parameters of the tiled (tensor-core) families, built on the host from NaProblem and
+// passed to every kernel by value: per axis the 32-bit window spec and the tile counts of each
+// dilation group. Torch-free and CuTe-free so that host code can include it.
 #pragma once
 
 #include <cstdint>
@@ -8,7 +9,7 @@
 
 #include "common/na_params.h"
 
-namespace natten::sm80 {
+namespace natten {
 
 // Query/key tile shapes are boxes of the token grid with compile-time extents; tokens of a box
 // are numbered row-major (the last axis varies fastest), like the grid itself.
@@ -60,14 +61,15 @@ struct Params {
   void* d_extra_v;
 };
 
-// Validates what these kernels need beyond the generic checks and fills the parameters.
+// Validates what tiled kernels need beyond the generic checks and fills the parameters.
 // `head_dim` is the instantiation's head dim: D and Dv may be smaller (zero-padded in shared
-// memory) when they are multiples of 8 (rows are moved in 16-byte pieces).
+// memory) when they are multiples of 8 (rows are moved in 16-byte pieces). `what` names the
+// family and op in error messages ("sm80 fna_forward").
 template <int Rank>
 Params<Rank> make_params(NaProblem const& p, FnaTensors const& t, int head_dim,
-                         int const* q_box, int const* kv_box, char const* op) {
-  auto fail = [&](std::string const& what) {
-    throw std::invalid_argument(std::string("natten sm80 ") + op + ": " + what);
+                         int const* q_box, int const* kv_box, char const* what) {
+  auto fail = [&](std::string const& why) {
+    throw std::invalid_argument(std::string("natten ") + what + ": " + why);
   };
   if (p.rank != Rank) fail("problem rank " + std::to_string(p.rank) + " != kernel rank");
   if (p.heads_kv <= 0 || p.heads % p.heads_kv != 0) fail("heads not a multiple of heads_kv");
@@ -118,4 +120,13 @@ Params<Rank> make_params(NaProblem const& p, FnaTensors const& t, int head_dim,
   return P;
 }
 
-}  // namespace natten::sm80
+// make_params for an instantiation's compile-time boxes.
+template <int Rank, class QBox, class KVBox>
+Params<Rank> make_box_params(NaProblem const& p, FnaTensors const& t, int head_dim,
+                             char const* what) {
+  int const q_box[3] = {QBox::extent(0), QBox::extent(1), QBox::extent(2)};
+  int const kv_box[3] = {KVBox::extent(0), KVBox::extent(1), KVBox::extent(2)};
+  return make_params<Rank>(p, t, head_dim, q_box, kv_box, what);
+}
+
+}  // namespace natten

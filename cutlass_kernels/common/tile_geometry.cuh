@@ -1,4 +1,4 @@
-// Which tiles a CTA works on and which of their score elements are visible.
+// Which tiles a CTA of a tiled family works on and which of their score elements are visible.
 //
 // A tile is a box of one dilation group (a sub-grid whose neighbourhood is a plain window, see
 // common/na_window.h), so dilation costs nothing. The forward (and dQ) kernels own a query box
@@ -9,9 +9,9 @@
 // windows come from its two end queries per axis.
 #pragma once
 
-#include "sm80/params.h"
+#include "common/tile_params.h"
 
-namespace natten::sm80 {
+namespace natten {
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
@@ -131,12 +131,11 @@ struct KeyWalk {
 #pragma unroll
     for (int a = 0; a < Rank; ++a) {
       int const q_last = min(q_origin[a] + QBox::extent(a), g.length[a]) - 1;
-      auto const w0 = g.window(p, a, q_origin[a]);
-      auto const w1 = g.window(p, a, q_last);
-      first[a] = int(w0.first);
-      count[a] = ceil_div(int(w1.last - w0.first) + 1, KVBox::extent(a));
-      full_first[a] = int(w1.first);
-      full_last[a] = int(w0.last);
+      auto const keys = tile_key_range(p.axis[a].spec, g.length[a], q_origin[a], q_last);
+      first[a] = keys.first;
+      count[a] = ceil_div(keys.last - keys.first + 1, KVBox::extent(a));
+      full_first[a] = keys.full_first;
+      full_last[a] = keys.full_last;
       tiles *= count[a];
     }
   }
@@ -219,4 +218,4 @@ struct QueryWalk {
   }
 };
 
-}  // namespace natten::sm80
+}  // namespace natten

@@ -1,0 +1,36 @@
+// Entry points of the `sm90` family (backend "hopper-fna"): fused neighbourhood attention on
+// Hopper tensor cores (wgmma, TMA), built for sm_90a only. Each (op, rank, element type, head
+// dim, query box, key box) is instantiated in its own generated file; this header only declares,
+// so plain C++ (the dispatch table, the binding) can include it.
+//
+// The ops have the signatures of every tiled family (autogen/registry.py: TILED_OPS), so the
+// binding's tiled entry points serve them unchanged. Element types __half and __nv_bfloat16,
+// fp32 accumulation; lse, d_lse in float32; layouts as in common/na_params.h. Every function
+// launches on `stream`, returns without synchronising, and throws std::invalid_argument for a
+// problem it cannot serve (until the kernels exist: every problem) and std::runtime_error when a
+// launch fails.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+#include "common/na_params.h"
+#include "common/tile_params.h"
+
+namespace natten::sm90 {
+
+// The backward has no kernels yet, so it needs no workspace.
+inline size_t fna_backward_workspace_floats(NaProblem const&) { return 0; }
+
+// Fused forward (writes out [B, *S, H, Dv] and lse [B, *S, H]) and backward (writes d_q, d_k, d_v,
+// and d_extra_k, d_extra_v when num_extra > 0; `workspace` holds fna_backward_workspace_floats(p)
+// floats).
+template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
+void fna_forward(NaProblem const& p, FnaTensors const& t, cudaStream_t stream);
+template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
+void fna_backward(NaProblem const& p, FnaTensors const& t, float* workspace, cudaStream_t stream);
+
+}  // namespace natten::sm90
