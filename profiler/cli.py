@@ -141,6 +141,15 @@ def problem_from_args(args: argparse.Namespace, device: str) -> Problem:
     )
 
 
+def backends_device(names: Optional[list]) -> Optional[str]:
+    """The device type every backend named with --backend runs on, so that `--backend cpu` on a
+    GPU machine needs no `--device cpu`; None when none is named or they differ."""
+    from natten.backends import device_type
+
+    types = {device_type(n) for n in names or ()}
+    return types.pop() if len(types) == 1 and None not in types else None
+
+
 def resolve_device(text: Optional[str]) -> str:
     device = text or default_device()
     try:
@@ -395,7 +404,7 @@ def main(argv: Optional[list] = None, out=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        device = resolve_device(args.device)
+        device = resolve_device(args.device or backends_device(args.backend))
         try:
             problem = problem_from_args(args, device)
         except ValueError as e:

@@ -261,3 +261,13 @@ def test_subprocess_default_problem_cpu():
     assert proc.returncode == 0, proc.stderr
     assert "input 32x32  batch 1  heads 4  dim 32  kernel 7x7" in proc.stdout
     assert table_rows(proc.stdout)[0][:2] == ["cpu", "forward"]
+
+
+def test_backend_names_choose_the_device():
+    """`--backend cpu` on a GPU machine runs on the CPU without `--device cpu`; backends of
+    different devices (or none named) leave the choice to --device and the default."""
+    assert cli.backends_device(["cpu"]) == "cpu"
+    assert cli.backends_device(["reference", "flex-fna"]) == "cuda"
+    assert cli.backends_device(["cpu", "reference"]) is None
+    assert cli.backends_device(["no-such-backend"]) is None
+    assert cli.backends_device(None) is None

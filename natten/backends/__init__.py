@@ -51,6 +51,13 @@ def get(name: str) -> Backend:
     return backend
 
 
+def device_type(name: str) -> Optional[str]:
+    """The device type ("cpu", "cuda") a backend runs on, whether or not this machine has it;
+    None for an unknown name."""
+    backend = _BACKENDS.get(name)
+    return None if backend is None else backend.device_type
+
+
 def names_for_device(device_type: str) -> List[str]:
     """Names of the backends usable on a device type ("cpu", "cuda"), in preference order."""
     return [n for n, b in _available().items() if b.device_type == device_type]
