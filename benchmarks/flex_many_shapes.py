@@ -2,7 +2,7 @@
 compiled FlexAttention kernels, never the unfused implementation that materialises the score
 matrix (what torch runs once Dynamo gives up recompiling a function).
 
-Per shape (float16, head dim 64: 1-D, 2-D and 3-D grids of 2-4K tokens, varied batch and heads),
+Per shape (float16, head dim 64: 1-D, 2-D and 3-D grids of 2-4K tokens, two batch/head pairs),
 one forward and backward through `natten.na{1,2,3}d(..., backend="flex-fna")`, with
   * the output checked against the `reference` backend's (rel err below 1e-2), when it is built;
   * the peak of memory allocated during the call (over what was allocated before it) below 4x
@@ -39,19 +39,24 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 
 def shapes(count: int) -> Iterator[Tuple[int, int, Tuple[int, ...], int]]:
-    """(batch, heads, grid, window) of `count` problems whose flex calls all differ in shape:
-    (rank, heads, batch) differ for the first 96, and each further round grows the grid. Grids
-    whose default boxes pad them little (at most 1.33x), so that the memory bound measures the
+    """(batch, heads, grid, window) of `count` distinct problems: ranks 1-3 in turn, two (batch,
+    heads) pairs, as in a job that trains at many resolutions, and grids that grow. Grids whose
+    default boxes pad them little (at most 1.33x), so that the memory bound measures the
     kernels, not the padding."""
-    for i in range(count):
-        rank, heads, batch, grow = i % 3 + 1, 1 + (i // 3) % 8, 1 + (i // 24) % 4, i // 96
+    seen = set()
+    j = 0
+    while len(seen) < count:
+        rank, (batch, heads), m = j % 3 + 1, ((1, 2), (2, 4))[(j // 3) % 2], j // 6
+        j += 1
         if rank == 1:
-            grid = (2048 + 128 * (i % 17 + 17 * grow),)
+            grid = (2048 + 128 * (m % 17) + 64 * (m // 17),)
         elif rank == 2:
-            grid = (40 + i % 13 + 8 * grow, 56 + i % 7)
+            grid = (40 + m % 13, 56 + (m // 13) % 7)
         else:
-            grid = (16 + 4 * grow, 12 + i % 5, 13 + i % 4)
-        yield batch, heads, grid, (9, 7, 5)[rank - 1]
+            grid = (16, 12 + m % 5, 13 + (m // 5) % 4)
+        if (batch, heads, grid) not in seen:
+            seen.add((batch, heads, grid))
+            yield batch, heads, grid, (9, 7, 5)[rank - 1]
 
 
 def _reference_available() -> bool:

@@ -560,9 +560,11 @@ def _call_compiled(q, k, v, block_mask, scale: float, kernel_options: Optional[d
         raise RuntimeError("flex-fna needs torch.compile, and TorchDynamo is disabled "
                            "(torch._dynamo.config.disable / TORCHDYNAMO_DISABLE=1): FlexAttention "
                            "would then evaluate the whole score matrix")
-    signature = (q.dim(), q.shape[-1], v.shape[-1], q.dtype, q.device, q.requires_grad, k.requires_grad,
+    # Batch and head counts are part of the signature: flex_attention specialises on them (a new
+    # head count recompiles), and a training job meets few of them; token counts stay symbolic.
+    signature = (q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1], q.dtype, q.device,
+                 q.requires_grad, k.requires_grad,
                  v.requires_grad, block_mask.BLOCK_SIZE, _captured(block_mask.mask_mod), scale,
-                 q.shape[1] != k.shape[1],
                  None if kernel_options is None else tuple(sorted(kernel_options.items())), aux is None,
                  _global_state())
     args = (q, k, v, block_mask, scale, q.shape[1] != k.shape[1], kernel_options, aux)
