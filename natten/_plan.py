@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from natten import backends
+from natten import backends, tuning
 from natten._checks import check_fused, check_tile
 from natten.backends.base import Backend, Tile, tf32_allowed
 from natten.ops import pack_window
@@ -43,6 +43,8 @@ def _build(bind, rank, query, key, value, additional_keys, additional_values, ke
            backward_kv_tile_shape) -> Plan:
     problem, scale = check_fused(rank, query, key, value, kernel_size, stride, dilation, is_causal,
                                  scale, additional_keys, additional_values)
+    backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape, backward_kv_tile_shape = tuning.choose(
+        problem, bind, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape, backward_kv_tile_shape)
     impl = backends.select(problem, backend)
     tiles = _tiles("q_tile_shape", q_tile_shape, "kv_tile_shape", kv_tile_shape, impl, problem, False)
     # A call without gradients runs no backward (a backend may have no backward kernels for the
