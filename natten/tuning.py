@@ -297,13 +297,15 @@ def builtin_choice(problem: FusedProblem) -> Choice:
 
 @dataclass
 class Trial:
-    """One timed configuration: `pass_name` "forward" times the forward tiles, "fwd+bwd" a
-    forward and backward with the backend's best forward tiles and these backward tiles."""
+    """One timed configuration: `pass_name` "forward" times the forward tiles q_tile/kv_tile,
+    "fwd+bwd" a forward and backward with the backend's fastest forward tiles and q_tile/kv_tile
+    as backward tiles."""
 
     backend: str
     pass_name: str
     q_tile: Tile
     kv_tile: Tile
+    tiles: dict  # the natten call's tile keywords
     ms: Optional[float] = None  # None: not timed (out of time) or failed (error)
     error: Optional[str] = None
     extra: Optional[dict] = None  # what the timer reports besides the time (e.g. peak memory)
@@ -354,7 +356,7 @@ def search(problem: FusedProblem, time_fn: TimeFn, deadline: Optional[float] = N
     builtin = next(iter(plan), None)
 
     def run(backend, pass_name, q, kv, tiles) -> Trial:
-        trial = Trial(backend, pass_name, q, kv)
+        trial = Trial(backend, pass_name, q, kv, tiles)
         # The built-in rule's own configuration (the first backend's first of each pass) is
         # timed whatever the deadline: the winner is never worse than it.
         must = backend == builtin and all(t.pass_name != pass_name for t in trials)
