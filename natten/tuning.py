@@ -19,6 +19,7 @@ read, or is of another format, is reported once and treated as empty.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,6 @@ import statistics
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -40,7 +40,11 @@ DEFAULT_AUTOTUNE_SECONDS = 60.0
 
 log = logging.getLogger("natten")
 if os.environ.get("NATTEN_LOG_LEVEL"):
-    log.setLevel(os.environ["NATTEN_LOG_LEVEL"].upper())
+    try:
+        log.setLevel(os.environ["NATTEN_LOG_LEVEL"].upper())
+    except ValueError:
+        warnings.warn(f"NATTEN_LOG_LEVEL={os.environ['NATTEN_LOG_LEVEL']!r} is not a logging level "
+                      "(debug, info, warning, error); ignoring it", RuntimeWarning)
     if not log.handlers:
         _handler = logging.StreamHandler()
         _handler.setFormatter(logging.Formatter("[natten] %(message)s"))
@@ -196,7 +200,7 @@ def load(path: Optional[str] = None) -> Dict[str, dict]:
     return entries
 
 
-@contextmanager
+@contextlib.contextmanager
 def _locked(path: str):
     """An exclusive lock on `path`.lock for the read-modify-replace of a writer."""
     with open(path + ".lock", "a+") as f:
@@ -447,9 +451,10 @@ def _timer(problem: FusedProblem, warmup: int = 2, repeat: int = 5) -> TimeFn:
             if pass_name == "forward":
                 with torch.no_grad():
                     op(**x, **window, backend=backend, **tiles)
-            else:
-                out = op(**x, **window, backend=backend, **tiles)
-                torch.autograd.grad(out, list(x.values()), torch.ones_like(out))
+            else:  # planning may happen under no_grad (e.g. a first call in evaluation code)
+                with torch.enable_grad():
+                    out = op(**x, **window, backend=backend, **tiles)
+                    torch.autograd.grad(out, list(x.values()), torch.ones_like(out))
 
         for _ in range(warmup):
             once()
@@ -473,7 +478,9 @@ def _timer(problem: FusedProblem, warmup: int = 2, repeat: int = 5) -> TimeFn:
 
 def _tune(problem: FusedProblem) -> Optional[Choice]:
     seconds = _AUTOTUNE["seconds"]
-    trials, winner = search(problem, _timer(problem), time.monotonic() + seconds)
+    on_device = torch.cuda.device(problem.device) if problem.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:  # CUDA events time the current device's stream
+        trials, winner = search(problem, _timer(problem), time.monotonic() + seconds)
     if winner is None:
         return None
     ms = min(t.ms for t in trials if t.ms is not None and t.backend == winner.backend
@@ -517,7 +524,7 @@ def choose(problem: FusedProblem, eager: bool, backend, q_tile, kv_tile, backwar
                        f"natten tuning cache entry for this problem is not usable in this build ({reason}); "
                        "using the built-in rule")
             choice = None
-    elif _AUTOTUNE["on"]:
+    elif _AUTOTUNE["on"] and not (problem.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         key = _key(environment(problem.device), problem_key(problem))
         if key not in _TUNED:
             _TUNED[key] = _tune(problem)
