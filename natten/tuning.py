@@ -331,7 +331,7 @@ def candidates(problem: FusedProblem) -> Dict[str, Tuple[List[Tuple[Tile, Tile]]
             if backward and not problem.requires_grad:
                 lists.append([])
                 continue
-            default = backends.resolve_tiles(backend, problem, None, None, backward)[:2]
+            default = tuple(map(tuple, backends.resolve_tiles(backend, problem, None, None, backward)[:2]))
             configs = [tuple(map(tuple, c)) for c in backend.tile_configs(problem, backward)]
             configs = [c for c in configs if backend.check_tiles(problem, *c, backward) is None]
             lists.append([default] + [c for c in configs if c != default])
@@ -394,6 +394,15 @@ def search(problem: FusedProblem, time_fn: TimeFn, deadline: Optional[float] = N
     if not best:
         return trials, None
     return trials, min(best.values(), key=lambda b: b[0])[1]
+
+
+def fastest_forward(trials: List[Trial]) -> Optional[Choice]:
+    """The configuration of the fastest forward trial (what a call without gradients should run)."""
+    timed = [t for t in trials if t.pass_name == "forward" and t.ms is not None]
+    if not timed:
+        return None
+    top = min(timed, key=lambda t: t.ms)
+    return Choice(top.backend, top.q_tile, top.kv_tile)
 
 
 # ----------------------------------------------------------------------------------------

@@ -129,13 +129,15 @@ def bound(problem, backend: str, pass_name: str, q_tile, kv_tile, backward_q_til
     return Bound(tile, useful, dense_tflops)
 
 
-def measure_dense_tflops(problem, pass_name: str, tokens: int = 8192, repeat: int = 10) -> float:
+def measure_dense_tflops(problem, pass_name: str, repeat: int = 10) -> float:
     """TFLOP/s of torch's dense scaled_dot_product_attention on the problem's device, dtype and
-    head dims (`tokens` queries and keys, the problem's heads), FLOPs counted as the
-    profiler counts them (fwd+bwd: 3.5x forward)."""
+    head dims (the problem's heads, 8192 queries and keys: enough to fill a GPU), FLOPs counted
+    as the profiler counts them (fwd+bwd: 3.5x forward)."""
     from .timing import measure
 
     device = torch.device(problem.device)
+    # float32 / float64 attention runs torch's math kernel, which holds the whole score matrix.
+    tokens = 8192 if problem.torch_dtype in (torch.float16, torch.bfloat16) else 2048
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(width, grad):

@@ -4,6 +4,7 @@ their speed-of-light bounds, and store the winner in the tuning cache (natten.tu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -150,6 +151,13 @@ def optimize(problem, fused, backprop: bool, warmup: int, repeat: int, max_secon
                  and t.backend == winner.backend)
     path = tuning.store(fused, winner, win_ms, "natten-profiler --optimize")
     print(f"winner: {winner.describe()} ({win_pass} {win_ms:.3f} ms)", file=out)
+    if backprop:
+        # Calls without gradients (evaluation) are a problem of their own: they get the fastest forward.
+        forward = tuning.fastest_forward(trials)
+        forward_ms = min(t.ms for t in trials if t.pass_name == "forward" and t.ms is not None)
+        tuning.store(dataclasses.replace(fused, requires_grad=False), forward, forward_ms,
+                     "natten-profiler --optimize")
+        print(f"without gradients: {forward.describe()} (forward {forward_ms:.3f} ms)", file=out)
     print(f"stored in {path}: backend=None now runs it for this problem", file=out)
     return {"ranking": ranking, "winner": winner.to_dict(), "winner_ms": win_ms, "cache": path,
             "dense_tflops": rates, "elapsed_s": elapsed}

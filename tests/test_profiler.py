@@ -466,12 +466,26 @@ def test_optimize_on_cpu_then_backend_none_takes_the_winner(tune_cache, tmp_path
     assert winner["backend"] == "cpu" and winner["backward_q_tile"] is not None
     assert f"stored in {tune_cache}" in out and "NATTEN_KERNEL_FILTER=reference" in out
     assert "natten-profiler --optimize" in err  # the progress bar
-    entry = json.loads(tune_cache.read_text())["entries"][0]
-    assert entry["choice"] == winner and entry["problem"]["requires_grad"] is True
+    entries = {e["problem"]["requires_grad"]: e for e in json.loads(tune_cache.read_text())["entries"]}
+    assert entries[True]["choice"] == winner
+    forward = next(r for r in report["ranking"] if r["pass"] == "forward")  # the fastest forward
+    assert entries[False]["choice"]["q_tile"] == forward["tiles"]["q_tile_shape"]
+    assert entries[False]["choice"]["backward_q_tile"] is None
     describe = importlib.import_module("natten.tuning").Choice.from_dict(winner).describe()
     proc = _backend_none_process(tune_cache, "cpu", "torch.float32", grad=True)
     assert proc.returncode == 0, proc.stderr
     assert f"{describe} (tuning cache {tune_cache})" in proc.stderr
+    proc = _backend_none_process(tune_cache, "cpu", "torch.float32", grad=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{_fastest_forward(report)} (tuning cache {tune_cache})" in proc.stderr
+
+
+def _fastest_forward(report):
+    """The description of the configuration of the report's fastest forward."""
+    top = next(r for r in report["ranking"] if r["pass"] == "forward")
+    tuning = importlib.import_module("natten.tuning")
+    return tuning.Choice(top["backend"], tuple(top["tiles"]["q_tile_shape"]),
+                         tuple(top["tiles"]["kv_tile_shape"])).describe()
 
 
 def _backend_none_process(cache_path, device, dtype, grad):
@@ -510,6 +524,9 @@ def test_gpu_optimize_then_backend_none_takes_the_winner(tune_cache, tmp_path, c
     proc = _backend_none_process(tune_cache, "cuda", "torch.float16", grad=True)
     assert proc.returncode == 0, proc.stderr
     assert f"{describe} (tuning cache {tune_cache})" in proc.stderr
+    proc = _backend_none_process(tune_cache, "cuda", "torch.float16", grad=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{_fastest_forward(report)} (tuning cache {tune_cache})" in proc.stderr
 
 
 @cuda
