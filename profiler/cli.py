@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from . import optimize
-from .problem import DTYPES, Problem
+from .problem import AUTO, DTYPES, Problem
 from .timing import PASSES, Timing, time_pass
 
 PROG = "natten-profiler"
@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="element type (default float32 CPU / float16 CUDA)")
     r = p.add_argument_group("run")
     r.add_argument("--backend", nargs="+", default=None, metavar="NAME",
-                   help="backends to time; default: every backend usable on the device")
+                   help=f"backends to time; default: every backend usable on the device. {AUTO!r} times "
+                        "backend=None with no tile shapes: what a call without them runs (the tuning "
+                        "cache's choice, else the built-in rule)")
     r.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cuda if available, else cpu")
     r.add_argument("--backprop", action="store_true", help="also time forward+backward")
     r.add_argument("--warmup", type=_non_negative, default=3, help="untimed runs before timing")
@@ -351,7 +353,10 @@ def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warm
                 sweep: bool = False) -> dict:
     available = device_backends(problem.device)
     if requested:
-        unknown = [b for b in requested if b not in available]
+        if sweep and AUTO in requested:
+            raise CliError(f"--backend {AUTO} cannot be combined with --sweep-tiles: it times backend=None "
+                           "with no tile shapes")
+        unknown = [b for b in requested if b not in available and b != AUTO]
         if unknown:
             raise CliError(
                 f"--backend {' '.join(unknown)}: not available on {problem.device} "
@@ -372,7 +377,7 @@ def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warm
     skipped: dict = {}  # backends natten declines for the problem, not asked for by name
     jobs = []
     for b in names:
-        declined = check_backend(problem, b)
+        declined = None if b == AUTO else check_backend(problem, b)
         if declined is not None and not requested:
             skipped[b] = declined
             continue

@@ -546,3 +546,21 @@ def test_gpu_dry_run_bounds(name, spec, tiles, fwd, bwd, capsys):
     assert rows[(f"cutlass-fna q{dims[0]} kv{dims[1]}", "forward")][0] == f"{fwd / 1e9:.4g}"
     key = (f"cutlass-fna q{dims[0]} kv{dims[1]} bwd q{dims[2]} kv{dims[3]}", "fwd+bwd")
     assert rows[key][0] == f"{(fwd + 2.5 * bwd) / 1e9:.4g}"
+
+
+def test_backend_auto_times_backend_none(tune_cache, capsys, monkeypatch):
+    seen = []
+    real = cli.time_pass
+    monkeypatch.setattr(cli, "time_pass", lambda problem, backend, *a, **k: seen.append(backend) or
+                        real(problem, backend, *a, **k))
+    rc, out, err = run_main(TINY + ["--backend", "auto", "--backprop"], capsys)
+    assert rc == 0, err
+    assert [r[:2] for r in table_rows(out)] == [["auto", "forward"], ["auto", "fwd+bwd"]]
+    assert seen == ["auto", "auto"] and float(table_rows(out)[0][2]) > 0
+    Problem = importlib.import_module(f"{MODULE}.problem").Problem
+    calls = []
+    monkeypatch.setattr(Problem, "op", property(lambda self: lambda **kw: calls.append(kw["backend"])))
+    Problem(input_size=(8, 8)).call({}, "auto")
+    assert calls == [None]
+    rc, out, err = run_main(TINY + ["--backend", "auto", "--sweep-tiles"], capsys)
+    assert rc == 2 and "--backend auto cannot be combined with --sweep-tiles" in err
