@@ -171,8 +171,9 @@ def plot(ranking: list, path: str) -> None:
     import matplotlib.pyplot as plt
 
     passes = list(dict.fromkeys(r["pass"] for r in ranking if r["ms"] is not None))
-    fig, axes = plt.subplots(len(passes), 1, squeeze=False,
-                             figsize=(9, 1 + 0.35 * sum(r["ms"] is not None for r in ranking)))
+    heights = [1.2 + 0.4 * sum(r["pass"] == p and r["ms"] is not None for r in ranking) for p in passes]
+    fig, axes = plt.subplots(len(passes), 1, squeeze=False, figsize=(10, sum(heights)),
+                             gridspec_kw={"height_ratios": heights})
     for ax, pass_name in zip(axes[:, 0], passes):
         rows = [r for r in ranking if r["pass"] == pass_name and r["ms"] is not None][::-1]
         ax.barh([r["configuration"] for r in rows], [r["ms"] for r in rows], color="tab:blue", label="measured")
@@ -180,7 +181,7 @@ def plot(ranking: list, path: str) -> None:
         if all(b is not None for b in bounds):
             ax.barh([r["configuration"] for r in rows], bounds, color="tab:orange", height=0.4, label="bound")
         ax.set_xlabel(f"{pass_name} ms")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

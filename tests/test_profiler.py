@@ -564,3 +564,12 @@ def test_backend_auto_times_backend_none(tune_cache, capsys, monkeypatch):
     assert calls == [None]
     rc, out, err = run_main(TINY + ["--backend", "auto", "--sweep-tiles"], capsys)
     assert rc == 2 and "--backend auto cannot be combined with --sweep-tiles" in err
+
+
+def test_plot_writes_a_png(tune_cache, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "ranking.png"
+    rc, out, err = run_main(TINY + ["--optimize", "--backprop", "--dense-tflops", "1", "--plot", str(path)], capsys)
+    assert rc == 0, err
+    assert f"wrote {path}" in out
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
