@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -351,8 +352,9 @@ def search(problem: FusedProblem, time_fn: TimeFn, deadline: Optional[float] = N
     natten call's tile keywords. Forward tiles are timed forward only; backward tiles with a
     forward and backward that runs the backend's fastest forward tiles. A problem without
     gradients is won on forward time, one with gradients on forward+backward time.
-    Configurations are timed defaults first, so the built-in choice is always among the timed
-    ones; after `deadline` (time.monotonic()) the rest are recorded untimed."""
+    Backends go in natten's order of preference, each default first, and the built-in
+    choice is timed whatever the deadline; after `deadline` (time.monotonic()) the rest are
+    recorded untimed."""
     plan = candidates(problem)
     total = sum(len(f) + len(b) for f, b in plan.values())
     trials: List[Trial] = []
@@ -409,8 +411,22 @@ def fastest_forward(trials: List[Trial]) -> Optional[Choice]:
 # Run time
 # ----------------------------------------------------------------------------------------
 
-_AUTOTUNE = {"on": os.environ.get("NATTEN_AUTOTUNE", "0") not in ("", "0"),
-             "seconds": float(os.environ.get("NATTEN_AUTOTUNE_SECONDS", DEFAULT_AUTOTUNE_SECONDS))}
+def _env_seconds() -> float:
+    text = os.environ.get("NATTEN_AUTOTUNE_SECONDS")
+    if text is None:
+        return DEFAULT_AUTOTUNE_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        warnings.warn(f"NATTEN_AUTOTUNE_SECONDS={text!r} is not a positive number of seconds; using "
+                      f"{DEFAULT_AUTOTUNE_SECONDS:g}", RuntimeWarning)
+        return DEFAULT_AUTOTUNE_SECONDS
+    return seconds
+
+
+_AUTOTUNE = {"on": os.environ.get("NATTEN_AUTOTUNE", "0") not in ("", "0"), "seconds": _env_seconds()}
 
 
 def autotune(enabled: bool = True, max_seconds: Optional[float] = None) -> None:
