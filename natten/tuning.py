@@ -529,7 +529,8 @@ def choose(problem: FusedProblem, eager: bool, backend, q_tile, kv_tile, backwar
            backward_kv_tile) -> tuple:
     """The backend and tile arguments a plan is built from: those given, unless none is given
     and the tuning cache (or, with autotune on, a new measurement) has a configuration for the
-    problem. Traced calls (torch.compile) keep the built-in rule: a trace cannot read files."""
+    problem. Traced calls (torch.compile) keep the built-in rule: a trace cannot read files, and
+    with dynamic shapes its sizes name no one entry."""
     given = (backend, q_tile, kv_tile, backward_q_tile, backward_kv_tile)
     if not eager or any(a is not None for a in given):
         return given

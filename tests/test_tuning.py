@@ -351,3 +351,13 @@ def test_kernel_filter(monkeypatch):
                "d": entry("flex-fna", [512], "float32", 24, 24),  # no compiled kernels
                "e": entry("cutlass-fna", [512], "float32", 32, 32)}  # not in this build: any head dim
     assert tuning.kernel_filter(entries) == "sm80:bf16:128:2,sm80:bf16:64:2,sm80:fp16:64:3,sm80:fp32:*:1,reference"
+
+
+def test_compiled_call_with_a_cache_entry():
+    # Traced calls keep the built-in rule (a trace reads no files); the entry must not break them.
+    q, k, v = inputs()
+    tuning.store(problem_of(q, k, v), tuning.Choice("cpu", (2, 4), (4, 4)))
+    torch._dynamo.reset()
+    out = torch.compile(lambda q, k, v: natten.na2d(q, k, v, 3), fullgraph=True)(q, k, v)
+    ref, _ = reference_na(q.double(), k.double(), v.double(), 3)
+    assert_close(out, ref, tolerance(torch.float32))
