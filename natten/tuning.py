@@ -238,6 +238,7 @@ def store(problem: FusedProblem, choice: Choice, ms: Optional[float] = None, sou
         entries[_key(entry["environment"], entry["problem"])] = entry
         fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
         try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the cache from the job's other users
             with os.fdopen(fd, "w") as f:
                 json.dump({"format": FORMAT, "entries": list(entries.values())}, f, indent=1)
                 f.flush()
