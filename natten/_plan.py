@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
-from natten import backends
+from natten import backends, tuning
 from natten._checks import check_fused, check_tile
 from natten.backends.base import Backend, tf32_allowed
 from natten.ops import pack_tiles, pack_window, resolve
@@ -41,6 +41,8 @@ def _build(eager, rank, query, key, value, additional_keys, additional_values, k
     # argument of the operators), so Dynamo specialises on them.
     problem, scale = check_fused(rank, query, key, value, kernel_size, stride, dilation, is_causal,
                                  scale, additional_keys, additional_values)
+    backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape, backward_kv_tile_shape = tuning.choose(
+        problem, bind, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape, backward_kv_tile_shape)
     impl = backends.select(problem, backend)
     given = [check_tile(name, tile, rank) for name, tile in (
         ("q_tile_shape", q_tile_shape), ("kv_tile_shape", kv_tile_shape),

@@ -2,7 +2,9 @@
 
 Times every backend that can serve one neighborhood attention problem (or the ones named
 with ``--backend``) and prints a table of median times and effective TFLOP/s. With
-``--dry-run`` it lists which backends could run the problem and why the others cannot.
+``--dry-run`` it lists which backends could run the problem and why the others cannot, and
+each configuration's speed-of-light bound. ``--optimize`` times every configuration and stores
+the winner in the tuning cache that ``backend=None`` reads (see profiler/optimize.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from .problem import DTYPES, Problem
+from . import optimize
+from .problem import AUTO, DTYPES, Problem
 from .timing import PASSES, Timing, time_pass
 
 PROG = "natten-profiler"
@@ -65,6 +68,19 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+DEFAULT_MAX_SECONDS = 300.0
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -106,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="element type (default float32 CPU / float16 CUDA)")
     r = p.add_argument_group("run")
     r.add_argument("--backend", nargs="+", default=None, metavar="NAME",
-                   help="backends to time; default: every backend usable on the device")
+                   help=f"backends to time; default: every backend usable on the device. {AUTO!r} times "
+                        "backend=None with no tile shapes: what a call without them runs (the tuning "
+                        "cache's choice, else the built-in rule)")
     r.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cuda if available, else cpu")
     r.add_argument("--backprop", action="store_true", help="also time forward+backward")
     r.add_argument("--warmup", type=_non_negative, default=3, help="untimed runs before timing")
@@ -117,6 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true",
                    help="list the backends that can run the problem, and why others cannot, without timing")
     r.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
+    o = p.add_argument_group("tuning")
+    o.add_argument("--optimize", action="store_true",
+                   help="time every configuration of every backend natten could pick for the problem "
+                        "(forward; forward+backward too with --backprop), rank them and store the winner "
+                        "in the tuning cache, which backend=None reads (path: NATTEN_TUNE_CACHE, else "
+                        "$XDG_CACHE_HOME/natten/tuning.json, else ~/.cache/natten/tuning.json)")
+    o.add_argument("--max-seconds", type=_positive_float, default=None, metavar="S",
+                   help=f"--optimize: stop timing new configurations after S seconds (default "
+                        f"{DEFAULT_MAX_SECONDS:g}); the built-in choice is always timed")
+    o.add_argument("--dense-tflops", type=_positive_float, default=None, metavar="F",
+                   help="dense attention's TFLOP/s for the speed-of-light bounds of --dry-run and "
+                        "--optimize; default: measured with dense SDPA on a GPU, unknown on the CPU")
+    o.add_argument("--emit-filter", action="store_true",
+                   help="print the NATTEN_KERNEL_FILTER that builds only the compiled kernels the tuning "
+                        "cache uses, plus the reference kernels (after --optimize, or alone)")
+    o.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="--optimize: draw the ranking as a bar chart (needs matplotlib)")
     r.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
@@ -327,7 +362,10 @@ def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warm
                 sweep: bool = False) -> dict:
     available = device_backends(problem.device)
     if requested:
-        unknown = [b for b in requested if b not in available]
+        if sweep and AUTO in requested:
+            raise CliError(f"--backend {AUTO} cannot be combined with --sweep-tiles: it times backend=None "
+                           "with no tile shapes")
+        unknown = [b for b in requested if b not in available and b != AUTO]
         if unknown:
             raise CliError(
                 f"--backend {' '.join(unknown)}: not available on {problem.device} "
@@ -348,7 +386,7 @@ def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warm
     skipped: dict = {}  # backends natten declines for the problem, not asked for by name
     jobs = []
     for b in names:
-        declined = check_backend(problem, b)
+        declined = None if b == AUTO else check_backend(problem, b)
         if declined is not None and not requested:
             skipped[b] = declined
             continue
@@ -396,6 +434,66 @@ def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warm
     }
 
 
+def check_combination(args: argparse.Namespace) -> None:
+    """Options that only make sense together, or not at all together."""
+    if args.optimize:
+        for flag, given in (("--dry-run", args.dry_run), ("--sweep-tiles", args.sweep_tiles),
+                            ("--backend", args.backend is not None)):
+            if given:
+                raise CliError(f"--optimize cannot be combined with {flag}: it times every configuration "
+                               "of every backend natten could pick")
+    else:
+        for flag, given in (("--max-seconds", args.max_seconds is not None), ("--plot", args.plot is not None)):
+            if given:
+                raise CliError(f"{flag} needs --optimize")
+    if args.dense_tflops is not None and not (args.optimize or args.dry_run):
+        raise CliError("--dense-tflops needs --optimize or --dry-run (it sets their bounds)")
+    if args.plot is not None:
+        if not args.plot.lower().endswith(".png"):
+            raise CliError(f"--plot {args.plot}: the chart is written as PNG; name a .png file")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
+
+
+def emit_filter() -> str:
+    from natten import tuning
+
+    entries = tuning.load()
+    if not entries:
+        raise CliError(f"the tuning cache {tuning.cache_path()} has no entries; run --optimize first")
+    return tuning.kernel_filter(entries)
+
+
+def dry_run_bounds(problem: Problem, backprop: bool, dense_tflops: Optional[float], out) -> list:
+    try:
+        fused = fused_problem(problem, problem.make_inputs(requires_grad=backprop))
+    except (ValueError, TypeError):
+        return []  # the listing above says why no backend runs it
+    passes = PASSES if backprop else PASSES[:1]
+    return optimize.bounds_listing(problem, fused, passes, optimize.dense_rates(problem, passes, dense_tflops), out)
+
+
+def run_optimize(problem: Problem, args: argparse.Namespace, out) -> dict:
+    try:
+        fused = fused_problem(problem, problem.make_inputs(requires_grad=args.backprop))
+    except (ValueError, TypeError) as e:
+        raise CliError(f"invalid problem: {_reason(e)}") from None
+    from natten import tuning
+
+    if not tuning.candidates(fused):
+        reasons = "; ".join(f"{b}: {check_backend(problem, b)}" for b in device_backends(problem.device))
+        raise CliError(f"no backend can run this problem: {reasons or 'none is available'}")
+    max_seconds = args.max_seconds or DEFAULT_MAX_SECONDS
+    try:
+        return optimize.optimize(problem, fused, args.backprop, args.warmup, args.repeat, max_seconds,
+                                 args.dense_tflops, out)
+    except RuntimeError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return {"all_failed": True}
+
+
 def main(argv: Optional[list] = None, out=None) -> int:
     """Entry point; returns the exit status: 0 when some backend ran, 1 when every backend that
     was timed failed (each failure is a row of the table), 2 for bad arguments or a problem no
@@ -404,6 +502,10 @@ def main(argv: Optional[list] = None, out=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_combination(args)
+        if args.emit_filter and not args.optimize:
+            print(emit_filter(), file=out)
+            return 0
         device = resolve_device(args.device or backends_device(args.backend))
         try:
             problem = problem_from_args(args, device)
@@ -420,6 +522,9 @@ def main(argv: Optional[list] = None, out=None) -> int:
         report = {"problem": problem.to_dict(), "device": device_line(device), "forward_multiply_adds": fwd_flops}
         if args.dry_run:
             report.update(dry_run(problem, args.backend, out))
+            report["bounds"] = dry_run_bounds(problem, args.backprop, args.dense_tflops, out)
+        elif args.optimize:
+            report.update(run_optimize(problem, args, out))
         else:
             passes = PASSES if args.backprop else PASSES[:1]
             report.update(run_timings(problem, args.backend, passes, args.warmup, args.repeat, out,
@@ -427,6 +532,11 @@ def main(argv: Optional[list] = None, out=None) -> int:
     except CliError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    if args.plot and report.get("ranking"):
+        optimize.plot(report["ranking"], args.plot)
+        print(f"wrote {args.plot}", file=out)
+    if args.emit_filter:
+        print(f"NATTEN_KERNEL_FILTER={emit_filter()}", file=out)
     if args.json:
         directory = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(directory, exist_ok=True)

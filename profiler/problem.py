@@ -12,6 +12,9 @@ from typing import Optional
 
 import torch
 
+# The profiler's name for backend=None (natten's own choice).
+AUTO = "auto"
+
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -165,14 +168,14 @@ class Problem:
         return inputs
 
     def call(self, inputs: dict, backend: Optional[str], tiles: Optional[dict] = None):
-        """Run the public API once on ``inputs`` with an explicit backend (and tile shapes:
-        q_tile_shape, kv_tile_shape, backward_q_tile_shape, backward_kv_tile_shape)."""
+        """Run the public API once on ``inputs`` with a backend (AUTO: backend=None) and tile
+        shapes (q_tile_shape, kv_tile_shape, backward_q_tile_shape, backward_kv_tile_shape)."""
         return self.op(
             kernel_size=self.kernel_size,
             stride=self.stride,
             dilation=self.dilation,
             is_causal=self.is_causal,
-            backend=backend,
+            backend=None if backend == AUTO else backend,
             **inputs,
             **(tiles or {}),
         )
