@@ -42,7 +42,7 @@ def _build(eager, rank, query, key, value, additional_keys, additional_values, k
     problem, scale = check_fused(rank, query, key, value, kernel_size, stride, dilation, is_causal,
                                  scale, additional_keys, additional_values)
     backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape, backward_kv_tile_shape = tuning.choose(
-        problem, bind, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape, backward_kv_tile_shape)
+        problem, eager, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape, backward_kv_tile_shape)
     impl = backends.select(problem, backend)
     given = [check_tile(name, tile, rank) for name, tile in (
         ("q_tile_shape", q_tile_shape), ("kv_tile_shape", kv_tile_shape),

@@ -4,9 +4,8 @@ test_cpu_fused.py and test_cuda_fused.py.
 Every check compares the library against the float64 oracle (tests/oracle.py), never
 against the library itself."""
 
-import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
 import pytest
