@@ -350,7 +350,7 @@ def test_float64_off_the_cpu_is_left_to_the_backends():
     problem, _ = check_fused(2, q, q, q, 3, 1, 1, False, None, None, None)
     problem = dataclasses.replace(problem, device=torch.device("cuda", 0))
     assert "float64" in FlexBackend().unsupported(problem)
-    ops = {(k.op.name, k.rank) for k in registry.kernels(True, "reference:float64")}
+    ops = {(k.op.name, k.key.rank) for k in registry.kernels(True, "reference:float64")}
     assert ops == {(op.name, r) for op in registry.REFERENCE_OPS for r in (1, 2, 3)}
 
 
