@@ -585,10 +585,10 @@ def kernel_filter(entries: Dict[str, dict]) -> str:
     """The NATTEN_KERNEL_FILTER value that builds the compiled kernels the entries use (per
     family, dtype, head dim and rank) and every reference kernel (the fallback of any problem
     on a GPU, and the unfused ops'). Backends without compiled kernels add nothing."""
-    from natten.backends import sm80
+    from natten.backends import TiledBackend
 
     dtype_codes = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
-    families = {"cutlass-fna": sm80.FAMILY}
+    families = {c.name: c.family for c in TiledBackend.__subclasses__() if c.family}
     patterns = set()
     for entry in entries.values():
         family = families.get(entry["choice"]["backend"])
