@@ -2,7 +2,7 @@
 GPU) for every target their family lists, so a machine without CUDA torch still proves the
 kernels build.
 
-By default one rank/dtype of every op of every CUDA family (the sm90 skeleton included);
+By default one rank/dtype of every op of every CUDA family (the sm90 forward included);
 --filter narrows or widens it.
 """
 

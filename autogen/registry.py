@@ -31,7 +31,8 @@ class Op:
     header: str    # header that defines it, relative to cutlass_kernels/
     signature: str  # parameter list of the instantiation
     # Tiled families: rank -> ((query box, key box), ...) instantiated per head dim. The
-    # profiler may pick any of them; the family's backend picks a default by rule.
+    # profiler may pick any of them; the family's backend picks a default by rule. A rank left
+    # out has no instantiations of the op.
     tiles: Optional[dict] = None
 
 
@@ -81,12 +82,18 @@ SM80_OPS = (
     }),
 )
 
-# The Hopper family's skeleton: its ops decline every problem until kernels exist; one tile pair
-# per rank is enough to carry the generated tables, the binding and the backend.
-_SM90_TILES = {1: (((128,), (128,)),), 2: (((16, 8), (16, 8)),), 3: (((4, 4, 8), (4, 4, 8)),)}
+# The Hopper family: the forward only (no backward kernels yet, so no instantiations). One pair
+# per rank, the fastest measured on an H200 at bf16 and head dim 128 (benchmarks/NOTES.md, SM90
+# forward kernel): 128 queries against 128 keys, two consumer warpgroups of 64 rows; the
+# alternatives measured (2-D 16x8/8x8, 3-D 4x4x8/4x4x4) were 12-17% slower on P2 and P3.
+# One instantiation takes about 45 s of nvcc.
 SM90_OPS = (
-    Op("fna_fwd", "fna_forward", "sm90/fna_forward.cuh", _TILED_FWD_SIG, tiles=_SM90_TILES),
-    Op("fna_bwd", "fna_backward", "sm90/fna_backward.cuh", _TILED_BWD_SIG, tiles=_SM90_TILES),
+    Op("fna_fwd", "fna_forward", "sm90/fna_forward.cuh", _TILED_FWD_SIG, tiles={
+        1: (((128,), (128,)),),
+        2: (((16, 8), (16, 8)),),
+        3: (((2, 8, 8), (2, 8, 8)),),
+    }),
+    Op("fna_bwd", "fna_backward", "sm90/fna_backward.cuh", _TILED_BWD_SIG, tiles={}),
 )
 
 
@@ -160,7 +167,8 @@ FAMILIES = (
     Family("sm80", SM80_OPS, (1, 2, 3), ("float16", "bfloat16", "float32"), True, "natten::sm80",
            head_dims=(32, 64, 128, 256), archs=("80", "90a"), decl_header="sm80/kernels.h", cutlass=True,
            backend="cutlass-fna", min_capability=(8, 0), smem_kib=163, fits=_sm80_fits),
-    # Hopper tensor cores (wgmma, TMA): sm_90a only; 227 KiB of shared memory per block.
+    # Hopper tensor cores (wgmma, TMA): sm_90a only; 227 KiB of shared memory per block. The
+    # kernels hold 16-bit elements in 64-column swizzle spans: head dims are multiples of 64.
     Family("sm90", SM90_OPS, (1, 2, 3), ("float16", "bfloat16"), True, "natten::sm90",
            head_dims=(64, 128), archs=("90a",), decl_header="sm90/kernels.h", cutlass=True,
            backend="hopper-fna", min_capability=(9, 0), arch_specific=True, smem_kib=227),
@@ -262,7 +270,7 @@ def _variants(family: Family, op: Op, rank: int, dtype: str):
         yield Kernel(family, op, Key(family.name, op.name, rank, dtype))
         return
     for head_dim in family.head_dims:
-        for q_tile, kv_tile in op.tiles[rank]:
+        for q_tile, kv_tile in op.tiles.get(rank, ()):
             if family.fits is None or family.fits(family, op, dtype, head_dim, q_tile, kv_tile):
                 yield Kernel(family, op, Key(family.name, op.name, rank, dtype, head_dim, q_tile, kv_tile))
 

@@ -20,6 +20,7 @@ FAMILIES = {
     "cpu": ("cpu", "cpu", None),
     "reference": ("reference", "cuda", (0, 0)),
     "sm80": ("cutlass-fna", "cuda", (8, 0)),
+    "sm90": ("hopper-fna", "cuda", (9, 0)),
 }
 
 

@@ -1,23 +1,38 @@
 """The tiled kernel families (autogen/registry.py), each through its backend, on problems large
 enough for many query boxes, long key walks, fully visible (mask-free) key boxes and padded head
 dims, for every instantiated tile pair, against the float64 oracle. The small feature cases run
-through test_cuda_fused.py.
+through test_cuda_fused.py, and here for the families with forward kernels only (which that file
+skips: its cases take gradients).
 
-Parameters come from the registry (the families, their dtypes) and from the build's manifest (the
-tile pairs), not from the backends that loaded: a family that the build compiled for this GPU but
-whose backend is missing fails here instead of yielding no tests."""
+Parameters come from the registry (the families, their dtypes, whether they have a backward) and
+from the build's manifest (the tile pairs), not from the backends that loaded: a family that the
+build compiled for this GPU but whose backend is missing fails here instead of yielding no tests,
+and so does a backend that refuses a case its build has the kernels for.
+
+The rules of hopper-fna (what it declines, when backend=None prefers it) are checked without a GPU
+too, against the registry's instantiations."""
 
 import pytest
 import torch
 
 from autogen import registry
-from fused_checks import Case, check_fused, dtype_id
-
-# Families whose kernels are not written yet: their backend must decline every problem, saying so.
-WITHOUT_KERNELS = {"sm90"}
+from conftest import assert_close, tolerance
+from fused_checks import DTYPE_CASES, FEATURE_CASES, GEOMETRY_CASES, Case, check_fused, op_for_rank
+from oracle import reference_na
 
 TILED = [f for f in registry.FAMILIES if f.tiled]
-WITH_KERNELS = [f for f in TILED if f.name not in WITHOUT_KERNELS]
+
+
+def _family(name):
+    return next(f for f in registry.FAMILIES if f.name == name)
+
+
+def _has_backward(family) -> bool:
+    return any(op.name == "fna_bwd" and any(op.tiles.values()) for op in family.ops)
+
+
+FORWARD_ONLY = [f for f in TILED if not _has_backward(f)]
+SM80, SM90 = _family("sm80"), _family("sm90")
 
 
 def _manifest():
@@ -37,11 +52,22 @@ def _runs_here(family) -> bool:
     return capability in family.targets(manifest.ARCHS.get(family.name, ()))
 
 
-def _backend(family):
-    """The family's backend, skipping where the build did not compile the family for this GPU
-    (and failing where it did but the backend is not available)."""
+def _built(family, rank: int, dtype: torch.dtype) -> bool:
+    """Whether the build has forward kernels of the family for the rank and dtype (a build's
+    kernel filter may leave some out)."""
+    name = str(dtype).replace("torch.", "")
+    return any(r.family == family.name and r.op == "fna_fwd" and r.rank == rank and r.dtype == name
+               for r in _manifest().INSTANTIATIONS)
+
+
+def _backend(family, rank=None, dtype=None):
+    """The family's backend, skipping where the build did not compile the family for this GPU (or,
+    given a rank and dtype, left out its kernels for them), and failing where it did but the
+    backend is not available."""
     if not _runs_here(family):
         pytest.skip(f"the build has no {family.name} kernels for this GPU (needs a CUDA build and GPU)")
+    if rank is not None and not _built(family, rank, dtype):
+        pytest.skip(f"the build has no {family.name} forward kernels for rank {rank} and {dtype}")
     from natten import backends
 
     available = backends.names_for_device("cuda")
@@ -49,12 +75,20 @@ def _backend(family):
     return family.backend
 
 
-def _forward_configs(family):
-    """(rank, query box, key box) of the family's forward instantiations in the build."""
-    manifest = _manifest()
-    rows = manifest.INSTANTIATIONS if manifest is not None else ()
-    return sorted({(r.rank, r.q_tile, r.kv_tile) for r in rows
-                   if r.family == family.name and r.op == "fna_fwd"})
+def _check_served(family, case, dtype, **tiles):
+    """check_fused on the family's backend (gradients too where the family has a backward), where
+    a refusal fails: every case given here is one the backend must serve."""
+    backend = _backend(family, case.rank, dtype)
+    try:
+        check_fused(case, dtype, "cuda", backend, grad=_has_backward(family), extra_kwargs=tiles or None)
+    except pytest.skip.Exception as e:
+        pytest.fail(f"{backend} refused {case.id()} ({dtype}) although the build has its kernels: {e}")
+
+
+def _fwd_tiles(family, rank):
+    """The (query box, key box) pairs of the family's forward for a rank, from the registry."""
+    op = next(op for op in family.ops if op.name == "fna_fwd")
+    return op.tiles[rank]
 
 
 def _family_dtypes(families):
@@ -73,10 +107,10 @@ LARGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("family,dtype", _family_dtypes(WITH_KERNELS))
+@pytest.mark.parametrize("family,dtype", _family_dtypes(TILED))
 @pytest.mark.parametrize("case", LARGE_CASES, ids=Case.id)
 def test_large(family, dtype, case):
-    check_fused(case, dtype, "cuda", _backend(family))
+    _check_served(family, case, dtype)
 
 
 CONFIG_CASES = {
@@ -86,9 +120,17 @@ CONFIG_CASES = {
 }
 
 
+def _forward_configs(family):
+    """(rank, query box, key box) of the family's forward instantiations in the build."""
+    manifest = _manifest()
+    rows = manifest.INSTANTIATIONS if manifest is not None else ()
+    return sorted({(r.rank, r.q_tile, r.kv_tile) for r in rows
+                   if r.family == family.name and r.op == "fna_fwd"})
+
+
 def _config_params():
     params = []
-    for family in WITH_KERNELS:
+    for family in TILED:
         for dtype in family.dtypes:
             for rank, q, kv in _forward_configs(family):
                 params.append(pytest.param(family, getattr(torch, dtype), q, kv,
@@ -99,34 +141,12 @@ def _config_params():
 
 @pytest.mark.parametrize("family,dtype,q_tile,kv_tile", _config_params())
 def test_every_forward_tile_pair(family, dtype, q_tile, kv_tile):
-    backend = _backend(family)
+    backend = _backend(family, len(q_tile), dtype)
     check_fused(CONFIG_CASES[len(q_tile)], dtype, "cuda", backend, grad=False,
                 extra_kwargs={"q_tile_shape": q_tile, "kv_tile_shape": kv_tile})
 
 
-@pytest.mark.parametrize("family", [f for f in TILED if f.name in WITHOUT_KERNELS], ids=lambda f: f.name)
-def test_family_without_kernels_declines_with_the_reason(family):
-    import natten
-
-    _backend(family)
-    q = torch.randn(1, 12, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=f"{family.backend} supports no problem yet"):
-        natten.na2d(q, q, q, kernel_size=5, backend=family.backend)
-    # Its entry points exist, and decline too (through the family's error path).
-    from natten import _C
-    from natten._manifest import Key
-
-    row = next(r for r in _manifest().INSTANTIATIONS if r.family == family.name and r.op == "fna_fwd"
-               and r.rank == 2 and r.dtype == "bfloat16")
-    fields = Key(*row)._asdict()
-    kernel = _C.find_tiled_kernel(fields.pop("family"), fields.pop("op"), fields)
-    window = _C.Window([5, 5], [1, 1], [1, 1], [False, False])
-    out, lse = torch.empty_like(q), torch.empty(q.shape[:-1], device="cuda")
-    with pytest.raises(ValueError, match="not implemented"):
-        _C.tiled_fna_forward(q, q, q, None, None, window, 0.125, kernel, out, lse)
-
-
-@pytest.mark.parametrize("family", WITH_KERNELS, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", TILED, ids=lambda f: f.name)
 def test_lookup_miss_names_the_key_in_words(family):
     _backend(family)
     from natten import _C
@@ -136,46 +156,202 @@ def test_lookup_miss_names_the_key_in_words(family):
         _C.find_tiled_kernel(family.name, "fna_fwd", key)
 
 
-# Head dim 256 has forward kernels only (64-query boxes); 136..256 pad up to it.
-HEAD_DIM_256_CASES = [
-    Case((20, 24), (7, 9), D=256, H=2, Hkv=1),
-    Case((300,), 65, dilation=2, D=200, Dv=136, extra=9),
-    Case((6, 10, 12), (3, 5, 4), causal=(False, True, False), D=256),
-]
-SM80 = next(f for f in registry.FAMILIES if f.name == "sm80")
+# ---------------------------------------------------------------------------------------------
+# Families with forward kernels only (hopper-fna so far)
+# ---------------------------------------------------------------------------------------------
+
+# The small feature cases (borders, odd and even windows, stride, dilation, causal per axis, GQA,
+# additional keys, mixed and padded head dims, non-contiguous inputs, batch > 1). hopper-fna
+# declines exactly the 1-D ones whose dilation makes a 128-token box span more than a TMA box's
+# 256 positions (dilation 3: 384; 5: 640).
+SMALL_CASES = GEOMETRY_CASES + FEATURE_CASES + DTYPE_CASES
+TMA_REFUSED = {"sm90": {"13-k3-s2-d3-c1-B2H2-D16", "20-k4-d5-B1H3-kv1-D16", "7-k2-s2-d3-c1-B1H2-D16-x1"}}
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("case", HEAD_DIM_256_CASES, ids=Case.id)
-def test_sm80_head_dim_256_forward(case, dtype):
-    check_fused(case, dtype, "cuda", _backend(SM80), grad=False)
+@pytest.mark.parametrize("family,dtype", _family_dtypes(FORWARD_ONLY))
+@pytest.mark.parametrize("case", SMALL_CASES, ids=Case.id)
+def test_forward_only_family_small_cases(family, dtype, case):
+    if case.id() in TMA_REFUSED.get(family.name, ()):
+        backend = _backend(family, case.rank, dtype)
+        q = torch.randn(case.B, *case.shape, case.H, 64, device="cuda", dtype=dtype)
+        k = torch.randn(case.B, *case.shape, case.Hkv or case.H, 64, device="cuda", dtype=dtype)
+        with pytest.raises(ValueError, match=r"more than the 256 of a TMA box"):
+            op_for_rank(case.rank)(q, k, k, case.kernel, stride=case.stride, dilation=case.dilation,
+                                   is_causal=case.causal, backend=backend)
+        return
+    _check_served(family, case, dtype)
 
 
-def test_sm80_head_dim_256_gradients_take_another_backend():
+@pytest.mark.parametrize("family", FORWARD_ONLY, ids=lambda f: f.name)
+def test_forward_only_family_under_torch_compile(family):
+    """Under torch.compile(fullgraph=True) the plan leaves the tiles to the operator, which resolves
+    them on concrete tensors; no gradients, so the backend serves the call."""
     import natten
 
-    _backend(SM80)
-    q, k, v = (torch.randn(1, 12, 16, 1, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
-    with pytest.raises(ValueError, match="backward"):
-        natten.na2d(q, k, v, kernel_size=5, backend="cutlass-fna")
-    check_fused(Case((12, 16), 5, D=256), torch.bfloat16, "cuda", None)
+    backend = _backend(family, 2, torch.bfloat16)
+    kernel, dilation, causal = (7, 5), (2, 1), (False, True)
+    q = torch.randn(1, 20, 30, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 20, 30, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+
+    def f(q, k, v):
+        return natten.na2d(q, k, v, kernel, dilation=dilation, is_causal=causal, backend=backend,
+                           return_lse=True)
+
+    torch._dynamo.reset()
+    out, lse = torch.compile(f, fullgraph=True)(q, k, v)
+    ref_out, ref_lse = reference_na(*(t.cpu().double() for t in (q, k, v)), kernel, (1, 1), dilation,
+                                    causal)
+    tol = tolerance(torch.bfloat16, "cuda", backend)
+    assert_close(out, ref_out, tol, "output")
+    assert_close(lse, ref_lse, tol, "lse")
 
 
-def test_sm80_float32_backend_none_follows_torch_tf32_setting():
+def test_hopper_gradients_raise_and_backend_none_takes_cutlass():
+    import natten
     from natten import _plan
 
-    _backend(SM80)
-    q = torch.randn(1, 16, 16, 2, 32, device="cuda")
+    _backend(SM90, 2, torch.bfloat16)
+    _backend(SM80, 2, torch.bfloat16)
+    q, k, v = (torch.randn(2, 128, 128, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    with pytest.raises(ValueError, match="gradients are not supported by hopper-fna, which has forward "
+                                         "kernels only"):
+        natten.na2d(q, k, v, kernel_size=(16, 16), backend="hopper-fna")
 
-    def chosen():
-        return _plan.plan(True, 2, q, q, q, None, None, 5, 1, 1, False, None, None, None, None,
+    def chosen(*qkv):
+        return _plan.plan(True, 2, *qkv, None, None, (16, 16), 1, 1, False, None, None, None, None,
                           None, None).backend.name
-    saved = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        assert chosen() != "cutlass-fna"
-        torch.set_float32_matmul_precision("high")
-        assert chosen() == "cutlass-fna"
-    finally:
-        torch.set_float32_matmul_precision(saved)
+
+    assert chosen(q, k, v) == "cutlass-fna"
+    assert chosen(q.detach(), k.detach(), v.detach()) == "hopper-fna"  # 65536 query rows
+    check_fused(Case((24, 20), (9, 16), D=64, H=2), torch.bfloat16, "cuda", None)
+
+
+# (spatial, batch, heads, kernel, dilation, head dim) -> the backend backend=None takes for a
+# forward-only bf16 call; P1-P5 as in benchmarks/problems.py.
+PREFERENCE = [
+    pytest.param((32768,), 1, 16, (2048,), (1,), 128, "hopper-fna", id="P1"),
+    pytest.param((128, 128), 1, 16, (32, 32), (1, 1), 128, "hopper-fna", id="P2"),
+    pytest.param((16, 64, 64), 1, 16, (8, 16, 16), (1, 1, 1), 128, "hopper-fna", id="P3"),
+    pytest.param((56, 56), 32, 4, (7, 7), (1, 1), 32, "cutlass-fna", id="P4"),
+    pytest.param((56, 56), 32, 4, (7, 7), (8, 8), 32, "cutlass-fna", id="P5"),
+    # 16 x 1024 query rows: under the 32K rows from which hopper-fna is preferred.
+    pytest.param((32, 32), 1, 16, (16, 16), (1, 1), 128, "cutlass-fna", id="few-rows"),
+    # 2-D boxes of 16 x 8 need dilation <= 8 per axis.
+    pytest.param((128, 160), 1, 16, (12, 12), (1, 9), 128, "cutlass-fna", id="dilation-9"),
+]
+
+
+@pytest.mark.parametrize("spatial,batch,heads,kernel,dilation,dim,expected", PREFERENCE)
+def test_backend_none_prefers_hopper_on_large_forward_only_problems(spatial, batch, heads, kernel,
+                                                                      dilation, dim, expected):
+    from natten import _plan
+
+    _backend(SM90, len(spatial), torch.bfloat16)
+    _backend(SM80, len(spatial), torch.bfloat16)
+    q = torch.randn(batch, *spatial, heads, dim, device="cuda", dtype=torch.bfloat16)
+    chosen = _plan.plan(True, len(spatial), q, q, q, None, None, kernel, 1, dilation, False, None,
+                        None, None, None, None, None).backend.name
+    assert chosen == expected
+
+
+def test_hopper_kernel_errors_are_clean():
+    """What the problem cannot tell Python (pointer alignment), and a problem the backend would
+    have declined passed to the kernel directly, raise ValueError from the kernel's checks."""
+    import natten
+    from natten import _C
+    from natten._manifest import Key
+
+    backend = _backend(SM90, 2, torch.bfloat16)
+    shape, n = (1, 16, 16, 2, 64), 16 * 16 * 2 * 64
+    misaligned = torch.randn(n + 8, device="cuda", dtype=torch.bfloat16)[1:n + 1].view(shape)
+    assert misaligned.is_contiguous() and misaligned.data_ptr() % 16 != 0
+    q = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="16-byte boundaries"):
+        natten.na2d(misaligned, q, q, kernel_size=5, backend=backend)
+
+    row = next(r for r in _manifest().INSTANTIATIONS if r.family == "sm90" and r.op == "fna_fwd"
+               and r.rank == 2 and r.dtype == "bfloat16")
+    fields = Key(*row)._asdict()
+    kernel = _C.find_tiled_kernel(fields.pop("family"), fields.pop("op"), fields)
+    window = _C.Window([3, 3], [1, 1], [1, 9], [False, False])
+    q = torch.randn(1, 16, 40, 2, 64, device="cuda", dtype=torch.bfloat16)
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:-1], device="cuda")
+    with pytest.raises(ValueError, match="dilation 9 on axis 1"):
+        _C.tiled_fna_forward(q, q, q, None, None, window, 0.125, kernel, out, lse)
+    torch.cuda.synchronize()  # nothing was launched that could fail later
+
+
+# ---------------------------------------------------------------------------------------------
+# hopper-fna's rules without a GPU: its backend over the registry's sm90 instantiations
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """hopper-fna as a build of every sm90 instantiation for 9.0 would load it, on a 9.0 GPU."""
+    from natten.backends import tiled
+    from natten.backends.hopper import HopperBackend
+
+    rows = [k.key for k in registry.kernels(True) if k.family is SM90]
+    monkeypatch.setattr(tiled, "manifest_rows", lambda: rows)
+    monkeypatch.setattr(tiled, "manifest_archs", lambda: {"sm90": ("9.0",)})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    return HopperBackend()
+
+
+def _problem(spatial, kernel, dilation=None, dtype=torch.bfloat16, dim=128, batch=1, heads=16,
+             requires_grad=False):
+    from natten._checks import FusedProblem, Window
+
+    rank = len(spatial)
+    window = Window(tuple(kernel), (1,) * rank, tuple(dilation or (1,) * rank), (False,) * rank)
+    return FusedProblem(window, tuple(spatial), batch, heads, heads, dim, dim, 0, dtype,
+                        torch.device("cuda"), requires_grad)
+
+
+@pytest.mark.parametrize("problem,reason", [
+    (_problem((64, 64), (7, 7), requires_grad=True), "gradients are not supported by hopper-fna"),
+    (_problem((64, 64), (7, 7), dtype=torch.float32), "float32 is not supported by hopper-fna"),
+    (_problem((64, 64), (7, 7), dim=256), "head dim 256 is not supported"),
+    (_problem((64, 64), (7, 7), dim=36), "multiples of 8"),
+    (_problem((400,), (9,), dilation=(3,)), "dilation 3 on axis 0 with tile extents 128/128 spans 384"),
+    (_problem((64, 90), (7, 7), dilation=(1, 9)), "dilation 9 on axis 1 exceeds 8"),
+    (_problem((64, 64), (7, 7), batch=2**14, heads=2**5), "32-bit"),
+])
+def test_hopper_declines_with_the_reason(hopper, problem, reason):
+    assert reason in hopper.unsupported(problem)
+
+
+@pytest.mark.parametrize("problem", [
+    _problem((64, 64), (7, 7), dim=96),  # padded to 128
+    _problem((64, 64), (7, 7), dim=8, dtype=torch.float16),  # padded to 64
+    _problem((400,), (9,), dilation=(2,)),  # 128-token boxes over 256 positions
+    _problem((64, 72), (7, 7), dilation=(8, 8)),  # 16 x 8 boxes over 128 x 64 positions
+    _problem((16, 64, 64), (8, 16, 16)),
+])
+def test_hopper_serves(hopper, problem):
+    assert hopper.unsupported(problem) is None
+    q, kv = _fwd_tiles(SM90, problem.rank)[0]
+    assert hopper.default_tiles(problem, False) == (q, kv)
+    assert hopper.check_tiles(problem, q, kv) is None
+
+
+def test_hopper_tiles_are_checked_against_dilation(hopper):
+    problem = _problem((400,), (9,), dilation=(3,))
+    assert "spans 384 positions" in hopper.check_tiles(problem, (128,), (128,))
+    assert "not an instantiated" in hopper.check_tiles(_problem((400,), (9,)), (64,), (64,))
+
+
+@pytest.mark.parametrize("problem,why", [
+    (_problem((32768,), (2048,)), None),
+    (_problem((128, 128), (32, 32)), None),
+    (_problem((16, 64, 64), (8, 16, 16)), None),
+    (_problem((56, 56), (7, 7), dim=32, batch=32, heads=4), "windows of 49 keys"),
+    (_problem((32, 32), (16, 16)), "fewer query rows"),  # 16384
+    (_problem((32, 64), (16, 16)), None),  # exactly 32K rows
+])
+def test_hopper_preference_rule(hopper, problem, why):
+    reason = hopper.passed_over(problem)
+    assert reason is None if why is None else why in reason
+

@@ -1,6 +1,7 @@
 // Fused neighbourhood attention backward for Hopper (sm_90a): the family's entry point. It
 // validates the problem with the shared tile geometry (common/tile_params.h) as every tiled
-// family does; the kernels themselves do not exist yet, so it then declines every problem.
+// family does; the kernels themselves do not exist yet, so it then declines every problem, and the
+// registry instantiates none of it (hopper-fna declines calls that need gradients).
 #pragma once
 
 #include <stdexcept>

@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       load_box<Rank>(&params.q_map, &sm.q_full, sm.q.data() + c * M * kChunkCols, c * kChunkCols, pos, hb_q);
     }
     auto state = cutlass::make_producer_start_state<Pipeline>();
-    typename sm80::KeyWalk<Rank, QTile, KVTile>::Cursor at;
+    typename KeyWalk<Rank, QTile, KVTile>::Cursor at;
     for (int n = 0; n < steps; ++n) {
       int o[Rank];
       walk.origin(at, o);
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   CUTE_UNROLL
   for (int i = 0; i < 2; ++i) {
     int const r = get<0>(cols_s(2 * i));
-    row_token[i] = sm80::box_token<Rank, QTile>(p, cta.g, cta.q_origin, r);
+    row_token[i] = box_token<Rank, QTile>(p, cta.g, cta.q_origin, r);
     CUTE_UNROLL
     for (int a = 0; a < Rank; ++a) {
       int const x = cta.q_origin[a] + QTile::offset(r, a);
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         rows.first[i][a] = w.first;
         rows.span[i][a] = unsigned(w.last - w.first);
       } else {  // a window no key is in: keys are >= 0
-        rows.first[i][a] = sm80::kNoKey;
+        rows.first[i][a] = kNoKey;
         rows.span[i][a] = 0u;
       }
     }
@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, alpha[2];
   bool const fold_scale = p.scale_log2 > 0.f;
-  typename sm80::KeyWalk<Rank, QTile, KVTile>::Cursor mask_at;
+  typename KeyWalk<Rank, QTile, KVTile>::Cursor mask_at;
   // Scores of step n -> probabilities (left in acc_s) and the output rescale factors (alpha).
   auto softmax_step = [&](int n) {
     if (!fold_scale) {  // scale <= 0 reorders or flattens scores: scale before masking with -inf
@@ -308,7 +308,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   CUTE_UNROLL
   for (int i = t; i < 64 * kPieces; i += 128) {
     int const r = consumer * 64 + i / kPieces, c = (i % kPieces) * 8;
-    int const token = sm80::box_token<Rank, QTile>(p, cta.g, cta.q_origin, r);
+    int const token = box_token<Rank, QTile>(p, cta.g, cta.q_origin, r);
     if (token >= 0 && c < p.dim_v) {
       int64_t const row = (int64_t(cta.b) * p.tokens + token) * p.heads + cta.h;
       *reinterpret_cast<uint4*>(out + row * p.dim_v + c) = *reinterpret_cast<uint4 const*>(stage_o + staged(r, c));

@@ -20,20 +20,16 @@
 #include <stdexcept>
 #include <string>
 
-#include "sm80/params.h"
+#include "common/tile_params.h"
 
 namespace natten::sm90 {
-
-// Tiles are boxes of the token grid, exactly as in the SM80 family (the generator names them
-// the same way).
-using sm80::Box;
 
 // Head-dim columns per TMA box and per swizzle atom: 128 bytes of a 16-bit element.
 constexpr int kChunkCols = 64;
 
 template <int Rank>
 struct ForwardParams {
-  sm80::Params<Rank> geo;  // shapes, per-axis windows and tile counts, pointers, scale
+  Params<Rank> geo;  // shapes, per-axis windows and tile counts, pointers, scale
   CUtensorMap q_map;
   CUtensorMap k_map;
   CUtensorMap v_map;
@@ -76,7 +72,7 @@ inline CUtensorMap encode(char const* op, CUtensorMapDataType type, int rank, vo
 // Descriptor of a grid tensor [B, *S, heads, dim] whose boxes are `Tile`s of one dilation group.
 template <int Rank, class Tile>
 CUtensorMap grid_map(char const* op, CUtensorMapDataType type, int elem_bytes, void const* base,
-                     sm80::Params<Rank> const& g, int heads, int dim) {
+                     Params<Rank> const& g, int heads, int dim) {
   uint64_t dims[5], strides[4];
   uint32_t box[5], step[5];
   int n = 0;
@@ -139,7 +135,7 @@ ForwardParams<Rank> make_forward_params(NaProblem const& p, FnaTensors const& t,
   int const q_box[3] = {QTile::extent(0), QTile::extent(1), QTile::extent(2)};
   int const kv_box[3] = {KVTile::extent(0), KVTile::extent(1), KVTile::extent(2)};
   ForwardParams<Rank> P{};
-  P.geo = sm80::make_params<Rank>(p, t, head_dim, q_box, kv_box, op);
+  P.geo = make_params<Rank>(p, t, head_dim, q_box, kv_box, op);
   auto const& g = P.geo;
   // The merged head/batch coordinate of the last batch entry's last head must fit an int.
   if (int64_t(g.batch) * g.tokens * g.heads > INT32_MAX || int64_t(g.batch) * g.num_extra * g.heads_kv > INT32_MAX) {

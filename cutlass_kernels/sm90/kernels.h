@@ -5,10 +5,12 @@
 //
 // The ops have the signatures of every tiled family (autogen/registry.py: TILED_OPS), so the
 // binding's tiled entry points serve them unchanged. Element types __half and __nv_bfloat16,
-// fp32 accumulation; lse, d_lse in float32; layouts as in common/na_params.h. Every function
-// launches on `stream`, returns without synchronising, and throws std::invalid_argument for a
-// problem it cannot serve (until the kernels exist: every problem) and std::runtime_error when a
-// launch fails.
+// fp32 accumulation; lse, d_lse in float32; layouts as in common/na_params.h. D and Dv must be
+// multiples of 8 and at most the instantiation's head dim; tensors start on 16-byte boundaries;
+// dilation at most 8 and a box extent times its dilation at most 256 on every axis (TMA limits).
+// Every function launches on `stream`, returns without synchronising, and throws
+// std::invalid_argument for a problem it cannot serve and std::runtime_error when a launch fails.
+// The backward is not written yet: the registry instantiates the forward alone.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -1,11 +1,89 @@
 """The hopper-fna backend: fused kernels on Hopper tensor cores (wgmma, TMA), sm_90a only, from
-the `sm90` family of natten._C. The family's kernels are not written yet: its entry points exist
-and decline every problem, and so does this backend, saying why."""
+the `sm90` family of natten._C. Forward only so far: calls that need gradients go elsewhere.
 
+The kernels load query and key boxes of the heads-last tensors with TMA, which bounds what they
+serve beyond the tiled families' common checks (cutlass_kernels/sm90/fwd_params.h)."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+from natten._checks import FusedProblem
+from natten.backends.base import Tile
 from natten.backends.tiled import TiledBackend
+
+# TMA limits: a traversal stride (the dilation) of at most 8 positions, and a box (a tile's
+# extent times the dilation, on a dilated axis) of at most 256 positions per axis.
+_MAX_DILATION = 8
+_MAX_BOX_SPAN = 256
+
+# backend=None takes hopper-fna over cutlass-fna only for problems of at least this many query
+# rows (query tokens x heads x batch: 256 CTAs of 128 queries, about two waves on an H100)...
+_MIN_ROWS = 32 * 1024
+# ...whose windows hold at least one key box (the 128 keys of every instantiated pair): with
+# smaller windows most of each box a walk loads is masked, and the SM80 kernels' 64-key boxes
+# waste less (P4/P5 of the benchmark, 7x7 windows, stay with cutlass-fna). Measured on an H200:
+# P1-P3 run 1.5-1.7x faster than cutlass-fna's forward (benchmarks/NOTES.md); the two bounds
+# themselves are not measured yet (gpu_bench's backend=None rows on P1-P5 check them).
+_MIN_WINDOW_KEYS = 128
+
+
+def _tma_limit(problem: FusedProblem, q_tile: Tile, kv_tile: Tile) -> Optional[str]:
+    """Why the TMA loads of these boxes cannot stride over the problem's dilation, or None."""
+    for axis, d in enumerate(problem.window.dilation):
+        if d > _MAX_DILATION:
+            return (f"dilation {d} on axis {axis} exceeds {_MAX_DILATION}, the largest stride of "
+                    f"hopper-fna's TMA loads")
+        span = d * max(q_tile[axis], kv_tile[axis])
+        if d > 1 and span > _MAX_BOX_SPAN:
+            return (f"dilation {d} on axis {axis} with tile extents {q_tile[axis]}/{kv_tile[axis]} "
+                    f"spans {span} positions, more than the {_MAX_BOX_SPAN} of a TMA box")
+    return None
 
 
 class HopperBackend(TiledBackend):
     name = "hopper-fna"
     family = "sm90"
-    has_kernels = False
+
+    def configs(self, problem: FusedProblem, backward: bool) -> List[Tuple[Tile, Tile]]:
+        """The instantiated pairs whose boxes TMA can load for the problem's dilation."""
+        return [c for c in super().configs(problem, backward) if _tma_limit(problem, *c) is None]
+
+    def unsupported(self, problem: FusedProblem) -> Optional[str]:
+        # Before the common checks, which would name the missing backward kernels' head dims.
+        if problem.requires_grad and problem.device.type == "cuda":
+            return ("gradients are not supported by hopper-fna, which has forward kernels only, and "
+                    "an input requires grad: pass tensors that do not (e.g. detached ones), or use "
+                    "another backend")
+        reason = super().unsupported(problem)
+        if reason is not None:
+            return reason
+        if not self.configs(problem, False):
+            return _tma_limit(problem, *super().configs(problem, False)[0])
+        tokens = math.prod(problem.spatial)
+        if (problem.batch * tokens * problem.heads > 2**31 - 1
+                or problem.batch * problem.num_extra * problem.heads_kv > 2**31 - 1):
+            return ("more than 2^31 - 1 rows of batch x tokens x heads (or of batch x additional "
+                    "keys x key heads) are not supported by hopper-fna, whose TMA coordinates are "
+                    "32-bit")
+        return None
+
+    def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile,
+                    backward: bool = False) -> Optional[str]:
+        return (_tma_limit(problem, q_tile, kv_tile)
+                or super().check_tiles(problem, q_tile, kv_tile, backward))
+
+    def passed_over(self, problem: FusedProblem) -> Optional[str]:
+        # Under torch.compile the sizes are symbols: the comparison becomes a guard (a compiled
+        # call whose sizes cross the bound recompiles once), and the message must not print them,
+        # which would specialise the graph on their values.
+        rows = problem.batch * math.prod(problem.spatial) * problem.heads
+        if rows < _MIN_ROWS:
+            return (f"fewer query rows (batch x tokens x heads) than the {_MIN_ROWS} from which "
+                    "hopper-fna is preferred")
+        keys = math.prod(problem.window.kernel_size)
+        if keys < _MIN_WINDOW_KEYS:
+            return (f"windows of {keys} keys are smaller than hopper-fna's key boxes of "
+                    f"{_MIN_WINDOW_KEYS}, which it is preferred from")
+        return None

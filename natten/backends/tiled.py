@@ -53,7 +53,6 @@ class TiledBackend(CompiledBackend):
     device_type = "cuda"
     supports_unfused = False
     head_dim_multiple = 8  # rows move in 16-byte pieces
-    has_kernels = True  # False while a family is a skeleton whose entry points decline everything
 
     def __init__(self):
         # (op, rank, dtype name) -> head dim -> (query box, key box) pairs in manifest order;
@@ -137,9 +136,6 @@ class TiledBackend(CompiledBackend):
                 return (f"head dim {max(problem.dim, problem.dim_v)} is not supported by this build's "
                         f"{name} {what} kernels for rank {problem.rank} and {dtype} "
                         f"(instantiated head dims: {dims or 'none'}; see NATTEN_KERNEL_FILTER)")
-        if not self.has_kernels:
-            return (f"{name} supports no problem yet: the {self.family} family's kernels are not written "
-                    "(its entry points decline every problem)")
         return None
 
     def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile,

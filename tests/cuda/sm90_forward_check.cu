@@ -12,10 +12,9 @@
 #include <cuda_runtime.h>
 
 #include "common/na_params.h"
-#include "sm80/params.h"
+#include "common/tile_params.h"
 
 namespace natten::sm90 {
-using sm80::Box;
 template <int Rank, typename Element, int HeadDim, class QTile, class KVTile>
 void run_fna_forward(NaProblem const&, FnaTensors const&, cudaStream_t);
 #if NATTEN_PART == 0
@@ -30,7 +29,7 @@ template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
 void fna_forward(NaProblem const& p, FnaTensors const& t, cudaStream_t stream);
 }  // namespace natten::sm80
 
-using natten::sm80::Box;
+using natten::Box;
 using bf16 = __nv_bfloat16;
 using fp16 = __half;
 
