@@ -52,22 +52,23 @@ def _runs_here(family) -> bool:
     return capability in family.targets(manifest.ARCHS.get(family.name, ()))
 
 
-def _built(family, rank: int, dtype: torch.dtype) -> bool:
-    """Whether the build has forward kernels of the family for the rank and dtype (a build's
-    kernel filter may leave some out)."""
+def _built(family, rank: int, dtype: torch.dtype, head_dim: int = 0) -> bool:
+    """Whether the build has forward kernels of the family for the rank and dtype at a head dim
+    that holds `head_dim` (a build's kernel filter may leave some out)."""
     name = str(dtype).replace("torch.", "")
     return any(r.family == family.name and r.op == "fna_fwd" and r.rank == rank and r.dtype == name
-               for r in _manifest().INSTANTIATIONS)
+               and (r.head_dim or 0) >= head_dim for r in _manifest().INSTANTIATIONS)
 
 
-def _backend(family, rank=None, dtype=None):
+def _backend(family, rank=None, dtype=None, head_dim=0):
     """The family's backend, skipping where the build did not compile the family for this GPU (or,
-    given a rank and dtype, left out its kernels for them), and failing where it did but the
-    backend is not available."""
+    given a rank and dtype, left out its kernels for them and the head dim), and failing where it
+    did but the backend is not available."""
     if not _runs_here(family):
         pytest.skip(f"the build has no {family.name} kernels for this GPU (needs a CUDA build and GPU)")
-    if rank is not None and not _built(family, rank, dtype):
-        pytest.skip(f"the build has no {family.name} forward kernels for rank {rank} and {dtype}")
+    if rank is not None and not _built(family, rank, dtype, head_dim):
+        pytest.skip(f"the build has no {family.name} forward kernels for rank {rank}, {dtype} and "
+                    f"head dim {head_dim}")
     from natten import backends
 
     available = backends.names_for_device("cuda")
@@ -78,7 +79,7 @@ def _backend(family, rank=None, dtype=None):
 def _check_served(family, case, dtype, **tiles):
     """check_fused on the family's backend (gradients too where the family has a backward), where
     a refusal fails: every case given here is one the backend must serve."""
-    backend = _backend(family, case.rank, dtype)
+    backend = _backend(family, case.rank, dtype, max(case.D, case.Dv or case.D))
     try:
         check_fused(case, dtype, "cuda", backend, grad=_has_backward(family), extra_kwargs=tiles or None)
     except pytest.skip.Exception as e:
