@@ -5,6 +5,7 @@ the reference backend; the CUDA cases skip without a GPU)."""
 
 import dataclasses
 import inspect
+import math
 
 import pytest
 import torch
@@ -213,6 +214,10 @@ def _f64(*shape, device):
     return torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
 
 
+def _gradcheck(fn, inputs, **kwargs) -> bool:
+    return torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, **kwargs)
+
+
 def _rpb_gradcheck_kw(device):
     # On CUDA the bias gradient is summed with atomics, whose order varies between runs.
     return {"nondet_tol": 1e-10} if device == "cuda" else {}
@@ -225,8 +230,7 @@ def test_gradcheck_original_qkrpb(device, rank):
     q, k = _f64(1, 2, *shape, 3, device=device), _f64(1, 2, *shape, 3, device=device)
     rpb = _f64(2, *(2 * x - 1 for x in as_tuple(kernel, rank)), device=device)
     op = getattr(nf, f"natten{rank}dqkrpb")
-    assert torch.autograd.gradcheck(lambda q, k, rpb: op(q, k, rpb, kernel, dil), (q, k, rpb),
-                                    eps=1e-6, atol=1e-6, rtol=1e-4, **_rpb_gradcheck_kw(device))
+    assert _gradcheck(lambda q, k, rpb: op(q, k, rpb, kernel, dil), (q, k, rpb), **_rpb_gradcheck_kw(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -235,21 +239,17 @@ def test_gradcheck_original_qk(device, rank):
     shape, kernel, dil = GRAD_CASES[rank]
     q, k = _f64(1, 2, *shape, 3, device=device), _f64(1, 2, *shape, 3, device=device)
     op = getattr(nf, f"natten{rank}dqk")
-    assert torch.autograd.gradcheck(lambda q, k: op(q, k, kernel, dil), (q, k), eps=1e-6, atol=1e-6,
-                                    rtol=1e-4)
+    assert _gradcheck(lambda q, k: op(q, k, kernel, dil), (q, k))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_gradcheck_original_av(device, rank):
     shape, kernel, dil = GRAD_CASES[rank]
-    window = 1
-    for x in as_tuple(kernel, rank):
-        window *= x
-    attn, v = _f64(1, 2, *shape, window, device=device), _f64(1, 2, *shape, 3, device=device)
+    attn = _f64(1, 2, *shape, math.prod(as_tuple(kernel, rank)), device=device)
+    v = _f64(1, 2, *shape, 3, device=device)
     op = getattr(nf, f"natten{rank}dav")
-    assert torch.autograd.gradcheck(lambda a, v: op(a, v, kernel, dil), (attn, v), eps=1e-6, atol=1e-6,
-                                    rtol=1e-4)
+    assert _gradcheck(lambda a, v: op(a, v, kernel, dil), (attn, v))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -266,8 +266,7 @@ def test_gradcheck_unfused(device, rank):
         attn = qk(q, k, kernel, dil, causal, rpb=rpb).softmax(-1)
         return av(attn, v, kernel, dil, causal)
 
-    assert torch.autograd.gradcheck(f, (q, k, v, rpb), eps=1e-6, atol=1e-6, rtol=1e-4,
-                                    **_rpb_gradcheck_kw(device))
+    assert _gradcheck(f, (q, k, v, rpb), **_rpb_gradcheck_kw(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -285,7 +284,7 @@ def test_gradcheck_fused(device, rank):
         return op(q, k, v, kernel, stride=stride, dilation=dil, additional_keys=ek,
                   additional_values=ev, return_lse=True)
 
-    assert torch.autograd.gradcheck(f, (q, k, v, ek, ev), eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert _gradcheck(f, (q, k, v, ek, ev))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available")

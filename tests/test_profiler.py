@@ -385,6 +385,15 @@ def _bounds_rows(out):
     return rows
 
 
+def _dry_run_bounds(spec, device, capsys):
+    """The bound rows of `--dry-run --backprop` for a benchmark problem (bf16, 16 heads of 128)."""
+    args = ["-i", *map(str, spec["input_size"]), "-k", *map(str, spec["kernel_size"]), "-n", "16", "-d", "128",
+            "-b", "1", "--dtype", "bfloat16", "--device", device, "--backprop", "--dry-run", "--dense-tflops", "500"]
+    rc, out, err = run_main(args, capsys)
+    assert rc == 0, err
+    return _bounds_rows(out)
+
+
 @pytest.mark.parametrize("name,spec,tiles,fwd,bwd", [("P2", P2, P2_TILES, P2_FWD, P2_BWD),
                                                       ("P3", P3, P3_TILES, P3_FWD, P3_BWD)])
 def test_dry_run_bounds_of_benchmark_problems(name, spec, tiles, fwd, bwd, monkeypatch, capsys):
@@ -394,11 +403,7 @@ def test_dry_run_bounds_of_benchmark_problems(name, spec, tiles, fwd, bwd, monke
     from natten import tuning
 
     monkeypatch.setattr(tuning, "candidates", lambda fused: {"cutlass-fna": ([tiles[:2]], [tiles[2:]])})
-    args = ["-i", *map(str, spec["input_size"]), "-k", *map(str, spec["kernel_size"]), "-n", "16", "-d", "128",
-            "-b", "1", "--dtype", "bfloat16", "--device", "cpu", "--backprop", "--dry-run", "--dense-tflops", "500"]
-    rc, out, err = run_main(args, capsys)
-    assert rc == 0, err
-    rows = _bounds_rows(out)
+    rows = _dry_run_bounds(spec, "cpu", capsys)
     dims = ["x".join(map(str, t)) for t in tiles]
     forward = rows[(f"cutlass-fna q{dims[0]} kv{dims[1]}", "forward")]
     both = rows[(f"cutlass-fna q{dims[0]} kv{dims[1]} bwd q{dims[2]} kv{dims[3]}", "fwd+bwd")]
@@ -481,13 +486,17 @@ def test_optimize_on_cpu_then_backend_none_takes_the_winner(tune_cache, tmp_path
     forward = next(r for r in report["ranking"] if r["pass"] == "forward")  # the fastest forward
     assert entries[False]["choice"]["q_tile"] == forward["tiles"]["q_tile_shape"]
     assert entries[False]["choice"]["backward_q_tile"] is None
+    _check_fresh_process_takes_the_cache(tune_cache, report, winner, "cpu", "torch.float32")
+
+
+def _check_fresh_process_takes_the_cache(tune_cache, report, winner, device, dtype):
+    """A fresh process with backend=None logs the cached winner for a call with gradients and the
+    fastest forward for one without."""
     describe = importlib.import_module("natten.tuning").Choice.from_dict(winner).describe()
-    proc = _backend_none_process(tune_cache, "cpu", "torch.float32", grad=True)
-    assert proc.returncode == 0, proc.stderr
-    assert f"{describe} (tuning cache {tune_cache})" in proc.stderr
-    proc = _backend_none_process(tune_cache, "cpu", "torch.float32", grad=False)
-    assert proc.returncode == 0, proc.stderr
-    assert f"{_fastest_forward(report)} (tuning cache {tune_cache})" in proc.stderr
+    for grad, expected in ((True, describe), (False, _fastest_forward(report))):
+        proc = _backend_none_process(tune_cache, device, dtype, grad=grad)
+        assert proc.returncode == 0, proc.stderr
+        assert f"{expected} (tuning cache {tune_cache})" in proc.stderr
 
 
 def _fastest_forward(report):
@@ -530,13 +539,7 @@ def test_gpu_optimize_then_backend_none_takes_the_winner(tune_cache, tmp_path, c
     timed = [r for r in report["ranking"] if r["ms"] is not None]
     assert report["winner"]["backend"] in {r["backend"] for r in timed}
     assert all(0 < r["fraction_of_bound"] for r in timed)
-    describe = importlib.import_module("natten.tuning").Choice.from_dict(report["winner"]).describe()
-    proc = _backend_none_process(tune_cache, "cuda", "torch.float16", grad=True)
-    assert proc.returncode == 0, proc.stderr
-    assert f"{describe} (tuning cache {tune_cache})" in proc.stderr
-    proc = _backend_none_process(tune_cache, "cuda", "torch.float16", grad=False)
-    assert proc.returncode == 0, proc.stderr
-    assert f"{_fastest_forward(report)} (tuning cache {tune_cache})" in proc.stderr
+    _check_fresh_process_takes_the_cache(tune_cache, report, report["winner"], "cuda", "torch.float16")
 
 
 @cuda
@@ -547,11 +550,7 @@ def test_gpu_dry_run_bounds(name, spec, tiles, fwd, bwd, capsys):
 
     if "cutlass-fna" not in backends.names_for_device("cuda"):
         pytest.skip("no cutlass-fna in this build")
-    args = ["-i", *map(str, spec["input_size"]), "-k", *map(str, spec["kernel_size"]), "-n", "16", "-d", "128",
-            "-b", "1", "--dtype", "bfloat16", "--device", "cuda", "--backprop", "--dry-run", "--dense-tflops", "500"]
-    rc, out, err = run_main(args, capsys)
-    assert rc == 0, err
-    rows = _bounds_rows(out)
+    rows = _dry_run_bounds(spec, "cuda", capsys)
     dims = ["x".join(map(str, t)) for t in tiles]
     assert rows[(f"cutlass-fna q{dims[0]} kv{dims[1]}", "forward")][0] == f"{fwd / 1e9:.4g}"
     key = (f"cutlass-fna q{dims[0]} kv{dims[1]} bwd q{dims[2]} kv{dims[3]}", "fwd+bwd")

@@ -413,17 +413,18 @@ struct BenchTensors {
   }
 };
 
-// Median of `iters` timed launches after three warm-up ones.
-float time_ms(Instance const& inst, NaProblem const& p, FnaTensors const& t, int iters) {
+// Median of `iters` timed runs of `work` (CUDA events around each), after `warmup` untimed ones.
+template <class Work>
+float median_ms(Work&& work, int iters, int warmup) {
   cudaEvent_t e0, e1;
   CUDA_CHECK(cudaEventCreate(&e0));
   CUDA_CHECK(cudaEventCreate(&e1));
-  for (int i = 0; i < 3; ++i) inst.run(p, t, nullptr);
+  for (int i = 0; i < warmup; ++i) work();
   CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<float> ms;
   for (int i = 0; i < iters; ++i) {
     CUDA_CHECK(cudaEventRecord(e0));
-    inst.run(p, t, nullptr);
+    work();
     CUDA_CHECK(cudaEventRecord(e1));
     CUDA_CHECK(cudaEventSynchronize(e1));
     float x;
@@ -434,6 +435,10 @@ float time_ms(Instance const& inst, NaProblem const& p, FnaTensors const& t, int
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
   return ms[ms.size() / 2];
+}
+
+float time_ms(Instance const& inst, NaProblem const& p, FnaTensors const& t, int iters) {
+  return median_ms([&] { inst.run(p, t, nullptr); }, iters, 3);
 }
 
 // Query rows times keys that the tiles of an instance compute (every query box's key walk in
@@ -512,27 +517,14 @@ int main(int argc, char** argv) {
         size_t const bytes = size_t(p.batch) * p.tokens() * p.heads * p.dim * sizeof(bf16);
         void* scratch;
         CUDA_CHECK(cudaMalloc(&scratch, bytes));
-        std::vector<float> ms;
-        cudaEvent_t e0, e1;
-        CUDA_CHECK(cudaEventCreate(&e0));
-        CUDA_CHECK(cudaEventCreate(&e1));
-        for (int i = 0; i < 10; ++i) {
-          CUDA_CHECK(cudaEventRecord(e0));
+        float const copy_ms = median_ms([&] {
           for (void const* src : {tensors.t.q, tensors.t.k, tensors.t.v, static_cast<void const*>(tensors.t.out)}) {
             CUDA_CHECK(cudaMemcpyAsync(scratch, src, bytes, cudaMemcpyDeviceToDevice));
           }
-          CUDA_CHECK(cudaEventRecord(e1));
-          CUDA_CHECK(cudaEventSynchronize(e1));
-          float x;
-          CUDA_CHECK(cudaEventElapsedTime(&x, e0, e1));
-          ms.push_back(x);
-        }
-        std::sort(ms.begin(), ms.end());
+        }, 10, 0);
         std::printf("%-3s %-22s copies of Q, K, V, O (a permutation's least cost): %.3f ms\n", bench.name,
-                    bench.c.name.c_str(), ms[ms.size() / 2]);
+                    bench.c.name.c_str(), copy_ms);
         cudaFree(scratch);
-        cudaEventDestroy(e0);
-        cudaEventDestroy(e1);
       }
       for (auto const& inst : instances()) {
         if (inst.rank != p.rank || !inst.bf || inst.head_dim != 128) continue;
