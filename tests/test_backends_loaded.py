@@ -3,7 +3,8 @@
 Backend tests skip what a machine cannot run, so a build that silently lost a family (a failed
 CUDA compile, a missing extension symbol, torch without Triton) would otherwise pass as "all
 skipped". What must load follows from the generated manifest (the kernel families compiled into
-natten._C) and from the device: a family's backend loads wherever its GPUs are present."""
+natten._C, and the compute capabilities each was compiled for) and from the device: a family's
+backend loads wherever the build compiled it for the GPU present."""
 
 import importlib.util
 
@@ -15,27 +16,25 @@ pytest.importorskip("natten._C")
 from natten import backends  # noqa: E402
 from natten.backends.base import manifest_rows  # noqa: E402
 
-# family in the manifest -> (backend name, device type, lowest compute capability)
-FAMILIES = {
-    "cpu": ("cpu", "cpu", None),
-    "reference": ("reference", "cuda", (0, 0)),
-    "sm80": ("cutlass-fna", "cuda", (8, 0)),
-    "sm90": ("hopper-fna", "cuda", (9, 0)),
-}
-
-
 def expected_backends():
-    """{device type: backend names that must load}."""
-    families = {row[0] for row in manifest_rows()}
-    unknown = families - set(FAMILIES)
-    assert not unknown, f"manifest families {sorted(unknown)} have no expectation here: add them to FAMILIES"
+    """{device type: backend names that must load}: the backend of every family in the manifest
+    (autogen/registry.py names it) wherever the build compiled that family for this GPU."""
+    import natten._manifest as manifest
+    from autogen import registry
+
+    families = {f.name: f for f in registry.FAMILIES}
+    built = {row[0] for row in manifest_rows()}
+    unknown = built - set(families)
+    assert not unknown, f"manifest families {sorted(unknown)} are not in autogen/registry.py"
     gpu = torch.cuda.is_available()
-    capability = torch.cuda.get_device_capability() if gpu else None
+    capability = ".".join(map(str, torch.cuda.get_device_capability())) if gpu else None
     expected = {"cpu": set(), "cuda": set()}
-    for family in families:
-        name, device, lowest = FAMILIES[family]
-        if device == "cpu" or (gpu and capability >= lowest):
-            expected[device].add(name)
+    for name in built:
+        family = families[name]
+        if not family.cuda:
+            expected["cpu"].add(family.backend)
+        elif gpu and capability in family.targets(manifest.ARCHS.get(name, ())):
+            expected["cuda"].add(family.backend)
     if gpu and importlib.util.find_spec("triton") is not None:
         expected["cuda"].add("flex-fna")
     return expected
