@@ -88,7 +88,7 @@ def check_shape(batch: int, heads: int, grid: Tuple[int, ...], window: int, dtyp
     if compare:
         with torch.no_grad():
             ref = op(q, k, v, kernel_size=window, backend="reference").double()
-        err = float(torch.linalg.vector_norm(out.double() - ref) / torch.linalg.vector_norm(ref))
+        err = float(torch.linalg.vector_norm(out.detach().double() - ref) / torch.linalg.vector_norm(ref))
         if err > MAX_REL_ERR:
             return f"output differs from the reference backend: rel err {err:.2e}"
     return None
