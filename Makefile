@@ -40,11 +40,17 @@ bench:
 sanitize:
 	compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest -q -x \
 		tests/test_cuda_fused.py -k "(cuda-reference or cuda-cutlass-fna) and (test_dtypes or test_geometry_and_features)"
+	compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest -q -x \
+		tests/test_cuda_tiled.py -k "test_forward_only_family_small_cases and bfloat16"
+
+# pytest-xdist, where installed, spreads the suite over processes that share the GPU: the
+# compile-heavy tests (torch.compile, flex-fna) then run side by side.
+XDIST = $(shell $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n 8")
 
 # On a GPU machine: build in place for the local GPU (no network needed), run every test, the
 # sanitizer subset and the benchmark (its table last).
 gpu-check: build
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q $(XDIST) tests
 	$(MAKE) sanitize
 	$(PYTHON) benchmarks/gpu_bench.py
 
