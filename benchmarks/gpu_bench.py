@@ -101,6 +101,34 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------
 
 
+# `backend=None`: natten's own choice per call, timed like a named backend and checked against
+# the fastest named one (dispatch_check).
+AUTO = "auto"
+AUTO_TOLERANCE = 1.10
+RETIME_ROUNDS = 5
+
+
+def dispatch_check(rows: List[dict]) -> List[str]:
+    """Per problem and pass: is `natten auto` within AUTO_TOLERANCE of the fastest named natten
+    backend? One line each, "ok" or "SLOW"."""
+    lines = []
+    keys = sorted({(r["problem"], r["pass_"]) for r in rows if r["impl"] == f"natten {AUTO}" and "error" not in r})
+    for problem, pass_ in keys:
+        named = [r for r in rows if r["problem"] == problem and r["pass_"] == pass_ and "error" not in r
+                 and r["impl"].startswith("natten ") and r["impl"] != f"natten {AUTO}"]
+        if not named:
+            continue
+        auto = next(r for r in rows if r["problem"] == problem and r["pass_"] == pass_
+                    and r["impl"] == f"natten {AUTO}")
+        best = min(named, key=lambda r: r["ms"])
+        a, b = auto.get("retimed_ms", auto["ms"]), best.get("retimed_ms", best["ms"])
+        ratio = a / b
+        verdict = "ok" if ratio <= AUTO_TOLERANCE else "SLOW"
+        lines.append(f"{problem} {pass_}: auto {a:.3f} ms, fastest named {best['impl'][7:]} {b:.3f} ms "
+                     f"(re-timed in alternation, medians of {RETIME_ROUNDS}), ratio {ratio:.3f} {verdict}")
+    return lines
+
+
 def run_problem(p: Problem, device: torch.device, dtype: torch.dtype, backends: List[str],
                 passes: List[str], warmup: int, repeat: int, peers: bool = True) -> List[dict]:
     B, S, H, D = p.batch, p.spatial, p.heads, p.dim
@@ -141,9 +169,11 @@ def run_problem(p: Problem, device: torch.device, dtype: torch.dtype, backends: 
         reference = _peers(p, q, k, v, d_out, scale, device, passes, warmup, repeat, record, leaves, failed)
 
     # ---- natten backends ----
+    calls = {}  # (backend, pass) -> the timed callable, for the re-timing of backend=None below
     for name in backends:
         impl = f"natten {name}"
-        kwargs = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal, backend=name)
+        kwargs = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal,
+                      backend=None if name == AUTO else name)
         guard = {}
         try:
             progress(f"{p.name}: natten {name} forward (first call compiles / builds masks)")
@@ -155,20 +185,41 @@ def run_problem(p: Problem, device: torch.device, dtype: torch.dtype, backends: 
                 if err > GUARD_REL_ERR:
                     progress(f"{p.name}: WARNING natten {name} differs from row-major flex: rel err {err:.2e}")
             if "fwd" in passes:
-                with torch.no_grad():
-                    timed = time_ms(lambda: na(q, k, v, **kwargs), device, warmup, repeat)
-                record(impl, "fwd", timed, **guard)
+                def forward(kwargs=kwargs):
+                    with torch.no_grad():
+                        return na(q, k, v, **kwargs)
+                record(impl, "fwd", time_ms(forward, device, warmup, repeat), **guard)
+                calls[(name, "fwd")] = forward
         except Exception as e:  # noqa: BLE001 - a failing backend is a row; the others go on
             failed(impl, "fwd", e)
         if "fwd+bwd" in passes:
             try:
                 qg, kg, vg = leaves()
                 progress(f"{p.name}: natten {name} forward+backward")
-                timed = time_ms(lambda: torch.autograd.grad(na(qg, kg, vg, **kwargs), (qg, kg, vg), d_out),
-                                device, warmup, repeat)
-                record(impl, "fwd+bwd", timed, **guard)
+                def step(kwargs=kwargs, qg=qg, kg=kg, vg=vg):
+                    return torch.autograd.grad(na(qg, kg, vg, **kwargs), (qg, kg, vg), d_out)
+                record(impl, "fwd+bwd", time_ms(step, device, warmup, repeat), **guard)
+                calls[(name, "fwd+bwd")] = step
             except Exception as e:  # noqa: BLE001
                 failed(impl, "fwd+bwd", e)
+
+    # backend=None against the fastest named backend: both re-timed in alternation, so that a
+    # clock or host hiccup during one backend's turn does not decide the comparison.
+    for pass_ in passes:
+        named = [r for r in rows if r["pass_"] == pass_ and "error" not in r and r["impl"].startswith("natten ")
+                 and r["impl"] != f"natten {AUTO}"]
+        auto_row = next((r for r in rows if r["pass_"] == pass_ and r["impl"] == f"natten {AUTO}"
+                         and "error" not in r), None)
+        if auto_row is None or not named:
+            continue
+        best = min(named, key=lambda r: r["ms"])
+        rounds = {AUTO: [], best["impl"][7:]: []}
+        progress(f"{p.name}: re-timing auto and {best['impl'][7:]} ({pass_}) in alternation")
+        for _ in range(RETIME_ROUNDS):
+            for name, ms in rounds.items():
+                ms.append(time_ms(calls[(name, pass_)], device, 1, repeat)[0])
+        auto_row["retimed_ms"] = statistics.median(rounds[AUTO])
+        best["retimed_ms"] = statistics.median(rounds[best["impl"][7:]])
 
     # speedup over dense SDPA, per pass
     sdpa = {r["pass_"]: r["ms"] for r in rows if r["impl"] == "sdpa dense"}
@@ -311,8 +362,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--problems", default=",".join(PROBLEMS), help="comma list of P1..P5 (default: all)")
     ap.add_argument("--backends", default=None,
-                    help="comma list of natten backends (default: every one usable on the device except "
-                         "the 'reference' fallback, which takes minutes on P1-P3, unless it is the only one)")
+                    help="comma list of natten backends, 'auto' meaning backend=None (default: 'auto' and every "
+                         "one usable on the device except the 'reference' fallback, which takes minutes on "
+                         "P1-P3, unless it is the only one)")
     ap.add_argument("--repeat", type=int, default=10, help="timed runs, median reported (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     ap.add_argument("--backprop", action=argparse.BooleanOptionalAction, default=True,
@@ -341,7 +393,7 @@ def main(argv=None) -> int:
     if args.backends:
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     else:
-        backends = [b for b in available if b != "reference"] or available
+        backends = [AUTO] + ([b for b in available if b != "reference"] or available)
     passes = ["fwd"] + (["fwd+bwd"] if args.backprop else [])
 
     t0 = time.perf_counter()
@@ -360,6 +412,10 @@ def main(argv=None) -> int:
                        "dtype": str(dtype), "backends": backends, "tiny": args.tiny,
                        "problems": [p.__dict__ for p in problems], "results": rows}, f, indent=2)
     print_table(problems, rows, device)
+    checks = dispatch_check(rows)
+    if checks:
+        print(f"\nbackend=None against the fastest named backend (within {AUTO_TOLERANCE - 1:.0%}):")
+        print("\n".join("  " + c for c in checks))
     # Exit 1 on a wrong result, or when every natten backend failed everywhere; a backend that
     # fails on some problem is an error row of the table, and the others go on.
     natten_rows = [r for r in rows if r["impl"].startswith("natten ")]

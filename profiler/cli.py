@@ -245,14 +245,15 @@ def tile_jobs(problem: Problem, backend: str, pass_name: str) -> list:
             for q, kv in backends.get(backend).tile_configs(fused, backward)]
 
 
-def check_backend(problem: Problem, backend: str) -> Optional[str]:
-    """None when ``backend`` can run ``problem``; otherwise natten's reason why not.
+def check_backend(problem: Problem, backend: str, backprop: bool = False) -> Optional[str]:
+    """None when ``backend`` can run ``problem`` (with gradients when ``backprop``); otherwise
+    natten's reason why not.
 
     Asks natten's argument checks and the backend's own support test (no kernel runs).
     Where those are not reachable, a single untimed forward call answers instead: natten
     validates arguments and backend support before any kernel runs.
     """
-    inputs = problem.make_inputs(requires_grad=False)
+    inputs = problem.make_inputs(requires_grad=backprop)
     try:
         from natten import backends
 
@@ -380,14 +381,18 @@ def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warm
         raise CliError(f"invalid problem: {_reason(e)}") from None
 
     rows: list = []
-    skipped: dict = {}  # backends natten declines for the problem, not asked for by name
+    # Backends natten declines for the problem, or for one pass of it (a forward-only family
+    # with --backprop), not asked for by name: a line under the table, not an error row.
+    skipped: dict = {}
     jobs = []
     for b in names:
-        declined = None if b == AUTO else check_backend(problem, b)
-        if declined is not None and not requested:
-            skipped[b] = declined
-            continue
         for p in passes:
+            declined = None if b == AUTO else check_backend(problem, b, p != "forward")
+            if declined is not None and not requested:
+                skipped[b if p == "forward" else f"{b} {p}"] = declined
+                if p == "forward":
+                    break
+                continue
             if declined is not None:
                 jobs.append((b, p, b, None, f"cannot run this problem: {declined}"))
                 continue
@@ -480,7 +485,8 @@ def run_optimize(problem: Problem, args: argparse.Namespace, out) -> dict:
     from natten import tuning
 
     if not tuning.candidates(fused):
-        reasons = "; ".join(f"{b}: {check_backend(problem, b)}" for b in device_backends(problem.device))
+        reasons = "; ".join(f"{b}: {check_backend(problem, b, args.backprop)}"
+                            for b in device_backends(problem.device))
         raise CliError(f"no backend can run this problem: {reasons or 'none is available'}")
     max_seconds = args.max_seconds or DEFAULT_MAX_SECONDS
     try:

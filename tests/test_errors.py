@@ -168,12 +168,20 @@ def test_cpu_backend_with_cuda_tensor():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available")
 def test_gpu_backend_float64_rejected():
+    """float64 on CUDA runs on `reference` only (and through it under backend=None); every other
+    CUDA backend names the dtype."""
     import natten
 
     q, k, v = (t.cuda().double() for t in _base(1))
-    for name in natten.backends.names_for_device("cuda"):
+    names = natten.backends.names_for_device("cuda")
+    assert "reference" in names
+    for name in names:
+        if name == "reference":
+            assert _fused(1)(q, k, v, kernel_size=3, backend=name).dtype == torch.float64
+            continue
         with pytest.raises(ValueError, match="dtype|float64"):
             _fused(1)(q, k, v, kernel_size=3, backend=name)
+    assert _fused(1)(q, k, v, kernel_size=3).dtype == torch.float64
 
 
 # ---------------------------------------------------------------------------

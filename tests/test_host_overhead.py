@@ -266,3 +266,19 @@ def test_float32_passes_over_tf32_kernels_unless_torch_allows_tf32():
         assert Sm80Backend().passed_over(replace(problem, dtype=torch.bfloat16)) is None
     finally:
         torch.set_float32_matmul_precision(saved)
+
+
+def test_memoized_planning_takes_unhashable_arguments():
+    # Fake-tensor propagation under torch.compile(dynamic=True) hands some torch versions'
+    # operators SymInts, which cannot be hashed: the planning cache must run the function instead.
+    from natten._memo import memoize
+
+    calls = []
+
+    @memoize
+    def area(sizes):
+        calls.append(sizes)
+        return sizes[0] * sizes[1]
+
+    assert area((3, 4)) == area((3, 4)) == 12 and len(calls) == 1
+    assert area([3, 4]) == area([3, 4]) == 12 and len(calls) == 3

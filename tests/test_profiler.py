@@ -235,6 +235,29 @@ def test_declined_backend_named_explicitly_is_a_row(monkeypatch, capsys):
     assert rows[1][:2] == ["flex-fna", "forward"] and "cannot run this problem" in rows[1][2] and "float64" in rows[1][2]
 
 
+def test_backend_declining_the_backward_is_a_skipped_line(monkeypatch, capsys):
+    # A forward-only family (hopper-fna on a GPU) under --backprop: its forward is a row, its
+    # fwd+bwd a "skipped" line with the reason, not an error row; named explicitly, an error row.
+    real = cli.check_backend
+
+    def check(problem, backend, backprop=False):
+        if backend == "flex-fna" and backprop:
+            return "gradients are not supported by flex-fna here"
+        return real(problem, backend, backprop)
+
+    monkeypatch.setattr(cli, "check_backend", check)
+    monkeypatch.setattr(cli, "device_backends", lambda device: ["cpu", "flex-fna"])
+    rc, out, err = run_main(TINY + ["--backprop"], capsys)
+    assert rc == 0, err
+    assert [r[:2] for r in table_rows(out)] == [["cpu", "forward"], ["cpu", "fwd+bwd"], ["flex-fna", "forward"]]
+    assert all(not r[2].startswith("error:") for r in table_rows(out))
+    assert "skipped flex-fna fwd+bwd: gradients are not supported by flex-fna here" in out
+    rc, out, err = run_main(TINY + ["--backprop", "--backend", "flex-fna"], capsys)
+    rows = table_rows(out)
+    assert [r[:2] for r in rows] == [["flex-fna", "forward"], ["flex-fna", "fwd+bwd"]]
+    assert not rows[0][2].startswith("error:") and "cannot run this problem: gradients" in rows[1][2]
+
+
 # ---- subprocess ------------------------------------------------------------------------
 
 
