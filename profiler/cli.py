@@ -75,7 +75,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-DEFAULT_MAX_SECONDS = 300.0
+DEFAULT_MAX_SECONDS = 150.0
 
 
 def default_device() -> str:
