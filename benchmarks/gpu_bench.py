@@ -109,23 +109,16 @@ RETIME_ROUNDS = 5
 
 
 def dispatch_check(rows: List[dict]) -> List[str]:
-    """Per problem and pass: is `natten auto` within AUTO_TOLERANCE of the fastest named natten
-    backend? One line each, "ok" or "SLOW"."""
+    """Per problem and pass that run_problem re-timed: is `natten auto` within AUTO_TOLERANCE of
+    the fastest named natten backend? One line each, "ok" or "SLOW"."""
     lines = []
-    keys = sorted({(r["problem"], r["pass_"]) for r in rows if r["impl"] == f"natten {AUTO}" and "error" not in r})
-    for problem, pass_ in keys:
-        named = [r for r in rows if r["problem"] == problem and r["pass_"] == pass_ and "error" not in r
-                 and r["impl"].startswith("natten ") and r["impl"] != f"natten {AUTO}"]
-        if not named:
-            continue
-        auto = next(r for r in rows if r["problem"] == problem and r["pass_"] == pass_
-                    and r["impl"] == f"natten {AUTO}")
-        best = min(named, key=lambda r: r["ms"])
-        a, b = auto.get("retimed_ms", auto["ms"]), best.get("retimed_ms", best["ms"])
-        ratio = a / b
-        verdict = "ok" if ratio <= AUTO_TOLERANCE else "SLOW"
-        lines.append(f"{problem} {pass_}: auto {a:.3f} ms, fastest named {best['impl'][7:]} {b:.3f} ms "
-                     f"(re-timed in alternation, medians of {RETIME_ROUNDS}), ratio {ratio:.3f} {verdict}")
+    for r in rows:
+        if "dispatch" in r:
+            best, auto_ms, best_ms = r["dispatch"]
+            ratio = auto_ms / best_ms
+            lines.append(f"{r['problem']} {r['pass_']}: auto {auto_ms:.3f} ms, fastest named {best} {best_ms:.3f} ms "
+                         f"(re-timed in alternation, medians of {RETIME_ROUNDS}), ratio {ratio:.3f} "
+                         f"{'ok' if ratio <= AUTO_TOLERANCE else 'SLOW'}")
     return lines
 
 
@@ -212,14 +205,13 @@ def run_problem(p: Problem, device: torch.device, dtype: torch.dtype, backends: 
                          and "error" not in r), None)
         if auto_row is None or not named:
             continue
-        best = min(named, key=lambda r: r["ms"])
-        rounds = {AUTO: [], best["impl"][7:]: []}
-        progress(f"{p.name}: re-timing auto and {best['impl'][7:]} ({pass_}) in alternation")
+        best = min(named, key=lambda r: r["ms"])["impl"][len("natten "):]
+        rounds = {AUTO: [], best: []}
+        progress(f"{p.name}: re-timing auto and {best} ({pass_}) in alternation")
         for _ in range(RETIME_ROUNDS):
             for name, ms in rounds.items():
                 ms.append(time_ms(calls[(name, pass_)], device, 1, repeat)[0])
-        auto_row["retimed_ms"] = statistics.median(rounds[AUTO])
-        best["retimed_ms"] = statistics.median(rounds[best["impl"][7:]])
+        auto_row["dispatch"] = (best, statistics.median(rounds[AUTO]), statistics.median(rounds[best]))
 
     # speedup over dense SDPA, per pass
     sdpa = {r["pass_"]: r["ms"] for r in rows if r["impl"] == "sdpa dense"}

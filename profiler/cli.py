@@ -10,6 +10,7 @@ the winner in the tuning cache that ``backend=None`` reads (see profiler/optimiz
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -245,32 +246,35 @@ def tile_jobs(problem: Problem, backend: str, pass_name: str) -> list:
             for q, kv in backends.get(backend).tile_configs(fused, backward)]
 
 
-def check_backend(problem: Problem, backend: str, backprop: bool = False) -> Optional[str]:
-    """None when ``backend`` can run ``problem`` (with gradients when ``backprop``); otherwise
-    natten's reason why not.
+def check_backend(problem: Problem, backend: str, passes: tuple = ("forward",)) -> dict:
+    """Per pass of ``passes``: None when ``backend`` can run ``problem`` (with gradients for a
+    pass other than the forward); otherwise natten's reason why not.
 
-    Asks natten's argument checks and the backend's own support test (no kernel runs).
-    Where those are not reachable, a single untimed forward call answers instead: natten
-    validates arguments and backend support before any kernel runs.
+    Asks natten's argument checks and the backend's own support test (no kernel runs), on one set
+    of inputs for every pass. Where those are not reachable, a single untimed forward call answers
+    for every pass instead: natten validates arguments and backend support before any kernel runs.
     """
-    inputs = problem.make_inputs(requires_grad=backprop)
+    inputs = problem.make_inputs(requires_grad=False)
     try:
         from natten import backends
 
-        return backends.get(backend).unsupported(fused_problem(problem, inputs))
+        fused = fused_problem(problem, inputs)
+        impl = backends.get(backend)
+        return {p: impl.unsupported(dataclasses.replace(fused, requires_grad=p != "forward")) for p in passes}
     except (ValueError, TypeError) as e:
-        return _reason(e)
+        return dict.fromkeys(passes, _reason(e))
     except (ImportError, AttributeError):
         pass
+    reason = None
     try:
         with torch.no_grad():
             problem.call(inputs, backend)
     except (ValueError, TypeError, NotImplementedError) as e:
-        return _reason(e)
+        reason = _reason(e)
     finally:
         if problem.device.startswith("cuda"):
             torch.cuda.synchronize()
-    return None
+    return dict.fromkeys(passes, reason)
 
 
 def device_line(device: str) -> str:
@@ -346,7 +350,7 @@ def dry_run(problem: Problem, requested: Optional[list], out) -> dict:
             if name not in KNOWN_BACKENDS:
                 reason = f"unknown backend (known: {', '.join(KNOWN_BACKENDS)})"
         else:
-            reason = check_backend(problem, name)
+            reason = check_backend(problem, name)["forward"]
         listing.append({"backend": name, "usable": reason is None, "reason": reason})
     width = max(len(r["backend"]) for r in listing)
     print(f"{'backend'.ljust(width)}  usable  reason", file=out)
@@ -386,8 +390,9 @@ def run_timings(problem: Problem, requested: Optional[list], passes: tuple, warm
     skipped: dict = {}
     jobs = []
     for b in names:
+        reasons = dict.fromkeys(passes) if b == AUTO else check_backend(problem, b, passes)
         for p in passes:
-            declined = None if b == AUTO else check_backend(problem, b, p != "forward")
+            declined = reasons[p]
             if declined is not None and not requested:
                 skipped[b if p == "forward" else f"{b} {p}"] = declined
                 if p == "forward":
@@ -485,7 +490,8 @@ def run_optimize(problem: Problem, args: argparse.Namespace, out) -> dict:
     from natten import tuning
 
     if not tuning.candidates(fused):
-        reasons = "; ".join(f"{b}: {check_backend(problem, b, args.backprop)}"
+        last = PASSES[1] if args.backprop else PASSES[0]
+        reasons = "; ".join(f"{b}: {check_backend(problem, b, (last,))[last]}"
                             for b in device_backends(problem.device))
         raise CliError(f"no backend can run this problem: {reasons or 'none is available'}")
     max_seconds = args.max_seconds or DEFAULT_MAX_SECONDS
