@@ -21,6 +21,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "sm90/fwd_mainloop.cuh"
+#include "sm90/tma_load.cuh"
 
 namespace natten::sm90 {
 
@@ -40,22 +41,6 @@ struct ForwardSmem {
 // inside the register file (128 * 40 + 256 * 232 <= 65536). One consumer has 240 from the start.
 constexpr uint32_t kProducerRegs = 40;
 constexpr uint32_t kConsumerRegs = 232;
-
-constexpr uint64_t kCacheNormal = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
-
-// One TMA load of 64 head-dim columns starting at `col` of the box whose grid positions start at
-// pos (per axis, outermost first) in merged head/batch row hb.
-template <int Rank>
-__device__ __forceinline__ void load_box(CUtensorMap const* map, uint64_t* bar, void* smem, int col,
-                                         int const* pos, int hb) {
-  if constexpr (Rank == 1) {
-    SM90_TMA_LOAD_3D::copy(map, bar, kCacheNormal, smem, col, pos[0], hb);
-  } else if constexpr (Rank == 2) {
-    SM90_TMA_LOAD_4D::copy(map, bar, kCacheNormal, smem, col, pos[1], pos[0], hb);
-  } else {
-    SM90_TMA_LOAD_5D::copy(map, bar, kCacheNormal, smem, col, pos[2], pos[1], pos[0], hb);
-  }
-}
 
 template <class Config>
 __global__ void __launch_bounds__(Config::kThreads, 1)
