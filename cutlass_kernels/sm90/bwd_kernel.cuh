@@ -34,6 +34,7 @@ struct BackwardSmem {
   cute::array_aligned<Element, 2 * M * N, 1024> ds;  // dS^T, double-buffered across steps
   cute::array_aligned<float, Config::kConsumers * 64 * Config::kDqPitch, 128> dq;
   StepTable<Config::Rank, M> table[kStages];
+  KeyTable<Config::Rank, N> keys;
   alignas(8) uint64_t kv_full;  // a transaction barrier: K and V landed
   alignas(8) uint64_t full[kStages];
   alignas(8) uint64_t empty[kStages];
@@ -207,9 +208,15 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   Tensor cols_s = thr_s.partition_C(make_identity_tensor(Shape<Int<N>, Int<M>>{}));
   Tensor cols_dq = thr_dq.partition_C(make_identity_tensor(Shape<_64, Int<Config::kDqN>>{}));
 
-  int keys[2][Rank];  // the thread's two key rows, for the mask
-  CUTE_UNROLL
-  for (int i = 0; i < 2; ++i) cta.key_coords(p, get<0>(cols_s(2 * i)), keys[i]);
+  if (ct < N) {
+    int c[Rank];
+    cta.key_coords(p, ct, c);
+    CUTE_UNROLL
+    for (int a = 0; a < Rank; ++a) sm.keys.coord[a][ct] = c[a];
+    sm.keys.row[ct] = cta.key_row(p, ct);
+    if (ct == 0) sm.keys.extra = cta.extra_first >= 0;
+  }
+  sync_consumers();
   int const ds_piece = Config::kDqSplitsKeys ? w : 0;
   int const dq_col = Config::kDqSplitsKeys ? 0 : w * Config::kDqN;
   int const dq_bytes = 4 * max(0, min(Config::kDqN, p.dim - dq_col));
@@ -224,15 +231,17 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     auto const& tab = sm.table[stage];
     FullBarrier::wait(&sm.full[stage], (s / kStages) & 1);
     warpgroup_gemm<true>(mma_s, tSrK, tSrQ(_, _, _, stage), acc_s);
-    warpgroup_gemm<true>(mma_s, tSrV, tSrdO(_, _, _, stage), acc_dp);
     // Row t < 64 of the dQ partial is this thread's to reduce: read its destination while the
     // stage is held.
     int const h = cta.hk * p.group + s / cta.per_head;
     int const q_token = t < M ? tab.rows.token[t] : -1;
     bool const masked = !tab.full;
-    warpgroup_wait<1>();  // S^T is done; dP^T may still run
+    warpgroup_wait<0>();
     warpgroup_fence_operand(acc_s);
-    probabilities(acc_s, cols_s, tab, p.scale_log2, masked, keys);
+    probabilities(acc_s, cols_s, tab, sm.keys, p.scale_log2, masked);
+    // dP^T is issued only now: its accumulators would otherwise be held through the mask, which
+    // then spills; the other warpgroup's GEMMs keep the tensor cores busy meanwhile.
+    warpgroup_gemm<true>(mma_s, tSrV, tSrdO(_, _, _, stage), acc_dp);
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_dp);
     score_gradients(acc_s, acc_dp, cols_s, tab);
@@ -290,12 +299,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   }
   sync_warpgroup(w);
   constexpr int kPieces = D / 8;  // 16-byte pieces per row
-  Element* d_k = static_cast<Element*>(cta.extra_first < 0 ? p.d_k : p.d_extra_k);
-  Element* d_v = static_cast<Element*>(cta.extra_first < 0 ? p.d_v : p.d_extra_v);
+  Element* d_k = static_cast<Element*>(sm.keys.extra ? p.d_extra_k : p.d_k);
+  Element* d_v = static_cast<Element*>(sm.keys.extra ? p.d_extra_v : p.d_v);
   CUTE_UNROLL
   for (int i = t; i < 64 * kPieces; i += 128) {
     int const r = w * 64 + i / kPieces, c = (i % kPieces) * 8;
-    int64_t const row = cta.key_row(p, r);
+    int64_t const row = sm.keys.row[r];
     if (row < 0) continue;
     if (c < p.dim) {
       *reinterpret_cast<uint4*>(d_k + row * p.dim + c) = *reinterpret_cast<uint4 const*>(sm.k.data() + staged(r, c));

@@ -110,19 +110,34 @@ struct StepTable {
   int full;  // QueryStep::full
 };
 
+// Per key of the CTA, written once by the consumers: its coordinates for the mask
+// (KeyBoxCta::key_coords) and its gradient row (KeyBoxCta::key_row). Kept in shared memory rather
+// than registers, which the accumulators need.
+template <int Rank, int N>
+struct KeyTable {
+  int coord[Rank][N];
+  int64_t row[N];
+  int extra;  // the keys are additional keys: rows of d_extra_k, d_extra_v
+};
+
 // P^T = exp2(S^T scale log2(e) - lse log2(e)), in place; with `masked`, elements whose query
-// does not see the key become 0. keys[i]: per axis the coordinates of the thread's key row half
-// i (KeyBoxCta::key_coords); an unsigned compare per axis tests first <= key <= last, and queries
-// past their group's end have a window no key is in.
-template <int Rank, int M, class S, class Cols>
+// does not see the key become 0: an unsigned compare per axis tests first <= key <= last, and
+// queries past their group's end have a window no key is in.
+template <int Rank, int M, int N, class S, class Cols>
 __device__ __forceinline__ void probabilities(S& s, Cols const& cols, StepTable<Rank, M> const& tab,
-                                              float scale_log2, bool masked, int const (&keys)[2][Rank]) {
+                                              KeyTable<Rank, N> const& keys, float scale_log2, bool masked) {
   CUTE_UNROLL
   for (int v = 0; v < size(s); ++v) {
     int const q = get<1>(cols(v));
     s(v) = fast_exp2(fmaf(s(v), scale_log2, -tab.lse_log2[q]));
   }
   if (!masked) return;
+  int key[2][Rank];  // the thread's two key rows (row halves)
+  CUTE_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    CUTE_UNROLL
+    for (int a = 0; a < Rank; ++a) key[i][a] = keys.coord[a][get<0>(cols(2 * i))];
+  }
   CUTE_UNROLL
   for (int v = 0; v < size(s); ++v) {
     int const q = get<1>(cols(v));
@@ -131,7 +146,7 @@ __device__ __forceinline__ void probabilities(S& s, Cols const& cols, StepTable<
     CUTE_UNROLL
     for (int a = 0; a < Rank; ++a) {
       int const first = tab.rows.first[a][q];
-      visible = visible & (static_cast<unsigned>(keys[i][a] - first) <=
+      visible = visible & (static_cast<unsigned>(key[i][a] - first) <=
                            static_cast<unsigned>(tab.rows.last[a][q] - first));
     }
     s(v) = visible ? s(v) : 0.f;
