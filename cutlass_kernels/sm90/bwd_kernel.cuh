@@ -35,6 +35,11 @@ struct BackwardSmem {
   cute::array_aligned<float, Config::kConsumers * 64 * Config::kDqPitch, 128> dq;
   StepTable<Config::Rank, M> table[kStages];
   KeyTable<Config::Rank, N> keys;
+  // The CTA's walk, found once by thread 0 and read by every role where it needs it: held in
+  // registers it would not fit the producer's 40 (rank 3) and would take the consumers' (which
+  // the accumulators need).
+  KeyBoxCta<Config::Rank, typename Config::QTile, typename Config::KVTile> cta;
+  int has_keys;  // KeyBoxCta::init
   alignas(8) uint64_t kv_full;  // a transaction barrier: K and V landed
   alignas(8) uint64_t full[kStages];
   alignas(8) uint64_t empty[kStages];
@@ -65,6 +70,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   constexpr int M = Config::M, N = Config::N, D = Config::D, kChunks = Config::kChunks;
   constexpr int kStages = Config::kStages;
   using Smem = BackwardSmem<Config>;
+  static_assert(sizeof(Smem) <= Config::kSmemLimit, "shared memory of the stages and tables");
   using FullBarrier = cutlass::arch::ClusterTransactionBarrier;
   using EmptyBarrier = cutlass::arch::ClusterBarrier;
   extern __shared__ __align__(1024) char smem_raw[];
@@ -81,17 +87,14 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       EmptyBarrier::init(&sm.empty[i], 128 * Config::kConsumers);
     }
     cutlass::arch::fence_barrier_init();
+    sm.has_keys = sm.cta.init(p);
   }
   __syncthreads();
+  if (!sm.has_keys) return;  // the key box starts past its group's end
+  auto const& cta = sm.cta;
 
-  // Each role finds its CTA's walk after setmaxnreg: state computed before it would have to
-  // live through the producer's 40 registers, i.e. on the stack. A CTA without keys (its box
-  // starts past its group's end) ends in every role alike.
-  KeyBoxCta<Rank, QTile, KVTile> cta;
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kBackwardProducerRegs>();
-    if (!cta.init(p)) return;
-    int const steps = cta.steps;
     auto acquire = [&](int s) {
       if (s >= kStages) EmptyBarrier::wait(&sm.empty[s % kStages], ((s / kStages) - 1) & 1);
     };
@@ -121,7 +124,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       }
       // Queries and output gradients, per step.
       uint32_t const q_bytes = uint32_t(2 * M * D * sizeof(Element));
-      for (int s = 0; s < steps; ++s) {
+      for (int s = 0; s < cta.steps; ++s) {  // read per step: no register holds the walk
         QueryStep<Rank> const qs = cta.step(p, s);
         int const stage = s % kStages;
         acquire(s);
@@ -140,7 +143,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         }
       }
     } else if (warp == 1) {
-      for (int s = 0; s < steps; ++s) {
+      for (int s = 0; s < cta.steps; ++s) {
         QueryStep<Rank> const qs = cta.step(p, s);
         int const stage = s % kStages;
         auto& tab = sm.table[stage];
@@ -153,6 +156,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
             for (int a = 0; a < Rank; ++a) tab.rows.first[a][r] = tab.rows.last[a][r] = 0;  // sees them all
           }
           int64_t const i = (int64_t(cta.b) * p.tokens + t) * p.heads + qs.h;
+          tab.row[r] = t < 0 ? -1 : i;
           tab.lse_log2[r] = t < 0 ? 0.f : p.lse[i] * kLog2e;
           tab.delta[r] = t < 0 ? 0.f : p.delta[i];
         }
@@ -165,7 +169,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 
   // Consumers.
   cutlass::arch::warpgroup_reg_alloc<kBackwardConsumerRegs>();
-  if (!cta.init(p)) return;
   int const steps = cta.steps;
   int const ct = threadIdx.x - 128;  // thread index among the consumers
   int const w = ct / 128;            // consumer warpgroup: keys 64 w .. 64 w + 63
@@ -231,10 +234,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     auto const& tab = sm.table[stage];
     FullBarrier::wait(&sm.full[stage], (s / kStages) & 1);
     warpgroup_gemm<true>(mma_s, tSrK, tSrQ(_, _, _, stage), acc_s);
-    // Row t < 64 of the dQ partial is this thread's to reduce: read its destination while the
-    // stage is held.
-    int const h = cta.hk * p.group + s / cta.per_head;
-    int const q_token = t < M ? tab.rows.token[t] : -1;
     bool const masked = !tab.full;
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_s);
@@ -268,6 +267,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     warpgroup_fence_operand(acc_dq);
     warpgroup_fence_operand(tKVrP);
     warpgroup_fence_operand(tKVrDs);
+    // Row t < 64 of the dQ partial is this thread's to reduce: its destination is read before the
+    // stage is released, and only now, so that it does not occupy registers through the
+    // elementwise work above (the step's register peak).
+    int64_t const q_row = t < M ? tab.row[t] : -1;
     EmptyBarrier::arrive(&sm.empty[stage]);
 
     // dQ partial: staged once the previous step's reductions have read the staging rows.
@@ -276,9 +279,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     stage_dq<Config>(acc_dq, cols_dq, staging);
     fence_shared_async();
     sync_warpgroup(w);
-    if (t < M && q_token >= 0 && dq_bytes > 0) {
-      int64_t const row = (int64_t(cta.b) * p.tokens + q_token) * p.heads + h;
-      bulk_reduce_add(dq_accum + row * p.dim + dq_col, staging + t * Config::kDqPitch, dq_bytes);
+    if (t < M && q_row >= 0 && dq_bytes > 0) {
+      bulk_reduce_add(dq_accum + q_row * p.dim + dq_col, staging + t * Config::kDqPitch, dq_bytes);
     }
   }
   if (t < M) bulk_wait();

@@ -58,8 +58,8 @@ struct BackwardConfig {
   static constexpr int kFixedBytes = 2 * N * D * 2                // K, V
                                      + 2 * M * N * 2              // dS^T, double-buffered
                                      + kConsumers * 64 * kDqPitch * 4  // dQ staging
-                                     + 4096;                      // barriers, step tables
-  static constexpr int kStageBytes = 2 * M * D * 2 + M * (2 * Rank + 3) * 4;
+                                     + 4096;                      // barriers, key table, walk
+  static constexpr int kStageBytes = 2 * M * D * 2 + M * (2 * Rank + 5) * 4;
   static constexpr int kStages = (kSmemLimit - kFixedBytes) / kStageBytes > 4
                                      ? 4
                                      : (kSmemLimit - kFixedBytes) / kStageBytes;
@@ -100,11 +100,13 @@ struct BackwardConfig {
 };
 
 // Per stage, what the producer's second warp tells the consumers about the step's queries:
-// their rows and windows (common/'s RowTable), and per query log2(e) * lse and delta (0 for
-// queries past their group's end, whose probabilities are masked).
+// their tokens and windows (common/'s RowTable), their rows of [B, *S, H] (lse, delta, dQ; -1 past
+// their group's end), and per query log2(e) * lse and delta (0 for queries past their group's
+// end, whose probabilities are masked).
 template <int Rank, int M>
 struct StepTable {
   RowTable<Rank, M> rows;
+  int64_t row[M];
   float lse_log2[M];
   float delta[M];
   int full;  // QueryStep::full
@@ -164,15 +166,24 @@ __device__ __forceinline__ void score_gradients(P const& p, DP& dp, Cols const& 
 // buffer u of dQ's A operand. A pair is adjacent in the queries-contiguous layout, so each is
 // one 32-bit store; a warp's eight key rows are distinct 16-byte units of the swizzle, so the
 // stores do not conflict.
+// The offsets are written out instead of calling SmemLayoutDs on coordinates: its swizzle acts on
+// byte addresses (a tensor over a shared-memory pointer applies it so, as the GEMM reads), which
+// the layout called directly would apply to element offsets. Query q of key k sits at
+// 64 k + (q ^ 8 (k % 8)) within a piece (the 16-byte units of a 128-byte row permuted by the row
+// within its 8). The thread's values share k % 8 and lie 8 queries or 8 keys apart, so each
+// offset is one base XOR a constant: one live register across the step loop, not one per value.
 template <class Config, class Regs, class Cols>
 __device__ __forceinline__ void stage_ds(Regs const& ds, Cols const& cols, typename Config::Element* base, int u) {
-  typename Config::SmemLayoutDs layout;
+  constexpr int kDqK = Config::kDqK;
+  static_assert(Config::M == 64, "a query row of dS^T is one 128-byte swizzle row");
   auto const packed = recast<uint32_t>(ds);
+  int const key0 = get<0>(cols(0)), q0 = get<1>(cols(0));  // q0 < 8: bits 3-5 of `row` are k % 8
+  int const row = (u * Config::kDsParts + key0 / kDqK) * Config::M * kDqK + 64 * (key0 % kDqK) +
+                  (q0 ^ ((key0 & 7) << 3));
   CUTE_UNROLL
   for (int i = 0; i < size(packed); ++i) {
-    int const key = get<0>(cols(2 * i)), q = get<1>(cols(2 * i));
-    int const off = layout(q, key % Config::kDqK, u * Config::kDsParts + key / Config::kDqK);
-    *reinterpret_cast<uint32_t*>(base + off) = packed(i);
+    int const dk = get<0>(cols(2 * i)) - key0, dq = get<1>(cols(2 * i)) - q0;  // multiples of 8
+    *reinterpret_cast<uint32_t*>(base + ((row ^ dq) + 64 * dk)) = packed(i);
   }
 }
 
