@@ -21,8 +21,8 @@
 namespace natten::sm90 {
 
 // Writes d_q, d_k, d_v (and d_extra_k, d_extra_v when num_extra > 0) on `stream`; `workspace`
-// holds backward_workspace_floats(problem) floats. Throws std::invalid_argument for a problem
-// this configuration cannot serve.
+// holds fna_backward_workspace_floats(problem) floats (kernels.h). Throws std::invalid_argument
+// for a problem this configuration cannot serve.
 template <class Config, typename T>
 void run_backward(NaProblem const& problem, FnaTensors const& t, float* workspace, cudaStream_t stream) {
   constexpr int Rank = Config::Rank, HeadDim = Config::D;

@@ -4,12 +4,14 @@
 // forward's descriptors, so make_forward_params does the validation and builds those; dO gets
 // one more grid descriptor of the query box, like Q. dQ is summed over the key boxes that see a
 // query, by many CTAs, so it is accumulated in float32 in the workspace and converted to the
-// element type afterwards; the workspace also holds delta = rowsum(dO * O) - dLSE.
+// element type afterwards; the workspace (kernels.h: fna_backward_workspace_floats) also holds
+// delta = rowsum(dO * O) - dLSE.
 //
 // Torch-free and CuTe-free; needs only the CUDA headers.
 #pragma once
 
 #include "sm90/fwd_params.h"
+#include "sm90/kernels.h"
 
 namespace natten::sm90 {
 
@@ -19,15 +21,6 @@ struct BackwardParams {
   CUtensorMap d_out_map;
   float* dq_accum;  // [B, *S, H, D] float32, zeroed before the main kernel
 };
-
-// Workspace of one backward call, in floats: delta [B, *S, H], then dQ's accumulator
-// [B, *S, H, D] (offset a multiple of 4 floats: its rows are reduced into in 16-byte pieces).
-inline int64_t backward_delta_floats(NaProblem const& p) {
-  return (p.batch * p.tokens() * p.heads + 3) / 4 * 4;
-}
-inline size_t backward_workspace_floats(NaProblem const& p) {
-  return static_cast<size_t>(backward_delta_floats(p) + p.batch * p.tokens() * p.heads * p.dim);
-}
 
 template <int Rank, class QTile, class KVTile>
 BackwardParams<Rank> make_backward_params(NaProblem const& p, FnaTensors const& t, float* workspace,
@@ -46,7 +39,7 @@ BackwardParams<Rank> make_backward_params(NaProblem const& p, FnaTensors const& 
   P.fwd = make_forward_params<Rank, QTile, KVTile>(p, t, head_dim, type, elem_bytes, op);
   auto& g = P.fwd.geo;
   g.delta = workspace;
-  P.dq_accum = workspace + backward_delta_floats(p);
+  P.dq_accum = workspace + fna_backward_delta_floats(p);
   if (g.batch == 0 || g.heads == 0 || g.tokens == 0) return P;
   P.d_out_map = grid_map<Rank, QTile>(op, type, elem_bytes, t.d_out, g, g.heads, g.dim_v);
   return P;

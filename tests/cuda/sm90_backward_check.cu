@@ -14,6 +14,7 @@
 
 #include "common/na_params.h"
 #include "common/tile_params.h"
+#include "sm90/kernels.h"
 
 namespace natten::sm90 {
 template <int Rank, typename Element, int HeadDim, class QTile, class KVTile>
@@ -34,7 +35,6 @@ using fp16 = __half;
 using B64 = Box<64>;
 using B128 = Box<128>;
 using B8x8 = Box<8, 8>;
-using B8x16 = Box<8, 16>;
 using B16x8 = Box<16, 8>;
 using B2x4x8 = Box<2, 4, 8>;
 using B2x8x8 = Box<2, 8, 8>;
@@ -45,10 +45,10 @@ using B4x4x8 = Box<4, 4, 8>;
   X(1, sm90, 1, fp16, 128, B64, B128)       \
   X(1, sm90, 1, bf16, 64, B64, B128)        \
   X(2, sm90, 2, bf16, 128, B8x8, B16x8)     \
-  X(2, sm90, 2, fp16, 64, B8x8, B8x16)      \
+  X(2, sm90, 2, fp16, 64, B8x8, B16x8)      \
   X(3, sm90, 3, bf16, 128, B4x4x4, B4x4x8)  \
   X(3, sm90, 3, bf16, 128, B2x4x8, B2x8x8)  \
-  X(3, sm90, 3, fp16, 64, B4x4x4, B2x8x8)   \
+  X(3, sm90, 3, fp16, 64, B4x4x4, B4x4x8)   \
   X(4, sm80, 1, bf16, 128, B128, B64)       \
   X(4, sm80, 2, bf16, 128, B16x8, B8x8)     \
   X(4, sm80, 3, bf16, 128, B4x4x8, B4x4x4)
@@ -145,11 +145,9 @@ std::vector<Instance> const& instances() {
   return all;
 }
 
-// Workspace floats either family needs: the SM90 backward's delta and dQ accumulator (the SM80
-// backward needs only delta, which is smaller).
-size_t workspace_floats(NaProblem const& p) {
-  return size_t((p.batch * p.tokens() * p.heads + 3) / 4 * 4 + p.batch * p.tokens() * p.heads * p.dim);
-}
+// Workspace floats either family needs: the SM90 backward's (the SM80 backward needs only delta,
+// which is smaller).
+size_t workspace_floats(NaProblem const& p) { return natten::sm90::fna_backward_workspace_floats(p); }
 
 struct Case {
   std::string name;
