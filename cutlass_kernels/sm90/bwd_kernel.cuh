@@ -288,10 +288,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   // Epilogue: K and V are free once both warpgroups are done with them (the dQ GEMM reads the
   // other warpgroup's keys). Stage with the tiles' swizzle: a 16-byte piece of a row stays whole.
   sync_consumers();
-  auto staged = [&](int r, int c) {
-    int const off = (c / kChunkCols) * N * kChunkCols + r * kChunkCols + c % kChunkCols;
-    return off ^ ((off >> 3) & 0x38);
-  };
+  auto staged = [&](int r, int c) { return kv_tile_offset<N>(r, c); };
   Tensor cols_kv = thr_kv.partition_C(make_identity_tensor(Shape<Int<N>, Int<D>>{}));
   CUTE_UNROLL
   for (int v = 0; v < size(acc_dk); v += 2) {

@@ -172,19 +172,37 @@ __device__ __forceinline__ void score_gradients(P const& p, DP& dp, Cols const& 
 // 64 k + (q ^ 8 (k % 8)) within a piece (the 16-byte units of a 128-byte row permuted by the row
 // within its 8). The thread's values share k % 8 and lie 8 queries or 8 keys apart, so each
 // offset is one base XOR a constant: one live register across the step loop, not one per value.
+// The two offset steps are host-callable so that tests/cuda/sm90_backward_layout_check.cu checks
+// these very expressions against the swizzled tensor the dQ GEMM reads.
+template <class Config>
+CUTE_HOST_DEVICE constexpr int ds_base_offset(int key0, int q0, int u) {
+  constexpr int kDqK = Config::kDqK;
+  // q0 < 8: bits 3-5 of the result are k % 8
+  return (u * Config::kDsParts + key0 / kDqK) * Config::M * kDqK + 64 * (key0 % kDqK) + (q0 ^ ((key0 & 7) << 3));
+}
+CUTE_HOST_DEVICE constexpr int ds_value_offset(int base, int dk, int dq) { return (base ^ dq) + 64 * dk; }
+
 template <class Config, class Regs, class Cols>
 __device__ __forceinline__ void stage_ds(Regs const& ds, Cols const& cols, typename Config::Element* base, int u) {
-  constexpr int kDqK = Config::kDqK;
   static_assert(Config::M == 64, "a query row of dS^T is one 128-byte swizzle row");
   auto const packed = recast<uint32_t>(ds);
-  int const key0 = get<0>(cols(0)), q0 = get<1>(cols(0));  // q0 < 8: bits 3-5 of `row` are k % 8
-  int const row = (u * Config::kDsParts + key0 / kDqK) * Config::M * kDqK + 64 * (key0 % kDqK) +
-                  (q0 ^ ((key0 & 7) << 3));
+  int const key0 = get<0>(cols(0)), q0 = get<1>(cols(0));
+  int const row = ds_base_offset<Config>(key0, q0, u);
   CUTE_UNROLL
   for (int i = 0; i < size(packed); ++i) {
     int const dk = get<0>(cols(2 * i)) - key0, dq = get<1>(cols(2 * i)) - q0;  // multiples of 8
-    *reinterpret_cast<uint32_t*>(base + ((row ^ dq) + 64 * dk)) = packed(i);
+    *reinterpret_cast<uint32_t*>(base + ds_value_offset(row, dk, dq)) = packed(i);
   }
+}
+
+// Element offset of (row r, column c) in a K-major SW128 tile of `Rows` rows (SmemLayoutKV: what
+// the TMA writes, 64-column chunks one after the other): the 16-byte units of a 128-byte row
+// permuted by the row within its 8. The epilogue stages dK, dV with it; host-callable for
+// tests/cuda/sm90_backward_layout_check.cu.
+template <int Rows>
+CUTE_HOST_DEVICE constexpr int kv_tile_offset(int r, int c) {
+  int const off = (c / kChunkCols) * Rows * kChunkCols + r * kChunkCols + c % kChunkCols;
+  return off ^ ((off >> 3) & 0x38);
 }
 
 // Two floats as a packed pair of the element type.

@@ -4,8 +4,10 @@
 // several translation units of this one file: NATTEN_PART 0 is the harness, parts 1-4 hold the
 // instantiations listed once in NATTEN_INSTANCES below (compiled in parallel).
 //
-//   sm90_backward_check [--checks] [--timings] [--quick] [--family F]
-// (default: checks and timings of every family; --quick: one check per instance)
+//   sm90_backward_check [--checks] [--timings] [--quick] [--family F] [--self-test]
+// (default: checks and timings of every family; --quick: one check per instance; --self-test:
+// only the host-side self-test of the float64 reference, no GPU needed, which the checks also
+// run first)
 // The kernel gets O and LSE from the float64 forward (rounded to the element type and float32),
 // so a failure points at the backward alone. Exit status non-zero when any check fails.
 #include <cuda_bf16.h>
@@ -364,6 +366,119 @@ double rel_error(std::vector<double> const& got, std::vector<double> const& ref)
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
+// Self-test of the float64 reference, on the host, before any GPU case (a wrong reference would
+// pass a wrong kernel or fail a right one). Two independent checks:
+//  1. visible_keys (through common/na_window.h) against SPEC section 1 written out literally
+//     here, for every query of random small axes (odd/even windows, stride, dilation, causal);
+//  2. reference()'s gradients against central finite differences of its own forward, for the
+//     loss sum(out * d_out) + sum(lse * d_lse), on tiny problems with GQA, additional keys, a
+//     d_lse, a negative scale, stride/dilation/causal and D != Dv: every element of dq, dk, dv,
+//     dek, dev. The forward (softmax, out, lse) is the plain definition, so this pins the
+//     gradient formulas (delta, dS, the scale of dq/dk, dv, the d_lse term) to it.
+bool spec_sees_axis(AxisSpec const& a, int64_t x, int64_t y) {  // SPEC section 1, as written
+  int64_t const L = a.extent, k = a.kernel, s = a.stride, d = a.dilation;
+  if (x % d != y % d) return false;
+  int64_t const xi = x / d, yi = y / d;
+  int64_t const Lg = L / d + ((x % d) < (L % d) ? 1 : 0);
+  if (a.causal) {
+    int64_t const lead = std::min((xi / s) * s + s - 1, Lg - 1);
+    return yi <= xi && lead - yi < k;
+  }
+  int64_t const left = k / 2, right = k % 2 ? k / 2 : k / 2 - 1;
+  int64_t const lead = std::min((xi / s) * s + s / 2, Lg - 1);
+  int64_t const centre = std::max(left, std::min(lead, Lg - 1 - right));
+  return centre - left <= yi && yi <= centre + right;
+}
+
+bool reference_self_test() {
+  std::mt19937 rng(99);
+  auto uni = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  int window_bad = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    NaProblem p;
+    p.rank = int(uni(1, 3));
+    for (int a = 0; a < p.rank; ++a) {
+      int64_t const L = uni(1, p.rank == 1 ? 40 : 9), d = uni(1, std::max<int64_t>(1, L / 2));
+      int64_t const k = uni(1, L / d), s = uni(1, k);
+      p.axis[a] = AxisSpec{L, k, s, d, uni(0, 1) == 1};
+    }
+    int64_t const n = p.tokens();
+    for (int64_t x = 0; x < n; ++x) {
+      auto keys = visible_keys(p, x);
+      std::sort(keys.begin(), keys.end());
+      std::vector<int64_t> want;
+      for (int64_t y = 0; y < n; ++y) {
+        bool ok = true;
+        int64_t xr = x, yr = y;
+        for (int a = p.rank - 1; a >= 0; --a) {
+          ok = ok && spec_sees_axis(p.axis[a], xr % p.axis[a].extent, yr % p.axis[a].extent);
+          xr /= p.axis[a].extent;
+          yr /= p.axis[a].extent;
+        }
+        if (ok) want.push_back(y);
+      }
+      window_bad += keys != want;
+    }
+  }
+  std::printf("reference self-test: visible keys vs SPEC section 1: %d queries differ\n", window_bad);
+
+  struct Tiny {
+    char const* name;
+    Case c;
+    int64_t dim_v;
+  };
+  Tiny const tiny[] = {
+      {"1-D L9 k4 s2 causal, GQA 4/2, 3 extra, d_lse, scale -0.3",
+       {"", 1, {9}, {4}, {2}, {1}, {true}, 2, 4, 2, 4, 3, -0.3, true}, 3},
+      {"2-D 6x5 k3x2 d2x1 s1x2, causal 0/1",
+       {"", 2, {6, 5}, {3, 2}, {1, 2}, {2, 1}, {false, true}, 1, 2, 1, 3, 0, 0.7, true}, 5},
+      {"3-D 3x4x5 k2x3x3 causal 1/0/1, 2 extra",
+       {"", 3, {3, 4, 5}, {2, 3, 3}, {1, 1, 2}, {1, 1, 1}, {true, false, true}, 1, 2, 2, 2, 2, 0.5, false}, 2},
+  };
+  double worst = 0;
+  for (auto const& t : tiny) {
+    NaProblem p = problem_of(t.c, int(t.c.dim));
+    p.dim_v = t.dim_v;
+    int64_t const n = p.tokens(), rows = p.batch * n * p.heads, E = p.num_extra;
+    std::vector<double> in[5] = {random_values(rows * p.dim, rng), random_values(p.batch * n * p.heads_kv * p.dim, rng),
+                                 random_values(p.batch * n * p.heads_kv * p.dim_v, rng),
+                                 random_values(p.batch * E * p.heads_kv * p.dim, rng),
+                                 random_values(p.batch * E * p.heads_kv * p.dim_v, rng)};
+    std::vector<double> const d_out = random_values(rows * p.dim_v, rng);
+    std::vector<double> const d_lse = t.c.d_lse ? random_values(rows, rng) : std::vector<double>();
+    auto loss = [&]() {
+      Grads const g = reference(p, in[0], in[1], in[2], in[3], in[4], d_out, d_lse);
+      double l = 0;
+      for (size_t i = 0; i < g.out.size(); ++i) l += g.out[i] * d_out[i];
+      for (size_t i = 0; i < d_lse.size(); ++i) l += g.lse[i] * d_lse[i];
+      return l;
+    };
+    Grads const g = reference(p, in[0], in[1], in[2], in[3], in[4], d_out, d_lse);
+    std::vector<double> const* analytic[5] = {&g.dq, &g.dk, &g.dv, &g.dek, &g.dev};
+    double err = 0, scale = 0;
+    for (int which = 0; which < 5; ++which) {
+      for (size_t i = 0; i < in[which].size(); ++i) {
+        double const x = in[which][i], h = 1e-5;
+        in[which][i] = x + h;
+        double const up = loss();
+        in[which][i] = x - h;
+        double const down = loss();
+        in[which][i] = x;
+        double const fd = (up - down) / (2 * h);
+        err = std::max(err, std::abs(fd - (*analytic[which])[i]));
+        scale = std::max(scale, std::abs(fd));
+      }
+    }
+    double const rel = err / std::max(scale, 1e-300);
+    worst = std::max(worst, rel);
+    std::printf("reference self-test: gradients vs finite differences, %s: max error %.1e of max %.2f\n", t.name, err,
+                scale);
+  }
+  bool const ok = window_bad == 0 && worst < 1e-6;
+  std::printf("reference self-test: %s\n", ok ? "PASS" : "FAIL");
+  return ok;
+}
+
 template <class T>
 bool check_case(Instance const& inst, Case const& c, std::mt19937& rng) {
   NaProblem const p = problem_of(c, inst.head_dim);
@@ -546,15 +661,22 @@ float median_ms(Work&& work, int iters, int warmup) {
 }
 
 int main(int argc, char** argv) {
-  bool checks = true, timings = true, quick = false;
+  bool checks = true, timings = true, quick = false, self_test = false;
   std::string family;  // empty: every family
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--checks")) timings = false;
     if (!std::strcmp(argv[i], "--timings")) checks = false;
     if (!std::strcmp(argv[i], "--quick")) quick = true;
+    if (!std::strcmp(argv[i], "--self-test")) self_test = true;
     if (!std::strcmp(argv[i], "--family") && i + 1 < argc) family = argv[++i];
   }
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // whole lines even if a hang gets the run killed
+  // The reference is checked on the host before any GPU case (and alone with --self-test, which
+  // needs no GPU).
+  if (self_test || checks) {
+    if (!reference_self_test()) return 1;
+    if (self_test) return 0;
+  }
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
