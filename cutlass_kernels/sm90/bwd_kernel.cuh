@@ -249,12 +249,15 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     warpgroup_fence_operand(tKVrP);
     warpgroup_fence_operand(tKVrDs);
     warpgroup_gemm<false>(mma_kv, tKVrP, tKVrdO(_, _, _, stage), acc_dv);
-    warpgroup_gemm<false>(mma_kv, tKVrDs, tKVrQ(_, _, _, stage), acc_dk);
-    // dS^T to shared memory for dQ while dV and dK run. Buffer s % 2: the other warpgroup may
-    // still read the previous step's, never this one's (it passed the barrier below at step
-    // s - 1 only after its dQ GEMM of step s - 2 had completed).
+    // dS^T to shared memory for dQ while dV runs, and before dK's GEMM takes ds_regs as its A
+    // operand: PTX leaves any access to the A registers of a wgmma in flight undefined (until a
+    // wait_group covering it), reads included. Buffer s % 2: the other warpgroup may still read
+    // the previous step's, never this one's (it passed the barrier below at step s - 1 only after
+    // its dQ GEMM of step s - 2 had completed).
     stage_ds<Config>(ds_regs, cols_s, sm.ds.data(), s & 1);
     fence_shared_async();
+    warpgroup_fence_operand(tKVrDs);  // the stores' reads of ds_regs stay above the GEMM
+    warpgroup_gemm<false>(mma_kv, tKVrDs, tKVrQ(_, _, _, stage), acc_dk);
     if constexpr (Config::kDqSplitsKeys) {
       sync_warpgroup(w);
     } else {
