@@ -45,55 +45,14 @@ using std::min;
 
 #include "common/tile_geometry.cuh"
 #include "sm90/bwd_walk.cuh"
+#include "host_check_common.h"
 
 using namespace natten;
 using natten::sm90::KeyBoxCta;
 using natten::sm90::QueryStep;
+using namespace natten::host_check;
 
 namespace {
-
-int failures = 0;
-int reported = 0;
-#define EXPECT(cond, ...)                      \
-  do {                                         \
-    if (!(cond)) {                             \
-      ++failures;                              \
-      if (reported++ < 20) {                   \
-        std::printf("  violation: " __VA_ARGS__); \
-        std::printf("\n");                     \
-      }                                        \
-    }                                          \
-  } while (0)
-
-struct Problem {
-  NaProblem p;
-  std::string describe() const {
-    std::string s = "rank " + std::to_string(p.rank) + ":";
-    for (int a = 0; a < p.rank; ++a) {
-      auto const& x = p.axis[a];
-      s += " [L" + std::to_string(x.extent) + " k" + std::to_string(x.kernel) + " s" + std::to_string(x.stride) +
-           " d" + std::to_string(x.dilation) + (x.causal ? " causal" : "") + "]";
-    }
-    s += " H" + std::to_string(p.heads) + "/" + std::to_string(p.heads_kv) + " E" + std::to_string(p.num_extra);
-    return s;
-  }
-};
-
-// SPEC section 1: does query token x see key token y (flat, row-major)?
-bool spec_sees(NaProblem const& p, int64_t x, int64_t y) {
-  for (int a = p.rank - 1; a >= 0; --a) {
-    AxisSpec const& ax = p.axis[a];
-    int64_t const cx = x % ax.extent, cy = y % ax.extent;
-    x /= ax.extent;
-    y /= ax.extent;
-    if (cx % ax.dilation != cy % ax.dilation) return false;
-    int64_t const r = cx % ax.dilation;
-    auto const w = axis_window(ax, group_length(ax, r), cx / ax.dilation);
-    int64_t const yi = cy / ax.dilation;
-    if (yi < w.first || yi > w.last) return false;
-  }
-  return true;
-}
 
 // What a TMA box load of a grid tensor puts in row j: the flat token, or -1 (zero fill). As
 // bwd_kernel.cuh: per axis the box starts at residue + origin * dilation and strides by dilation.
@@ -228,34 +187,6 @@ void check_problem(Problem const& prob) {
     }
   }
   if (failures != failures_before) std::printf("  in problem %s\n", prob.describe().c_str());
-}
-
-// A random valid problem of rank R whose TMA limits (tile extent x dilation <= 256, dilation <= 8)
-// hold for the boxes QBox, KVBox; `max_extent` per axis.
-template <int Rank, class QBox, class KVBox>
-Problem random_problem(std::mt19937& rng, int max_extent) {
-  auto uni = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
-  Problem pr;
-  NaProblem& p = pr.p;
-  p.rank = Rank;
-  for (int a = 0; a < Rank; ++a) {
-    int const box = std::max(QBox::extent(a), KVBox::extent(a));
-    int const d_max = std::min(3, 256 / box);
-    int64_t d = uni(1, 4) == 1 ? uni(1, d_max) : 1;
-    int64_t L = uni(1, max_extent);
-    int64_t k = uni(1, std::max<int64_t>(1, std::min<int64_t>(L / d, max_extent / 2)));
-    if (k * d > L) d = 1;
-    k = std::min<int64_t>(k, L / d);
-    int64_t s = uni(1, 3) == 1 ? uni(1, int(k)) : 1;
-    p.axis[a] = AxisSpec{L, k, s, d, uni(0, 2) == 0};
-  }
-  p.heads_kv = uni(1, 2);
-  p.heads = p.heads_kv * uni(1, 3);
-  p.batch = 1;
-  p.dim = p.dim_v = 64;
-  p.num_extra = uni(0, 3) == 0 ? uni(1, 300) : 0;
-  p.scale = 0.125;
-  return pr;
 }
 
 template <int Rank, class QBox, class KVBox>
