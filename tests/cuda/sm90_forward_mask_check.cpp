@@ -144,8 +144,9 @@ void run(char const* name, std::mt19937& rng, int count, int max_extent) {
 int main(int argc, char** argv) {
   mutate = argc > 1 && !std::strcmp(argv[1], "--mutate");
   std::mt19937 rng(90210);
-  // Every (query box, key box) pair of the registry and of tests/cuda/sm90_forward_check.cu, and
-  // key boxes of 256 (two mask words per row) and 64 (half a word).
+  // Every (query box, key box) pair of the registry and of tests/cuda/sm90_forward_check.cu, key
+  // boxes of 256 (two mask words per row) and 64 (half a word), and innermost extents of 2, 4,
+  // 8, 16, 32, 64 (every way an axis field can hold the thread's column bits).
   run<1, Box<128>, Box<128>>("1-D 128/128", rng, 120, 900);
   run<1, Box<128>, Box<64>>("1-D 128/64", rng, 60, 700);
   run<1, Box<64>, Box<128>>("1-D 64/128", rng, 60, 700);
@@ -160,6 +161,9 @@ int main(int argc, char** argv) {
   run<3, Box<2, 8, 8>, Box<2, 4, 8>>("3-D 2x8x8/2x4x8", rng, 40, 16);
   run<3, Box<2, 4, 8>, Box<4, 2, 16>>("3-D 2x4x8/4x2x16", rng, 30, 20);
   run<3, Box<2, 8, 8>, Box<1, 2, 64>>("3-D 2x8x8/1x2x64", rng, 20, 20);
+  run<3, Box<2, 8, 8>, Box<8, 8, 2>>("3-D 2x8x8/8x8x2", rng, 20, 20);
+  run<2, Box<16, 8>, Box<32, 4>>("2-D 16x8/32x4", rng, 30, 40);
+  run<2, Box<16, 8>, Box<64, 2>>("2-D 16x8/64x2", rng, 20, 70);
   std::printf("%s: %d violations%s; %lld elements of partial key boxes checked\n", failures == 0 ? "PASS" : "FAIL",
               failures, mutate ? " (mutated masks)" : "", (long long)partial_checked);
   return failures != 0;
