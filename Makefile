@@ -39,9 +39,9 @@ bench:
 # compute-sanitizer (memcheck) over a small subset of the CUDA tests.
 sanitize:
 	compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest -q -x \
-		tests/test_cuda_fused.py -k "(cuda-reference or cuda-cutlass-fna) and (test_dtypes or test_geometry_and_features)"
+		tests/test_cuda_fused.py -k "(cuda-reference or cuda-cutlass-fna or cuda-hopper-fna) and (test_dtypes or test_geometry_and_features)"
 	compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest -q -x \
-		tests/test_cuda_tiled.py -k "test_forward_only_family_small_cases and bfloat16"
+		tests/test_cuda_tiled.py -k "(test_forward_only_family_small_cases or test_every_backward_tile_pair) and bfloat16"
 
 # pytest-xdist, where installed, spreads the suite over processes that share the GPU: the
 # compile-heavy tests (torch.compile, flex-fna) then run side by side.

@@ -82,18 +82,27 @@ SM80_OPS = (
     }),
 )
 
-# The Hopper family: the forward only (no backward kernels yet, so no instantiations). One pair
-# per rank, the fastest measured on an H200 at bf16 and head dim 128 (benchmarks/NOTES.md, SM90
-# forward kernel): 128 queries against 128 keys, two consumer warpgroups of 64 rows; the
-# alternatives measured (2-D 16x8/8x8, 3-D 4x4x8/4x4x4) were 12-17% slower on P2 and P3.
-# One instantiation takes about 45 s of nvcc.
+# The Hopper family. Forward: one pair per rank, the fastest measured on an H200 at bf16 and head
+# dim 128 (benchmarks/NOTES.md, SM90 forward kernel): 128 queries against 128 keys, two consumer
+# warpgroups of 64 rows; the alternatives measured (2-D 16x8/8x8, 3-D 4x4x8/4x4x4) were 12-17%
+# slower on P2 and P3. One instantiation takes about 45 s of nvcc.
+# Backward: the kernel holds 64-query boxes against 128-key boxes (two consumer warpgroups of 64
+# keys; bwd_mainloop.cuh). One pair per rank, all checked by its standalone harness
+# (tests/cuda/sm90_backward_check.cu): 2-D keys in the forward's 16x8 boxes, 3-D the pair that
+# computes fewer masked scores on P3 (2.04 against 2x4x8/2x8x8's 2.13 scores per visible pair;
+# benchmarks/NOTES.md, hopper-fna backward). Not measured on a GPU yet. One pair per rank keeps
+# the build at 12 backward instantiations, about 40 s of nvcc each.
 SM90_OPS = (
     Op("fna_fwd", "fna_forward", "sm90/fna_forward.cuh", _TILED_FWD_SIG, tiles={
         1: (((128,), (128,)),),
         2: (((16, 8), (16, 8)),),
         3: (((2, 8, 8), (2, 8, 8)),),
     }),
-    Op("fna_bwd", "fna_backward", "sm90/fna_backward.cuh", _TILED_BWD_SIG, tiles={}),
+    Op("fna_bwd", "fna_backward", "sm90/fna_backward.cuh", _TILED_BWD_SIG, tiles={
+        1: (((64,), (128,)),),
+        2: (((8, 8), (16, 8)),),
+        3: (((4, 4, 4), (4, 4, 8)),),
+    }),
 )
 
 

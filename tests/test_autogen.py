@@ -121,19 +121,20 @@ def test_tiled_families_are_registered_for_the_one_pair_of_entry_points():
     assert "reference" not in text.split("namespace natten::dispatch")[1]
 
 
-def test_sm90_family_has_forward_kernels_only():
+def test_sm90_family_has_one_pair_per_rank_and_op():
     family = _family("sm90")
     assert family.tiled and family.backend == "hopper-fna" and family.archs == ("90a",)
     kernels = [k for k in registry.kernels(True) if k.family is family]
-    assert {k.op.name for k in kernels} == {"fna_fwd"}
-    assert len(kernels) == len(family.ranks) * len(family.dtypes) * len(family.head_dims)
-    k = next(k for k in kernels if k.key.rank == 3 and k.key.dtype == "bfloat16" and k.key.head_dim == 128)
-    assert k.name == "fna_fwd_3d_bf16_hd128_q2x8x8_kv2x8x8_sm90"
-    # The backward's table is the closing null entry alone: the binding's lookups miss, by name.
+    per_op = len(family.ranks) * len(family.dtypes) * len(family.head_dims)
+    for op in ("fna_fwd", "fna_bwd"):
+        assert sum(k.op.name == op for k in kernels) == per_op
+    names = {k.name for k in kernels if k.key.rank == 3 and k.key.dtype == "bfloat16" and k.key.head_dim == 128}
+    assert names == {"fna_fwd_3d_bf16_hd128_q2x8x8_kv2x8x8_sm90", "fna_bwd_3d_bf16_hd128_q4x4x4_kv4x4x8_sm90"}
+    # The backward's boxes are the kernel's: 64 queries against 128 keys.
+    assert all(math.prod(k.key.q_tile) == 64 and math.prod(k.key.kv_tile) == 128
+               for k in kernels if k.op.name == "fna_bwd")
     table = generate.render(kernels, ("9.0",))[generate.OUT_DIR / "dispatch_sm90.h"]
-    backward = table[table.index("fna_bwd[] = {"):]
-    assert backward[:backward.index("};")] == "fna_bwd[] = {\n    {{}, nullptr},\n"
-    assert table.count("&fna_forward<") == len(kernels)
+    assert table.count("&fna_forward<") == per_op and table.count("&fna_backward<") == per_op
 
 
 @pytest.mark.parametrize("dtype,head_dim,q_tile,fwd,bwd", [

@@ -190,7 +190,8 @@ def test_fused_ops_flex_cpu():
 
 def _skip_forward_only(case, backend):
     """The steps take gradients: a backend that serves a case's forward but declines its gradients
-    (hopper-fna, forward kernels only) is compiled forward-only by test_cuda_tiled.py."""
+    (a tiled family whose build has no backward kernels for the case: the manifest decides) is
+    compiled forward-only by test_cuda_tiled.py."""
     import dataclasses
 
     from natten import backends

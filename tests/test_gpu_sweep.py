@@ -99,12 +99,18 @@ def test_flex_many_shapes_stay_compiled():
 
 def test_profiler_default_problem():
     """`python -m natten.profiler` (no arguments) and with --backprop: a row per backend and pass,
-    none of them an error, but for a pass a backend declines (a forward-only family's fwd+bwd),
-    which is a "skipped" line with the reason instead of a row."""
-    from natten import backends
+    none of them an error, but for a pass a backend declines (fwd+bwd of a tiled family whose
+    build has no backward kernels for the problem), which is a "skipped" line with the reason
+    instead of a row. A family the manifest has those kernels of runs fwd+bwd."""
+    from autogen import registry
+    from natten import _manifest, backends
     from test_profiler import cli, table_rows
 
     names = backends.names_for_device("cuda")
+    # The default problem: 2-D, float16, head dim 64.
+    with_backward = {f.backend for f in registry.FAMILIES if f.tiled and any(
+        r.family == f.name and r.op == "fna_bwd" and r.rank == 2 and r.dtype == "float16" and r.head_dim >= 64
+        for r in _manifest.INSTANTIATIONS)}
     for extra, passes in (([], ["forward"]), (["--backprop"], ["forward", "fwd+bwd"])):
         out = io.StringIO()
         rc = cli.main(extra + ["--warmup", "1", "--repeat", "3"], out=out)
@@ -114,6 +120,7 @@ def test_profiler_default_problem():
         rows = table_rows(text)
         declined = {(n, p) for n in names for p in passes if f"skipped {n} {p}: " in text}
         assert all(p != "forward" for _, p in declined), text
+        assert not {n for n, _ in declined} & with_backward, text
         assert [r[:2] for r in rows] == [[n, p] for n in names for p in passes if (n, p) not in declined], text
         for r in rows:
             assert not r[2].startswith("error:"), f"{r[0]} {r[1]}: {r[2]}"

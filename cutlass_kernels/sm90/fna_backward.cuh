@@ -1,20 +1,16 @@
-// Fused neighbourhood attention backward for Hopper (sm_90a): the family's entry point. It
-// validates the problem with the shared tile geometry (common/tile_params.h) as every tiled
-// family does; the kernels themselves do not exist yet, so it then declines every problem, and the
-// registry instantiates none of it (hopper-fna declines calls that need gradients).
+// Fused neighbourhood attention backward for Hopper (sm_90a): the family's entry point. The
+// kernels are the TMA + wgmma backward of bwd_launch.cuh (design in its files and in
+// benchmarks/NOTES.md); this only gives them the signature every tiled family's backward has.
 #pragma once
 
-#include <stdexcept>
-
+#include "sm90/bwd_launch.cuh"
 #include "sm90/kernels.h"
 
 namespace natten::sm90 {
 
 template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
-void fna_backward(NaProblem const& problem, FnaTensors const& t, float*, cudaStream_t) {
-  make_box_params<Rank, QBox, KVBox>(problem, t, HeadDim, "sm90 fna_backward");
-  throw std::invalid_argument(
-      "natten sm90 fna_backward: the Hopper backward kernels are not implemented yet");
+void fna_backward(NaProblem const& problem, FnaTensors const& t, float* workspace, cudaStream_t stream) {
+  run_fna_backward<Rank, T, HeadDim, QBox, KVBox>(problem, t, workspace, stream);
 }
 
 }  // namespace natten::sm90

@@ -5,8 +5,8 @@
 // loads unaligned at no cost), then the additional keys. Warpgroup 0 is the producer: one
 // thread issues the TMA loads of Q (once) and of K and V per step into a ring of stages, each
 // guarded by a full/empty mbarrier pair (PipelineTmaAsync). The other warpgroups consume, 64
-// query rows each: S = Q.K^T, the mask only on key boxes not fully inside every query's window,
-// the online softmax, O += P.V. The next step's Q.K^T is issued before the current P.V, so each
+// query rows each: S = Q.K^T, the mask (fwd_mask.cuh) only on key boxes not fully inside every
+// query's window, the online softmax, O += P.V. The next step's Q.K^T is issued before the current P.V, so each
 // warpgroup's softmax runs while its previous P.V is on the tensor cores; optionally (kPingPong)
 // the two consumers also take turns issuing their GEMMs. setmaxnreg moves the
 // producer's registers to the consumers. The epilogue normalises O, stages it in the
@@ -21,6 +21,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "sm90/fwd_mainloop.cuh"
+#include "sm90/tma_load.cuh"
 
 namespace natten::sm90 {
 
@@ -40,22 +41,6 @@ struct ForwardSmem {
 // inside the register file (128 * 40 + 256 * 232 <= 65536). One consumer has 240 from the start.
 constexpr uint32_t kProducerRegs = 40;
 constexpr uint32_t kConsumerRegs = 232;
-
-constexpr uint64_t kCacheNormal = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
-
-// One TMA load of 64 head-dim columns starting at `col` of the box whose grid positions start at
-// pos (per axis, outermost first) in merged head/batch row hb.
-template <int Rank>
-__device__ __forceinline__ void load_box(CUtensorMap const* map, uint64_t* bar, void* smem, int col,
-                                         int const* pos, int hb) {
-  if constexpr (Rank == 1) {
-    SM90_TMA_LOAD_3D::copy(map, bar, kCacheNormal, smem, col, pos[0], hb);
-  } else if constexpr (Rank == 2) {
-    SM90_TMA_LOAD_4D::copy(map, bar, kCacheNormal, smem, col, pos[1], pos[0], hb);
-  } else {
-    SM90_TMA_LOAD_5D::copy(map, bar, kCacheNormal, smem, col, pos[2], pos[1], pos[0], hb);
-  }
-}
 
 template <class Config>
 __global__ void __launch_bounds__(Config::kThreads, 1)
@@ -167,26 +152,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
                 "P's register view matches the A operand of P.V");
   Tensor cols_s = thr_qk.partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
 
-  // This thread's two query rows and their windows.
-  RowWindows<Rank> rows;
+  // This thread's two query rows (their tokens for the epilogue) and its mask of partial boxes.
   int row_token[2];
   CUTE_UNROLL
-  for (int i = 0; i < 2; ++i) {
-    int const r = get<0>(cols_s(2 * i));
-    row_token[i] = box_token<Rank, QTile>(p, cta.g, cta.q_origin, r);
-    CUTE_UNROLL
-    for (int a = 0; a < Rank; ++a) {
-      int const x = cta.q_origin[a] + QTile::offset(r, a);
-      if (row_token[i] >= 0) {
-        auto const w = cta.g.window(p, a, x);
-        rows.first[i][a] = w.first;
-        rows.span[i][a] = unsigned(w.last - w.first);
-      } else {  // a window no key is in: keys are >= 0
-        rows.first[i][a] = kNoKey;
-        rows.span[i][a] = 0u;
-      }
-    }
-  }
+  for (int i = 0; i < 2; ++i) row_token[i] = box_token<Rank, QTile>(p, cta.g, cta.q_origin, get<0>(cols_s(2 * i)));
+  typename Config::Mask mask;
+  mask.init(p, cta.g, cta.q_origin, walk.first, get<0>(cols_s(0)), get<1>(cols_s(0)));
 
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, alpha[2];
   bool const fold_scale = p.scale_log2 > 0.f;
@@ -200,7 +171,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     if (n < walk.tiles) {
       int o[Rank];
       walk.origin(mask_at, o);
-      if (!walk.full(o)) mask_box<Rank, KVTile>(acc_s, cols_s, rows, o, -INFINITY);
+      if (!walk.full(o)) mask.apply(acc_s, mask_at.index, o, -INFINITY);
     } else {
       int const left = p.num_extra - (n - walk.tiles) * N;
       if (left < N) mask_extra(acc_s, cols_s, left, -INFINITY);

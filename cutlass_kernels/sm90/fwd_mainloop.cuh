@@ -15,6 +15,7 @@
 #include <cute/tensor.hpp>
 
 #include "sm80/mainloop.cuh"
+#include "sm90/fwd_mask.cuh"
 #include "sm90/fwd_params.h"
 
 // wgmma, setmaxnreg and the TMA are arch-conditional: device code exists for sm_90a only, and
@@ -32,12 +33,15 @@ using namespace cute;
 // Compile-time shape of one forward instantiation.
 // kPingPong: the two consumer warpgroups take turns issuing their GEMMs, so that one's softmax
 // runs while the other's GEMMs occupy the tensor cores.
-template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kPingPong_ = false>
+// Mask_: how partial key boxes are masked (fwd_mask.cuh).
+template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kPingPong_ = false,
+          template <int, class, class> class Mask_ = BitMask>
 struct ForwardConfig {
   static constexpr int Rank = Rank_;
   static constexpr bool kPingPong = kPingPong_;
   using QTile = QTile_;
   using KVTile = KVTile_;
+  using Mask = Mask_<Rank, QTile, KVTile>;
   using Element = typename sm80::ElementOf<Element_>::type;  // cutlass::half_t / bfloat16_t
   static constexpr int M = QTile::kSize;
   static constexpr int N = KVTile::kSize;
@@ -113,19 +117,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// A thread's accumulators of a 64-row warpgroup tile cover two rows (r and r + 8): element v
-// of the fragment is on row half (v / 2) % 2, whatever the tile width.
-__device__ __forceinline__ constexpr int row_half(int v) { return (v >> 1) & 1; }
-
-// Per row of a thread, the keys its query sees, per axis in group coordinates, kept as
-// (first, last - first) so that a test is one unsigned compare. Rows past the group's end see
-// nothing.
-template <int Rank>
-struct RowWindows {
-  int first[2][Rank];
-  unsigned span[2][Rank];
-};
-
 // Online softmax over one tile of scores s (invisible ones -inf) that are `scale_log2` times
 // too small (1 when the caller scaled them): updates the running row maxima (log2 units) and
 // partial sums, turns s into unnormalised probabilities and returns in alpha the factor the
@@ -160,31 +151,6 @@ template <class O>
 __device__ __forceinline__ void rescale(O& o, float const (&alpha)[2]) {
   CUTE_UNROLL
   for (int v = 0; v < size(o); ++v) o(v) *= alpha[row_half(v)];
-}
-
-// Sets the scores of keys a row does not see to `masked`. `o`: group coordinates of the key
-// box; cols: the accumulator's column per element.
-template <int Rank, class KVTile, class S, class Cols>
-__device__ __forceinline__ void mask_box(S& s, Cols const& cols, RowWindows<Rank> const& w,
-                                         int const* o, float masked) {
-  int lo[2][Rank];
-  CUTE_UNROLL
-  for (int i = 0; i < 2; ++i) {
-    CUTE_UNROLL
-    for (int a = 0; a < Rank; ++a) lo[i][a] = w.first[i][a] - o[a];
-  }
-  // Branch-free: one unsigned compare per axis tests first <= key <= last.
-  CUTE_UNROLL
-  for (int v = 0; v < size(s); ++v) {
-    int const c = get<1>(cols(v));
-    int const i = row_half(v);
-    bool visible = true;
-    CUTE_UNROLL
-    for (int a = 0; a < Rank; ++a) {
-      visible = visible & (static_cast<unsigned>(KVTile::offset(c, a) - lo[i][a]) <= w.span[i][a]);
-    }
-    s(v) = visible ? s(v) : masked;
-  }
 }
 
 // Additional keys: columns past the last one (zero-filled by the load) are masked.

@@ -107,11 +107,12 @@ inline CUtensorMap extra_map(char const* op, CUtensorMapDataType type, int elem_
 
 // Validates what the TMA forward needs beyond SPEC's checks and fills its parameters.
 // `head_dim` is the instantiation's: D and Dv may be smaller (multiples of 8, zero-filled by the
-// loads) as in the SM80 family.
+// loads) as in the SM80 family. `op` names the caller in error messages (the backward reuses
+// this for the descriptors it shares with the forward).
 template <int Rank, class QTile, class KVTile>
 ForwardParams<Rank> make_forward_params(NaProblem const& p, FnaTensors const& t, int head_dim,
-                                        CUtensorMapDataType type, int elem_bytes) {
-  char const* op = "fna_forward";
+                                        CUtensorMapDataType type, int elem_bytes,
+                                        char const* op = "fna_forward") {
   if (p.rank != Rank) fail(op, "problem rank " + std::to_string(p.rank) + " != kernel rank");
   if (p.dim > head_dim || p.dim_v > head_dim || p.dim % 8 != 0 || p.dim_v % 8 != 0 || p.dim <= 0 ||
       p.dim_v <= 0) {

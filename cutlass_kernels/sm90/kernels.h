@@ -10,7 +10,6 @@
 // dilation at most 8 and a box extent times its dilation at most 256 on every axis (TMA limits).
 // Every function launches on `stream`, returns without synchronising, and throws
 // std::invalid_argument for a problem it cannot serve and std::runtime_error when a launch fails.
-// The backward is not written yet: the registry instantiates the forward alone.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -24,8 +23,15 @@
 
 namespace natten::sm90 {
 
-// The backward has no kernels yet, so it needs no workspace.
-inline size_t fna_backward_workspace_floats(NaProblem const&) { return 0; }
+// The backward's workspace: delta = rowsum(dO * O) - dLSE [B, *S, H], then dQ's float32
+// accumulator [B, *S, H, D], whose rows are reduced into in 16-byte pieces (so its offset is a
+// multiple of 4 floats).
+inline int64_t fna_backward_delta_floats(NaProblem const& p) {
+  return (p.batch * p.tokens() * p.heads + 3) / 4 * 4;
+}
+inline size_t fna_backward_workspace_floats(NaProblem const& p) {
+  return static_cast<size_t>(fna_backward_delta_floats(p) + p.batch * p.tokens() * p.heads * p.dim);
+}
 
 // Fused forward (writes out [B, *S, H, Dv] and lse [B, *S, H]) and backward (writes d_q, d_k, d_v,
 // and d_extra_k, d_extra_v when num_extra > 0; `workspace` holds fna_backward_workspace_floats(p)

@@ -1,8 +1,10 @@
 // Standalone check of the SM90 forward (no torch): small problems against a float64 CPU
 // evaluation of SPEC section 1 (window arithmetic from common/na_window.h), then timings of the
 // benchmark problems P1-P3. Built by tests/cuda/run_sm90_forward_check.sh as several translation
-// units of this one file: NATTEN_PART 0 is the harness, parts 1-5 hold the instantiations listed
-// once in NATTEN_INSTANCES below (compiled in parallel).
+// units of this one file: NATTEN_PART 0 is the harness, parts 1-6 hold the instantiations listed
+// once in NATTEN_INSTANCES below (compiled in parallel). Both mask policies of sm90/fwd_mask.cuh
+// are instantiated for the registry's tile pairs (families sm90 and sm90wm), so one run checks
+// both and times them side by side.
 //
 //   sm90_forward_check [--checks] [--timings] [--quick] [--family F]
 // (default: checks and timings of every family; --quick: one check per instance)
@@ -18,7 +20,12 @@ namespace natten::sm90 {
 template <int Rank, typename Element, int HeadDim, class QTile, class KVTile>
 void run_fna_forward(NaProblem const&, FnaTensors const&, cudaStream_t);
 #if NATTEN_PART == 0
-template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kPingPong_>
+template <int Rank, class QTile, class KVTile>
+struct BitMask;
+template <int Rank, class QTile, class KVTile>
+struct WindowMask;
+template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kPingPong_,
+          template <int, class, class> class Mask_>
 struct ForwardConfig;
 template <class Config>
 void run_forward(NaProblem const&, FnaTensors const&, cudaStream_t);
@@ -34,8 +41,9 @@ using bf16 = __nv_bfloat16;
 using fp16 = __half;
 
 // X(part, family, rank, element, head dim, query tile, key tile); tiles as aliases (no commas).
-// Families: sm90 (the entry point), sm90pp (its ping-pong configuration), sm80 (the SM80
-// family's forward, for timings in the same run).
+// Families: sm90 (the entry point: BitMask), sm90pp (its ping-pong configuration), sm90wm (the
+// per-element WindowMask, to time against BitMask), sm80 (the SM80 family's forward, for timings
+// in the same run).
 using B64 = Box<64>;
 using B128 = Box<128>;
 using B8x8 = Box<8, 8>;
@@ -61,12 +69,17 @@ using B4x4x8 = Box<4, 4, 8>;
   X(5, sm90pp, 1, bf16, 128, B128, B128)       \
   X(5, sm90pp, 2, bf16, 128, B16x8, B16x8)     \
   X(5, sm90pp, 3, bf16, 128, B2x8x8, B2x8x8)   \
-  X(5, sm90pp, 3, fp16, 64, B2x8x8, B2x4x8)
+  X(5, sm90pp, 3, fp16, 64, B2x8x8, B2x4x8)    \
+  X(6, sm90wm, 1, bf16, 128, B128, B128)       \
+  X(6, sm90wm, 2, bf16, 128, B16x8, B16x8)     \
+  X(6, sm90wm, 3, bf16, 128, B2x8x8, B2x8x8)
 
 #define NATTEN_ENTRY_sm80(R, T, HD, Q, KV) natten::sm80::fna_forward<R, T, HD, Q, KV>
 #define NATTEN_ENTRY_sm90(R, T, HD, Q, KV) natten::sm90::run_fna_forward<R, T, HD, Q, KV>
 #define NATTEN_ENTRY_sm90pp(R, T, HD, Q, KV) \
-  natten::sm90::run_forward<natten::sm90::ForwardConfig<R, T, HD, Q, KV, true>>
+  natten::sm90::run_forward<natten::sm90::ForwardConfig<R, T, HD, Q, KV, true, natten::sm90::BitMask>>
+#define NATTEN_ENTRY_sm90wm(R, T, HD, Q, KV) \
+  natten::sm90::run_forward<natten::sm90::ForwardConfig<R, T, HD, Q, KV, false, natten::sm90::WindowMask>>
 
 #if NATTEN_PART > 0
 // One part of the instantiations.
@@ -106,6 +119,11 @@ using B4x4x8 = Box<4, 4, 8>;
 #define NATTEN_PART_5 1
 #else
 #define NATTEN_PART_5 0
+#endif
+#if NATTEN_PART == 6
+#define NATTEN_PART_6 1
+#else
+#define NATTEN_PART_6 0
 #endif
 NATTEN_INSTANCES(INSTANTIATE)
 

@@ -1,0 +1,68 @@
+// Host entry of the SM90 backward: parameters and descriptors, then four launches on one stream:
+//   delta   rowsum(dO * O) - dLSE per (token, head) into the workspace (the SM80 family's pass);
+//   memset  dQ's float32 accumulator to zero;
+//   main    the key-box-stationary kernel (bwd_kernel.cuh): dK, dV, and dQ partials added into
+//           the accumulator;
+//   convert the accumulator, scaled, to dQ.
+// dQ's additions come from many CTAs in no fixed order, so dQ is not bitwise deterministic; dK
+// and dV are (one CTA sums each in a fixed order).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "sm80/fna_backward.cuh"
+#include "sm80/launch.h"
+#include "sm90/bwd_convert.cuh"
+#include "sm90/bwd_kernel.cuh"
+#include "sm90/fwd_launch.cuh"
+
+namespace natten::sm90 {
+
+// Writes d_q, d_k, d_v (and d_extra_k, d_extra_v when num_extra > 0) on `stream`; `workspace`
+// holds fna_backward_workspace_floats(problem) floats (kernels.h). Throws std::invalid_argument
+// for a problem this configuration cannot serve.
+template <class Config, typename T>
+void run_backward(NaProblem const& problem, FnaTensors const& t, float* workspace, cudaStream_t stream) {
+  constexpr int Rank = Config::Rank, HeadDim = Config::D;
+  using QTile = typename Config::QTile;
+  using KVTile = typename Config::KVTile;
+  using E = typename Config::Element;
+  BackwardParams<Rank> const P =
+      make_backward_params<Rank, QTile, KVTile>(problem, t, workspace, HeadDim, tma_type<E>(), int(sizeof(E)));
+  auto const& g = P.fwd.geo;
+  if (g.batch == 0 || g.heads == 0 || g.tokens == 0) return;
+
+  int64_t const rows = int64_t(g.batch) * g.tokens * g.heads;
+  int const lanes = sm80::delta_lanes_per_row(g.dim_v * int(sizeof(T)) / 16);
+  int64_t const rows_per_block = int64_t(sm80::kDeltaWarps) * (32 / lanes);
+  sm80::launch(sm80::fna_backward_delta_kernel<T>, dim3(sm80::grid_x((rows + rows_per_block - 1) / rows_per_block)),
+               sm80::kDeltaWarps * 32, 0, stream, "sm90 fna_backward (delta)", static_cast<T const*>(t.out),
+               static_cast<T const*>(t.d_out), g.d_lse, g.delta, rows, g.dim_v, lanes);
+
+  size_t const dq_floats = size_t(rows) * g.dim;
+  cudaError_t const err = cudaMemsetAsync(P.dq_accum, 0, dq_floats * sizeof(float), stream);
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("natten sm90 fna_backward: clearing dQ failed: ") + cudaGetErrorString(err));
+  }
+
+  int64_t kv_tiles = 1;
+  for (int a = 0; a < Rank; ++a) kv_tiles *= int64_t(g.axis[a].kv_tiles) * g.axis[a].spec.dilation;
+  int64_t const extra_slices = (int64_t(g.num_extra) + KVTile::kSize - 1) / KVTile::kSize;
+  sm80::launch(fna_backward_kernel<Config>, dim3(sm80::grid_x(kv_tiles + extra_slices), g.heads_kv, g.batch),
+               Config::kThreads, sizeof(BackwardSmem<Config>), stream, "sm90 fna_backward", P);
+
+  int64_t const quads = int64_t(dq_floats / 4);
+  int64_t const blocks = std::min<int64_t>((quads + 255) / 256, 132 * 16);
+  sm80::launch(fna_backward_dq_convert_kernel<T>, dim3(unsigned(blocks)), 256, 0, stream,
+               "sm90 fna_backward (dQ convert)", static_cast<float const*>(P.dq_accum), static_cast<T*>(t.d_q), quads,
+               g.scale);
+}
+
+template <int Rank, typename Element, int HeadDim, class QTile, class KVTile>
+void run_fna_backward(NaProblem const& problem, FnaTensors const& t, float* workspace, cudaStream_t stream) {
+  run_backward<BackwardConfig<Rank, Element, HeadDim, QTile, KVTile>, Element>(problem, t, workspace, stream);
+}
+
+}  // namespace natten::sm90

@@ -1,0 +1,736 @@
+// Standalone check of the SM90 backward (no torch): small problems against a float64 CPU
+// evaluation of SPEC section 1 and its gradients (window arithmetic from common/na_window.h),
+// then timings of the benchmark problems P1-P3. Built by tests/cuda/run_sm90_backward_check.sh as
+// several translation units of this one file: NATTEN_PART 0 is the harness, parts 1-4 hold the
+// instantiations listed once in NATTEN_INSTANCES below (compiled in parallel).
+//
+//   sm90_backward_check [--checks] [--timings] [--quick] [--family F] [--self-test]
+// (default: checks and timings of every family; --quick: one check per instance; --self-test:
+// only the host-side self-test of the float64 reference, no GPU needed, which the checks also
+// run first)
+// The kernel gets O and LSE from the float64 forward (rounded to the element type and float32),
+// so a failure points at the backward alone. Exit status non-zero when any check fails.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "common/na_params.h"
+#include "common/tile_params.h"
+#include "sm90/kernels.h"
+
+namespace natten::sm90 {
+template <int Rank, typename Element, int HeadDim, class QTile, class KVTile>
+void run_fna_backward(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
+}  // namespace natten::sm90
+namespace natten::sm80 {
+template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
+void fna_backward(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
+}  // namespace natten::sm80
+
+using natten::Box;
+using bf16 = __nv_bfloat16;
+using fp16 = __half;
+
+// X(part, family, rank, element, head dim, query tile, key tile); tiles as aliases (no commas).
+// Families: sm90 (this backward: 64-token query boxes, 128-token key boxes), sm80 (the SM80
+// family's backward, timed in the same run).
+using B64 = Box<64>;
+using B128 = Box<128>;
+using B8x8 = Box<8, 8>;
+using B16x8 = Box<16, 8>;
+using B2x4x8 = Box<2, 4, 8>;
+using B2x8x8 = Box<2, 8, 8>;
+using B4x4x4 = Box<4, 4, 4>;
+using B4x4x8 = Box<4, 4, 8>;
+#define NATTEN_INSTANCES(X)                 \
+  X(1, sm90, 1, bf16, 128, B64, B128)       \
+  X(1, sm90, 1, fp16, 128, B64, B128)       \
+  X(1, sm90, 1, bf16, 64, B64, B128)        \
+  X(2, sm90, 2, bf16, 128, B8x8, B16x8)     \
+  X(2, sm90, 2, fp16, 64, B8x8, B16x8)      \
+  X(3, sm90, 3, bf16, 128, B4x4x4, B4x4x8)  \
+  X(3, sm90, 3, bf16, 128, B2x4x8, B2x8x8)  \
+  X(3, sm90, 3, fp16, 64, B4x4x4, B4x4x8)   \
+  X(4, sm80, 1, bf16, 128, B128, B64)       \
+  X(4, sm80, 2, bf16, 128, B16x8, B8x8)     \
+  X(4, sm80, 3, bf16, 128, B4x4x8, B4x4x4)
+
+#define NATTEN_ENTRY_sm80(R, T, HD, Q, KV) natten::sm80::fna_backward<R, T, HD, Q, KV>
+#define NATTEN_ENTRY_sm90(R, T, HD, Q, KV) natten::sm90::run_fna_backward<R, T, HD, Q, KV>
+
+#if NATTEN_PART > 0
+// One part of the instantiations.
+#if NATTEN_PART == 4
+#include "sm80/fna_backward.cuh"
+#else
+#include "sm90/bwd_launch.cuh"
+#endif
+#define NATTEN_SELECT_1(...) __VA_ARGS__
+#define NATTEN_SELECT_0(...)
+#define NATTEN_CAT(a, b) a##b
+#define NATTEN_SELECT(c) NATTEN_CAT(NATTEN_SELECT_, c)
+#define INSTANTIATE(part, family, R, T, HD, Q, KV)                                       \
+  NATTEN_SELECT(NATTEN_PART_##part)(template void NATTEN_ENTRY_##family(R, T, HD, Q, KV)( \
+      natten::NaProblem const&, natten::FnaTensors const&, float*, cudaStream_t);)
+#if NATTEN_PART == 1
+#define NATTEN_PART_1 1
+#else
+#define NATTEN_PART_1 0
+#endif
+#if NATTEN_PART == 2
+#define NATTEN_PART_2 1
+#else
+#define NATTEN_PART_2 0
+#endif
+#if NATTEN_PART == 3
+#define NATTEN_PART_3 1
+#else
+#define NATTEN_PART_3 0
+#endif
+#if NATTEN_PART == 4
+#define NATTEN_PART_4 1
+#else
+#define NATTEN_PART_4 0
+#endif
+NATTEN_INSTANCES(INSTANTIATE)
+
+#else  // the harness
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+using natten::AxisSpec;
+using natten::FnaTensors;
+using natten::NaProblem;
+
+#define CUDA_CHECK(x)                                                                          \
+  do {                                                                                         \
+    cudaError_t const e_ = (x);                                                                \
+    if (e_ != cudaSuccess) {                                                                   \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                            \
+    }                                                                                          \
+  } while (0)
+
+using Runner = void (*)(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
+
+struct Instance {
+  char const* family;
+  int rank;
+  bool bf;  // bfloat16 (else float16)
+  int head_dim;
+  std::string tiles;
+  Runner run;
+};
+
+template <class T>
+std::string tile_name() {
+  std::string s;
+  for (int a = 0; a < 3; ++a) {
+    if (a > 0 && T::extent(a) == 1 && (a == 2 || T::extent(2) == 1)) break;
+    s += (a ? "x" : "") + std::to_string(T::extent(a));
+  }
+  return s;
+}
+
+std::vector<Instance> const& instances() {
+#define LIST(part, family, R, T, HD, Q, KV)                                                              \
+  {#family, R, std::is_same_v<T, bf16>, HD, tile_name<Q>() + "/" + tile_name<KV>(), \
+   &NATTEN_ENTRY_##family(R, T, HD, Q, KV)},
+#ifdef NATTEN_NO_INSTANCES  // part 0 alone, for --self-test (tests/test_sm90_backward_host.py)
+  static std::vector<Instance> const all;
+#else
+  static std::vector<Instance> const all = {NATTEN_INSTANCES(LIST)};
+#endif
+  return all;
+}
+
+// Workspace floats either family needs: the SM90 backward's (the SM80 backward needs only delta,
+// which is smaller).
+size_t workspace_floats(NaProblem const& p) { return natten::sm90::fna_backward_workspace_floats(p); }
+
+struct Case {
+  std::string name;
+  int rank;
+  int64_t extent[3], kernel[3], stride[3] = {1, 1, 1}, dilation[3] = {1, 1, 1};
+  bool causal[3] = {false, false, false};
+  int64_t batch = 1, heads = 2, heads_kv = 2, dim = 0, extra = 0;
+  double scale = 0;  // 0: head_dim ** -0.5
+  bool d_lse = false;  // also a gradient of the LSE
+};
+
+NaProblem problem_of(Case const& c, int head_dim) {
+  NaProblem p;
+  p.rank = c.rank;
+  for (int a = 0; a < c.rank; ++a) {
+    p.axis[a] = AxisSpec{c.extent[a], c.kernel[a], c.stride[a], c.dilation[a], c.causal[a]};
+  }
+  p.batch = c.batch;
+  p.heads = c.heads;
+  p.heads_kv = c.heads_kv;
+  p.dim = p.dim_v = c.dim ? c.dim : head_dim;
+  p.num_extra = c.extra;
+  p.scale = c.scale != 0 ? c.scale : 1.0 / std::sqrt(double(p.dim));
+  return p;
+}
+
+// Visible keys of query x (flat token): the product over axes of each axis' window.
+std::vector<int64_t> visible_keys(NaProblem const& p, int64_t x) {
+  int64_t coord[3], rem = x;
+  for (int a = p.rank - 1; a >= 0; --a) {
+    coord[a] = rem % p.axis[a].extent;
+    rem /= p.axis[a].extent;
+  }
+  std::vector<int64_t> keys(1, 0);
+  for (int a = 0; a < p.rank; ++a) {
+    AxisSpec const& ax = p.axis[a];
+    int64_t const r = coord[a] % ax.dilation;
+    auto const w = natten::axis_window(ax, natten::group_length(ax, r), coord[a] / ax.dilation);
+    std::vector<int64_t> next;
+    for (int64_t base : keys) {
+      for (int64_t yi = w.first; yi <= w.last; ++yi) next.push_back(base * ax.extent + yi * ax.dilation + r);
+    }
+    keys.swap(next);
+  }
+  return keys;
+}
+
+// Float64 forward and backward of SPEC section 1. Inputs as doubles; outputs out [B, N, H, Dv],
+// lse [B, N, H], and the gradients of q, k, v, extra k, extra v given d_out (and d_lse, empty
+// when unused). Pass 1 (parallel over queries) computes each query's softmax, out, lse, dq and
+// keeps its probabilities and score gradients; pass 2 (parallel over batch and key head) adds
+// them into dk, dv.
+struct Grads {
+  std::vector<double> out, lse, dq, dk, dv, dek, dev;
+};
+Grads reference(NaProblem const& p, std::vector<double> const& q, std::vector<double> const& k,
+                std::vector<double> const& v, std::vector<double> const& ek, std::vector<double> const& ev,
+                std::vector<double> const& d_out, std::vector<double> const& d_lse) {
+  int64_t const n = p.tokens(), B = p.batch, H = p.heads, Hk = p.heads_kv, D = p.dim, Dv = p.dim_v,
+                E = p.num_extra, G = H / Hk;
+  Grads g;
+  g.out.assign(B * n * H * Dv, 0.0);
+  g.lse.assign(B * n * H, 0.0);
+  g.dq.assign(B * n * H * D, 0.0);
+  g.dk.assign(B * n * Hk * D, 0.0);
+  g.dv.assign(B * n * Hk * Dv, 0.0);
+  g.dek.assign(B * E * Hk * D, 0.0);
+  g.dev.assign(B * E * Hk * Dv, 0.0);
+  std::vector<std::vector<int64_t>> keys(n);
+  std::vector<std::vector<double>> probs(B * n * H), dscores(B * n * H);
+  auto key_row = [&](int64_t b, int64_t hk, std::vector<int64_t> const& ks, size_t j, bool value) {
+    int64_t const dim = value ? Dv : D;
+    if (j < ks.size()) return &(value ? v : k)[((b * n + ks[j]) * Hk + hk) * dim];
+    return &(value ? ev : ek)[((b * E + int64_t(j - ks.size())) * Hk + hk) * dim];
+  };
+#pragma omp parallel for schedule(dynamic, 16)
+  for (int64_t x = 0; x < n; ++x) {
+    keys[x] = visible_keys(p, x);
+    auto const& ks = keys[x];
+    size_t const count = ks.size() + size_t(E);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        int64_t const hk = h / G, row = (b * n + x) * H + h;
+        double const* qr = &q[row * D];
+        double const* gr = &d_out[row * Dv];
+        std::vector<double> s(count), dp(count);
+        for (size_t j = 0; j < count; ++j) {
+          double const* kr = key_row(b, hk, ks, j, false);
+          double const* vr = key_row(b, hk, ks, j, true);
+          double dot = 0, dv_dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
+          for (int64_t d = 0; d < Dv; ++d) dv_dot += gr[d] * vr[d];
+          s[j] = dot * p.scale;
+          dp[j] = dv_dot;
+        }
+        double const m = *std::max_element(s.begin(), s.end());
+        double l = 0;
+        for (double& t : s) l += (t = std::exp(t - m));
+        double* o = &g.out[row * Dv];
+        for (size_t j = 0; j < count; ++j) {
+          s[j] /= l;
+          double const* vr = key_row(b, hk, ks, j, true);
+          for (int64_t d = 0; d < Dv; ++d) o[d] += s[j] * vr[d];
+        }
+        g.lse[row] = m + std::log(l);
+        double delta = 0;
+        for (int64_t d = 0; d < Dv; ++d) delta += gr[d] * o[d];
+        if (!d_lse.empty()) delta -= d_lse[row];  // d lse / d s_j = P_j
+        double* dqr = &g.dq[row * D];
+        for (size_t j = 0; j < count; ++j) {
+          dp[j] = s[j] * (dp[j] - delta);  // dS, the gradient of the scaled score
+          double const* kr = key_row(b, hk, ks, j, false);
+          for (int64_t d = 0; d < D; ++d) dqr[d] += p.scale * dp[j] * kr[d];
+        }
+        probs[row] = std::move(s);
+        dscores[row] = std::move(dp);
+      }
+    }
+  }
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t bk = 0; bk < B * Hk; ++bk) {
+    int64_t const b = bk / Hk, hk = bk % Hk;
+    for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+      for (int64_t x = 0; x < n; ++x) {
+        int64_t const row = (b * n + x) * H + h;
+        auto const& ks = keys[x];
+        double const* qr = &q[row * D];
+        double const* gr = &d_out[row * Dv];
+        for (size_t j = 0; j < probs[row].size(); ++j) {
+          bool const grid = j < ks.size();
+          int64_t const key = grid ? (b * n + ks[j]) * Hk + hk : (b * E + int64_t(j - ks.size())) * Hk + hk;
+          double* dkr = &(grid ? g.dk : g.dek)[key * D];
+          double* dvr = &(grid ? g.dv : g.dev)[key * Dv];
+          double const ds = p.scale * dscores[row][j], pr = probs[row][j];
+          for (int64_t d = 0; d < D; ++d) dkr[d] += ds * qr[d];
+          for (int64_t d = 0; d < Dv; ++d) dvr[d] += pr * gr[d];
+        }
+      }
+    }
+  }
+  return g;
+}
+
+double to_double(bf16 x) { return double(__bfloat162float(x)); }
+double to_double(fp16 x) { return double(__half2float(x)); }
+template <class T>
+__host__ __device__ T from_float(float x) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    return __float2bfloat16(x);
+  } else {
+    return __float2half(x);
+  }
+}
+
+// A device buffer of T (or float) holding given values; `exact` is what the device holds, as
+// doubles.
+template <class T>
+struct Buffer {
+  std::vector<double> exact;
+  T* dev = nullptr;
+  size_t n = 0;
+  explicit Buffer(std::vector<double> const& values) : n(values.size()) {
+    std::vector<T> host(n);
+    exact.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        host[i] = float(values[i]);
+        exact[i] = host[i];
+      } else {
+        host[i] = from_float<T>(float(values[i]));
+        exact[i] = to_double(host[i]);
+      }
+    }
+    if (n) {
+      CUDA_CHECK(cudaMalloc(&dev, n * sizeof(T)));
+      CUDA_CHECK(cudaMemcpy(dev, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+    }
+  }
+  // An output: poisoned with NaN (every element must be written).
+  explicit Buffer(size_t count) : n(count) {
+    if (n) {
+      CUDA_CHECK(cudaMalloc(&dev, n * sizeof(T)));
+      CUDA_CHECK(cudaMemset(dev, 0xff, n * sizeof(T)));
+    }
+  }
+  Buffer(Buffer const&) = delete;
+  ~Buffer() { cudaFree(dev); }
+  // The device values as doubles; counts the non-finite ones into `bad`.
+  std::vector<double> read(size_t& bad) const {
+    std::vector<T> host(n);
+    if (n) CUDA_CHECK(cudaMemcpy(host.data(), dev, n * sizeof(T), cudaMemcpyDeviceToHost));
+    std::vector<double> out(n);
+    for (size_t i = 0; i < n; ++i) {
+      out[i] = to_double(host[i]);
+      bad += !std::isfinite(out[i]);
+    }
+    return out;
+  }
+};
+
+std::vector<double> random_values(size_t n, std::mt19937& rng) {
+  std::normal_distribution<double> dist(0.0, 1.0);
+  std::vector<double> x(n);
+  for (double& v : x) v = dist(rng);
+  return x;
+}
+
+double rel_error(std::vector<double> const& got, std::vector<double> const& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    num += (got[i] - ref[i]) * (got[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// Self-test of the float64 reference, on the host, before any GPU case (a wrong reference would
+// pass a wrong kernel or fail a right one). Two independent checks:
+//  1. visible_keys (through common/na_window.h) against SPEC section 1 written out literally
+//     here, for every query of random small axes (odd/even windows, stride, dilation, causal);
+//  2. reference()'s gradients against central finite differences of its own forward, for the
+//     loss sum(out * d_out) + sum(lse * d_lse), on tiny problems with GQA, additional keys, a
+//     d_lse, a negative scale, stride/dilation/causal and D != Dv: every element of dq, dk, dv,
+//     dek, dev. The forward (softmax, out, lse) is the plain definition, so this pins the
+//     gradient formulas (delta, dS, the scale of dq/dk, dv, the d_lse term) to it.
+bool spec_sees_axis(AxisSpec const& a, int64_t x, int64_t y) {  // SPEC section 1, as written
+  int64_t const L = a.extent, k = a.kernel, s = a.stride, d = a.dilation;
+  if (x % d != y % d) return false;
+  int64_t const xi = x / d, yi = y / d;
+  int64_t const Lg = L / d + ((x % d) < (L % d) ? 1 : 0);
+  if (a.causal) {
+    int64_t const lead = std::min((xi / s) * s + s - 1, Lg - 1);
+    return yi <= xi && lead - yi < k;
+  }
+  int64_t const left = k / 2, right = k % 2 ? k / 2 : k / 2 - 1;
+  int64_t const lead = std::min((xi / s) * s + s / 2, Lg - 1);
+  int64_t const centre = std::max(left, std::min(lead, Lg - 1 - right));
+  return centre - left <= yi && yi <= centre + right;
+}
+
+bool reference_self_test() {
+  std::mt19937 rng(99);
+  auto uni = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  int window_bad = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    NaProblem p;
+    p.rank = int(uni(1, 3));
+    for (int a = 0; a < p.rank; ++a) {
+      int64_t const L = uni(1, p.rank == 1 ? 40 : 9), d = uni(1, std::max<int64_t>(1, L / 2));
+      int64_t const k = uni(1, L / d), s = uni(1, k);
+      p.axis[a] = AxisSpec{L, k, s, d, uni(0, 1) == 1};
+    }
+    int64_t const n = p.tokens();
+    for (int64_t x = 0; x < n; ++x) {
+      auto keys = visible_keys(p, x);
+      std::sort(keys.begin(), keys.end());
+      std::vector<int64_t> want;
+      for (int64_t y = 0; y < n; ++y) {
+        bool ok = true;
+        int64_t xr = x, yr = y;
+        for (int a = p.rank - 1; a >= 0; --a) {
+          ok = ok && spec_sees_axis(p.axis[a], xr % p.axis[a].extent, yr % p.axis[a].extent);
+          xr /= p.axis[a].extent;
+          yr /= p.axis[a].extent;
+        }
+        if (ok) want.push_back(y);
+      }
+      window_bad += keys != want;
+    }
+  }
+  std::printf("reference self-test: visible keys vs SPEC section 1: %d queries differ\n", window_bad);
+
+  struct Tiny {
+    char const* name;
+    Case c;
+    int64_t dim_v;
+  };
+  Tiny const tiny[] = {
+      {"1-D L9 k4 s2 causal, GQA 4/2, 3 extra, d_lse, scale -0.3",
+       {"", 1, {9}, {4}, {2}, {1}, {true}, 2, 4, 2, 4, 3, -0.3, true}, 3},
+      {"2-D 6x5 k3x2 d2x1 s1x2, causal 0/1",
+       {"", 2, {6, 5}, {3, 2}, {1, 2}, {2, 1}, {false, true}, 1, 2, 1, 3, 0, 0.7, true}, 5},
+      {"3-D 3x4x5 k2x3x3 causal 1/0/1, 2 extra",
+       {"", 3, {3, 4, 5}, {2, 3, 3}, {1, 1, 2}, {1, 1, 1}, {true, false, true}, 1, 2, 2, 2, 2, 0.5, false}, 2},
+  };
+  double worst = 0;
+  for (auto const& t : tiny) {
+    NaProblem p = problem_of(t.c, int(t.c.dim));
+    p.dim_v = t.dim_v;
+    int64_t const n = p.tokens(), rows = p.batch * n * p.heads, E = p.num_extra;
+    std::vector<double> in[5] = {random_values(rows * p.dim, rng), random_values(p.batch * n * p.heads_kv * p.dim, rng),
+                                 random_values(p.batch * n * p.heads_kv * p.dim_v, rng),
+                                 random_values(p.batch * E * p.heads_kv * p.dim, rng),
+                                 random_values(p.batch * E * p.heads_kv * p.dim_v, rng)};
+    std::vector<double> const d_out = random_values(rows * p.dim_v, rng);
+    std::vector<double> const d_lse = t.c.d_lse ? random_values(rows, rng) : std::vector<double>();
+    auto loss = [&]() {
+      Grads const g = reference(p, in[0], in[1], in[2], in[3], in[4], d_out, d_lse);
+      double l = 0;
+      for (size_t i = 0; i < g.out.size(); ++i) l += g.out[i] * d_out[i];
+      for (size_t i = 0; i < d_lse.size(); ++i) l += g.lse[i] * d_lse[i];
+      return l;
+    };
+    Grads const g = reference(p, in[0], in[1], in[2], in[3], in[4], d_out, d_lse);
+    std::vector<double> const* analytic[5] = {&g.dq, &g.dk, &g.dv, &g.dek, &g.dev};
+    double err = 0, scale = 0;
+    for (int which = 0; which < 5; ++which) {
+      for (size_t i = 0; i < in[which].size(); ++i) {
+        double const x = in[which][i], h = 1e-5;
+        in[which][i] = x + h;
+        double const up = loss();
+        in[which][i] = x - h;
+        double const down = loss();
+        in[which][i] = x;
+        double const fd = (up - down) / (2 * h);
+        err = std::max(err, std::abs(fd - (*analytic[which])[i]));
+        scale = std::max(scale, std::abs(fd));
+      }
+    }
+    double const rel = err / std::max(scale, 1e-300);
+    worst = std::max(worst, rel);
+    std::printf("reference self-test: gradients vs finite differences, %s: max error %.1e of max %.2f\n", t.name, err,
+                scale);
+  }
+  bool const ok = window_bad == 0 && worst < 1e-6;
+  std::printf("reference self-test: %s\n", ok ? "PASS" : "FAIL");
+  return ok;
+}
+
+template <class T>
+bool check_case(Instance const& inst, Case const& c, std::mt19937& rng) {
+  NaProblem const p = problem_of(c, inst.head_dim);
+  int64_t const n = p.tokens(), rows = p.batch * n * p.heads;
+  int64_t const E = p.num_extra;
+  Buffer<T> q(random_values(rows * p.dim, rng)), k(random_values(p.batch * n * p.heads_kv * p.dim, rng)),
+      v(random_values(p.batch * n * p.heads_kv * p.dim_v, rng)), ek(random_values(p.batch * E * p.heads_kv * p.dim, rng)),
+      ev(random_values(p.batch * E * p.heads_kv * p.dim_v, rng)), d_out(random_values(rows * p.dim_v, rng));
+  std::vector<double> d_lse_values = c.d_lse ? random_values(rows, rng) : std::vector<double>();
+  Buffer<float> d_lse(d_lse_values);
+  d_lse_values = d_lse.exact;
+  // The forward's outputs as the kernel would get them: out in T, lse in float32.
+  Grads const ref = reference(p, q.exact, k.exact, v.exact, ek.exact, ev.exact, d_out.exact, d_lse_values);
+  Buffer<T> out(ref.out);
+  Buffer<float> lse(ref.lse);
+  Buffer<T> d_q(rows * p.dim), d_k(p.batch * n * p.heads_kv * p.dim), d_v(p.batch * n * p.heads_kv * p.dim_v),
+      d_ek(p.batch * E * p.heads_kv * p.dim), d_ev(p.batch * E * p.heads_kv * p.dim_v);
+  Buffer<float> workspace(workspace_floats(p));
+  FnaTensors t;
+  t.q = q.dev;
+  t.k = k.dev;
+  t.v = v.dev;
+  t.extra_k = ek.dev;
+  t.extra_v = ev.dev;
+  t.out = out.dev;
+  t.lse = lse.dev;
+  t.d_out = d_out.dev;
+  t.d_lse = c.d_lse ? d_lse.dev : nullptr;
+  t.d_q = d_q.dev;
+  t.d_k = d_k.dev;
+  t.d_v = d_v.dev;
+  t.d_extra_k = d_ek.dev;
+  t.d_extra_v = d_ev.dev;
+  std::string error;
+  try {
+    inst.run(p, t, workspace.dev, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+  } catch (std::exception const& e) {
+    error = e.what();
+  }
+  bool ok = error.empty();
+  double err[5] = {NAN, NAN, NAN, NAN, NAN};
+  size_t bad = 0;
+  if (ok) {
+    err[0] = rel_error(d_q.read(bad), ref.dq);
+    err[1] = rel_error(d_k.read(bad), ref.dk);
+    err[2] = rel_error(d_v.read(bad), ref.dv);
+    if (E > 0) {
+      err[3] = rel_error(d_ek.read(bad), ref.dek);
+      err[4] = rel_error(d_ev.read(bad), ref.dev);
+    }
+    double const tol = inst.bf ? 1e-2 : 2e-3;
+    ok = bad == 0;
+    for (double e : err) ok = ok && (std::isnan(e) ? true : e < tol);
+    ok = ok && !std::isnan(err[0]) && !std::isnan(err[1]) && !std::isnan(err[2]);
+  }
+  auto fmt = [](double e) {
+    char buf[16];
+    if (std::isnan(e)) return std::string("     -  ");
+    std::snprintf(buf, sizeof buf, "%8.1e", e);
+    return std::string(buf);
+  };
+  std::printf("%-4s %-5s %d-D hd%-3d %-12s %-36s %s %s %s %s %s %6zu %s\n", ok ? "PASS" : "FAIL",
+              inst.bf ? "bf16" : "fp16", inst.rank, inst.head_dim, inst.tiles.c_str(), c.name.c_str(),
+              fmt(err[0]).c_str(), fmt(err[1]).c_str(), fmt(err[2]).c_str(), fmt(err[3]).c_str(), fmt(err[4]).c_str(),
+              bad, error.c_str());
+  return ok;
+}
+
+std::vector<Case> check_cases(int rank) {
+  std::vector<Case> cs;
+  auto add = [&](Case c) {
+    c.rank = rank;
+    cs.push_back(c);
+  };
+  if (rank == 1) {
+    add({"L500 k65 (borders, 4+ boxes)", 1, {500}, {65}});
+    add({"L300 k64 even, B2", 1, {300}, {64}, {1}, {1}, {false}, 2});
+    add({"L777 k33 s8", 1, {777}, {33}, {8}});
+    add({"L600 k31 d2", 1, {600}, {31}, {1}, {2}});
+    add({"L515 k100 causal", 1, {515}, {100}, {1}, {1}, {true}});
+    add({"L400 k40 causal s5 d2", 1, {400}, {40}, {5}, {2}, {true}});
+    add({"L256 k17 GQA 4/1 + 77 extra", 1, {256}, {17}, {1}, {1}, {false}, 1, 4, 1, 0, 77});
+    add({"L1000 k255 dim 56, scale -0.3", 1, {1000}, {255}, {1}, {1}, {false}, 1, 2, 2, 56, 0, -0.3});
+    add({"L333 k48 s16 + 200 extra, d_lse", 1, {333}, {48}, {16}, {1}, {false}, 2, 2, 1, 0, 200, 0, true});
+  } else if (rank == 2) {
+    add({"40x36 k13x9 (borders)", 2, {40, 36}, {13, 9}});
+    add({"33x31 k8x6 even, B2", 2, {33, 31}, {8, 6}, {1, 1}, {1, 1}, {false, false}, 2});
+    add({"48x40 k10x12 s3x4", 2, {48, 40}, {10, 12}, {3, 4}});
+    add({"50x45 k7x5 d3x2", 2, {50, 45}, {7, 5}, {1, 1}, {3, 2}});
+    add({"37x29 k9x7 causal 0/1", 2, {37, 29}, {9, 7}, {1, 1}, {1, 1}, {false, true}});
+    add({"30x30 k6x6 causal both s2", 2, {30, 30}, {6, 6}, {2, 2}, {1, 1}, {true, true}});
+    add({"24x20 k5x5 GQA 6/2 + 130 extra", 2, {24, 20}, {5, 5}, {1, 1}, {1, 1}, {false, false}, 1, 6, 2, 0, 130});
+    add({"64x64 k32x32 (P2 kind), d_lse", 2, {64, 64}, {32, 32}, {1, 1}, {1, 1}, {false, false}, 1, 2, 2, 0, 0, 0, true});
+  } else {
+    add({"10x12x20 k5x7x9 (borders)", 3, {10, 12, 20}, {5, 7, 9}});
+    add({"9x11x13 k4x6x8 even", 3, {9, 11, 13}, {4, 6, 8}});
+    add({"12x16x18 k4x8x6 s2x4x3 d1x1x2", 3, {12, 16, 18}, {4, 8, 6}, {2, 4, 3}, {1, 1, 2}});
+    add({"8x12x12 k3x5x5 causal 1/0/0, B2", 3, {8, 12, 12}, {3, 5, 5}, {1, 1, 1}, {1, 1, 1}, {true, false, false}, 2});
+    add({"8x10x12 k4x4x6 causal 0/1/1 s1x2x3", 3, {8, 10, 12}, {4, 4, 6}, {1, 2, 3}, {1, 1, 1}, {false, true, true}});
+    add({"6x10x14 k3x3x5 d2x3x2 + 20 extra", 3, {6, 10, 14}, {3, 3, 5}, {1, 1, 1}, {2, 3, 2}, {false, false, false}, 1, 2, 2, 0, 20});
+    add({"8x12x12 k3x5x5 GQA 4/2", 3, {8, 12, 12}, {3, 5, 5}, {1, 1, 1}, {1, 1, 1}, {false, false, false}, 1, 4, 2});
+    add({"12x24x24 k6x12x12 (P3 kind)", 3, {12, 24, 24}, {6, 12, 12}});
+  }
+  return cs;
+}
+
+// Deterministic pseudo-random values in [-2, 2), made on the device (the benchmark tensors are
+// too large to draw on the host in reasonable time).
+template <class T>
+__global__ void fill_random(T* x, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 0x9E3779B1u ^ seed;
+    h ^= h >> 15;
+    h *= 0x85EBCA77u;
+    h ^= h >> 13;
+    x[i] = from_float<T>(float(h >> 8) * (4.f / 16777216.f) - 2.f);
+  }
+}
+__global__ void fill_constant(float* x, size_t n, float value) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) x[i] = value;
+}
+
+// Buffers of one timed problem, shared by every instance timed on it. O and dO are random and
+// LSE a constant that keeps the probabilities finite: the timing does not depend on the values.
+template <class T>
+struct BenchTensors {
+  FnaTensors t;
+  float* workspace = nullptr;
+  std::vector<void*> owned;
+  explicit BenchTensors(NaProblem const& p) {
+    int64_t const n = p.batch * p.tokens();
+    auto alloc = [&](size_t count, size_t bytes, uint32_t seed) {
+      void* d;
+      CUDA_CHECK(cudaMalloc(&d, count * bytes));
+      if (seed) fill_random<T><<<1024, 256>>>(static_cast<T*>(d), count, seed);
+      owned.push_back(d);
+      return d;
+    };
+    t.q = alloc(n * p.heads * p.dim, sizeof(T), 1);
+    t.k = alloc(n * p.heads_kv * p.dim, sizeof(T), 2);
+    t.v = alloc(n * p.heads_kv * p.dim_v, sizeof(T), 3);
+    t.out = alloc(n * p.heads * p.dim_v, sizeof(T), 4);
+    t.d_out = alloc(n * p.heads * p.dim_v, sizeof(T), 5);
+    t.lse = alloc(n * p.heads, sizeof(float), 0);
+    fill_constant<<<1024, 256>>>(static_cast<float*>(t.lse), n * p.heads, 8.f);
+    t.d_q = alloc(n * p.heads * p.dim, sizeof(T), 0);
+    t.d_k = alloc(n * p.heads_kv * p.dim, sizeof(T), 0);
+    t.d_v = alloc(n * p.heads_kv * p.dim_v, sizeof(T), 0);
+    workspace = static_cast<float*>(alloc(workspace_floats(p), sizeof(float), 0));
+    CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  ~BenchTensors() {
+    for (void* d : owned) cudaFree(d);
+  }
+};
+
+// Median of `iters` timed runs of `work` (CUDA events around each), after `warmup` untimed ones.
+template <class Work>
+float median_ms(Work&& work, int iters, int warmup) {
+  cudaEvent_t e0, e1;
+  CUDA_CHECK(cudaEventCreate(&e0));
+  CUDA_CHECK(cudaEventCreate(&e1));
+  for (int i = 0; i < warmup; ++i) work();
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> ms;
+  for (int i = 0; i < iters; ++i) {
+    CUDA_CHECK(cudaEventRecord(e0));
+    work();
+    CUDA_CHECK(cudaEventRecord(e1));
+    CUDA_CHECK(cudaEventSynchronize(e1));
+    float x;
+    CUDA_CHECK(cudaEventElapsedTime(&x, e0, e1));
+    ms.push_back(x);
+  }
+  std::sort(ms.begin(), ms.end());
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return ms[ms.size() / 2];
+}
+
+int main(int argc, char** argv) {
+  bool checks = true, timings = true, quick = false, self_test = false;
+  std::string family;  // empty: every family
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--checks")) timings = false;
+    if (!std::strcmp(argv[i], "--timings")) checks = false;
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+    if (!std::strcmp(argv[i], "--self-test")) self_test = true;
+    if (!std::strcmp(argv[i], "--family") && i + 1 < argc) family = argv[++i];
+  }
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // whole lines even if a hang gets the run killed
+  // The reference is checked on the host before any GPU case (and alone with --self-test, which
+  // needs no GPU).
+  if (self_test || checks) {
+    if (!reference_self_test()) return 1;
+    if (self_test) return 0;
+  }
+  cudaDeviceProp prop;
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+  int failed = 0, run = 0;
+  if (checks) {
+    std::printf("%-4s %-5s %-9s %-12s %-36s %8s %8s %8s %8s %8s %6s\n", "", "dtype", "kernel", "tiles", "case", "dQ",
+                "dK", "dV", "dK extra", "dV extra", "nonfin");
+    std::mt19937 rng(1234);
+    for (auto const& inst : instances()) {
+      if (!std::strcmp(inst.family, "sm80") || (!family.empty() && family != inst.family)) continue;
+      auto cases = check_cases(inst.rank);
+      if (quick) cases.resize(1);
+      for (auto const& c : cases) {
+        bool const ok = inst.bf ? check_case<bf16>(inst, c, rng) : check_case<fp16>(inst, c, rng);
+        failed += !ok;
+        ++run;
+      }
+    }
+  }
+  if (timings) {
+    struct Bench {
+      char const* name;
+      Case c;
+      double target_ms;
+    };
+    Bench const benches[] = {
+        {"P1", {"1-D 32768 k2048", 1, {32768}, {2048}, {1}, {1}, {false}, 1, 16, 16, 128}, 3.0},
+        {"P2", {"2-D 128x128 k32x32", 2, {128, 128}, {32, 32}, {1, 1}, {1, 1}, {false, false}, 1, 16, 16, 128}, 1.4},
+        {"P3", {"3-D 16x64x64 k8x16x16", 3, {16, 64, 64}, {8, 16, 16}, {1, 1, 1}, {1, 1, 1}, {false, false, false}, 1, 16, 16, 128}, 13.0},
+    };
+    // Backward FLOPs: five GEMMs (S, dP, dV, dK, dQ) of 2 B H D per visible pair. Times cover every
+    // launch of one backward call (SM90: delta, dQ clear, main kernel, dQ conversion).
+    std::printf("\n%-3s %-22s %-6s %-13s %8s %8s %8s\n", "", "problem", "family", "tiles", "ms", "TFLOP/s", "target");
+    for (auto const& bench : benches) {
+      NaProblem const p = problem_of(bench.c, 128);
+      double pairs = 1;
+      for (int a = 0; a < p.rank; ++a) pairs *= double(natten::axis_visible_pairs(p.axis[a]));
+      double const flops = 10.0 * p.batch * p.heads * p.dim * pairs;
+      BenchTensors<bf16> const tensors(p);
+      for (auto const& inst : instances()) {
+        if (inst.rank != p.rank || !inst.bf || inst.head_dim != 128) continue;
+        if (!family.empty() && family != inst.family) continue;
+        float const ms = median_ms([&] { inst.run(p, tensors.t, tensors.workspace, nullptr); }, 20, 3);
+        std::printf("%-3s %-22s %-6s %-13s %8.3f %8.1f %8.2f\n", bench.name, bench.c.name.c_str(), inst.family,
+                    inst.tiles.c_str(), ms, flops / (ms * 1e9), bench.target_ms);
+      }
+    }
+  }
+  if (checks) std::printf("%d passed, %d failed\n", run - failed, failed);
+  return failed != 0;
+}
+
+#endif
