@@ -217,13 +217,15 @@ def test_forward_only_family_under_torch_compile(family):
     assert_close(lse, ref_lse, tol, "lse")
 
 
-def test_backend_none_takes_cutlass_for_gradients():
-    """hopper-fna's backward is not measured yet (benchmarks/NOTES.md): backend=None leaves calls
-    that need gradients to cutlass-fna, also where hopper-fna is preferred for the forward."""
+def test_backend_none_takes_hopper_for_gradients_where_it_takes_the_forward():
+    """Measured forward and forward+backward alike (benchmarks/NOTES.md), hopper-fna's rule does
+    not depend on whether gradients are needed; a call that needs them runs its backward."""
     from natten import _plan
 
     _backend(SM90, 2, torch.bfloat16)
     _backend(SM80, 2, torch.bfloat16)
+    if not _built(SM90, 2, torch.bfloat16, 64, "fna_bwd"):
+        pytest.skip("the build has no hopper-fna backward kernels for the case")
     q, k, v = (torch.randn(2, 128, 128, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
 
@@ -231,13 +233,13 @@ def test_backend_none_takes_cutlass_for_gradients():
         return _plan.plan(True, 2, *qkv, None, None, (16, 16), 1, 1, False, None, None, None, None,
                           None, None).backend.name
 
-    assert chosen(q, k, v) == "cutlass-fna"
-    assert chosen(q.detach(), k.detach(), v.detach()) == "hopper-fna"  # 65536 query rows
+    assert chosen(q, k, v) == "hopper-fna"  # 65536 query rows
+    assert chosen(q.detach(), k.detach(), v.detach()) == "hopper-fna"
     check_fused(Case((24, 20), (9, 16), D=64, H=2), torch.bfloat16, "cuda", None)
 
 
 # (spatial, batch, heads, kernel, dilation, head dim) -> the backend backend=None takes for a
-# forward-only bf16 call; P1-P5 as in benchmarks/problems.py.
+# bf16 call, with or without gradients; P1-P5 as in benchmarks/problems.py.
 PREFERENCE = [
     pytest.param((32768,), 1, 16, (2048,), (1,), 128, "hopper-fna", id="P1"),
     pytest.param((128, 128), 1, 16, (32, 32), (1, 1), 128, "hopper-fna", id="P2"),
@@ -251,14 +253,18 @@ PREFERENCE = [
 ]
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("spatial,batch,heads,kernel,dilation,dim,expected", PREFERENCE)
-def test_backend_none_prefers_hopper_on_large_forward_only_problems(spatial, batch, heads, kernel,
-                                                                      dilation, dim, expected):
+def test_backend_none_prefers_hopper_on_large_problems(spatial, batch, heads, kernel, dilation, dim,
+                                                       expected, requires_grad):
     from natten import _plan
 
     _backend(SM90, len(spatial), torch.bfloat16)
     _backend(SM80, len(spatial), torch.bfloat16)
-    q = torch.randn(batch, *spatial, heads, dim, device="cuda", dtype=torch.bfloat16)
+    if requires_grad and not _built(SM90, len(spatial), torch.bfloat16, 64, "fna_bwd"):
+        pytest.skip("the build has no hopper-fna backward kernels for the case")
+    q = torch.randn(batch, *spatial, heads, dim, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=requires_grad)
     chosen = _plan.plan(True, len(spatial), q, q, q, None, None, kernel, 1, dilation, False, None,
                         None, None, None, None, None).backend.name
     assert chosen == expected
@@ -333,9 +339,9 @@ def _problem(spatial, kernel, dilation=None, dtype=torch.bfloat16, dim=128, batc
     (_problem((64, 64), (7, 7), dtype=torch.float32), "float32 is not supported by hopper-fna"),
     (_problem((64, 64), (7, 7), dim=256), "head dim 256 is not supported"),
     (_problem((64, 64), (7, 7), dim=36), "multiples of 8"),
-    (_problem((400,), (9,), dilation=(3,)), "dilation 3 on axis 0 with tile extents 128/128 spans 384"),
-    (_problem((400,), (9,), dilation=(3,), requires_grad=True), "spans 384"),
-    (_problem((64, 90), (7, 7), dilation=(1, 9)), "dilation 9 on axis 1 exceeds 8"),
+    (_problem((400,), (9,), dilation=(3,)), "dilation 3 on axis 0 with tile extents 128/128 is not supported"),
+    (_problem((400,), (9,), dilation=(3,), requires_grad=True), "span 384 positions"),
+    (_problem((64, 90), (7, 7), dilation=(1, 9)), "dilation 9 on axis 1 is not supported by hopper-fna: it exceeds 8"),
     (_problem((64, 64), (7, 7), batch=2**14, heads=2**5), "32-bit"),
 ])
 def test_hopper_declines_with_the_reason(hopper, problem, reason):
@@ -371,7 +377,7 @@ def test_hopper_without_backward_kernels_declines_gradients(monkeypatch):
 
 def test_hopper_tiles_are_checked_against_dilation(hopper):
     problem = _problem((400,), (9,), dilation=(3,))
-    assert "spans 384 positions" in hopper.check_tiles(problem, (128,), (128,))
+    assert "span 384 positions" in hopper.check_tiles(problem, (128,), (128,))
     assert "not an instantiated" in hopper.check_tiles(_problem((400,), (9,)), (64,), (64,))
     assert "not an instantiated" in hopper.check_tiles(_problem((400,), (9,)), (128,), (128,), True)
 
@@ -383,7 +389,7 @@ def test_hopper_tiles_are_checked_against_dilation(hopper):
     (_problem((56, 56), (7, 7), dim=32, batch=32, heads=4), "windows of 49 keys"),
     (_problem((32, 32), (16, 16)), "fewer query rows"),  # 16384
     (_problem((32, 64), (16, 16)), None),  # exactly 32K rows
-    (_problem((128, 128), (32, 32), requires_grad=True), "backward is not measured yet"),
+    (_problem((128, 128), (32, 32), requires_grad=True), None),
 ])
 def test_hopper_preference_rule(hopper, problem, why):
     reason = hopper.passed_over(problem)

@@ -5,7 +5,7 @@
 // query boxes that see its keys (bwd_walk.cuh), over every query head of its GQA group, so dK and
 // dV are summed in registers and written once, with no atomics. Warpgroup 0 produces: its first
 // thread issues the TMA loads (K and V once, then Q and dO per step into a ring of stages), its
-// second warp fills the step's table (query rows, windows, lse, delta; a per-row gather TMA cannot
+// second warp fills the step's table (query rows, lse, delta; a per-row gather TMA cannot
 // do for a heads-last float32 tensor). A stage's full barrier waits for both, its empty barrier
 // for every consumer thread. The two consumer warpgroups own 64 keys each and run the step's
 // GEMMs (bwd_mainloop.cuh); each adds its dQ partial to the float32 buffer with one bulk
@@ -148,19 +148,21 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         int const stage = s % kStages;
         auto& tab = sm.table[stage];
         acquire(s);
-        build_row_table<Rank, QTile, 32>(p, qs.g, qs.origin, tab.rows, lane);
-        for (int r = lane; r < M; r += 32) {  // the rows this lane's build_row_table wrote
-          int const t = tab.rows.token[r];
-          if (cta.extra_first >= 0 && t >= 0) {
-            CUTE_UNROLL
-            for (int a = 0; a < Rank; ++a) tab.rows.first[a][r] = tab.rows.last[a][r] = 0;  // sees them all
-          }
+        for (int r = lane; r < M; r += 32) {
+          int const t = box_token<Rank, QTile>(p, qs.g, qs.origin, r);
           int64_t const i = (int64_t(cta.b) * p.tokens + t) * p.heads + qs.h;
           tab.row[r] = t < 0 ? -1 : i;
           tab.lse_log2[r] = t < 0 ? 0.f : p.lse[i] * kLog2e;
           tab.delta[r] = t < 0 ? 0.f : p.delta[i];
         }
-        if (lane == 0) tab.full = qs.full;
+        if (lane == 0) {
+          tab.full = qs.full;
+          CUTE_UNROLL
+          for (int a = 0; a < Rank; ++a) {
+            tab.origin[a] = qs.origin[a];
+            tab.length[a] = qs.g.length[a];
+          }
+        }
         FullBarrier::arrive(&sm.full[stage]);
       }
     }
@@ -195,27 +197,20 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   Tensor tKVrdO = thr_kv.make_fragment_B(thr_kv.partition_B(sdOt));
   Tensor tDQrDs = thr_dq.make_fragment_A(thr_dq.partition_A(sDs));  // (MMA, 1, kDqK/16, pieces)
   Tensor tDQrK = thr_dq.make_fragment_B(thr_dq.partition_B(sKt));   // (MMA, 1, kDqK/16, 2)
-  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<N>, Int<M>>{});
-  Tensor acc_dp = partition_fragment_C(mma_s, Shape<Int<N>, Int<M>>{});
   Tensor acc_dv = partition_fragment_C(mma_kv, Shape<Int<N>, Int<D>>{});
   Tensor acc_dk = partition_fragment_C(mma_kv, Shape<Int<N>, Int<D>>{});
-  Tensor acc_dq = partition_fragment_C(mma_dq, Shape<_64, Int<Config::kDqN>>{});
-  Tensor p_regs = make_tensor<Element>(Shape<Int<M / 2>>{});
-  Tensor ds_regs = make_tensor<Element>(Shape<Int<M / 2>>{});
-  Tensor tKVrP = make_tensor(p_regs.data(), typename Config::PLayout{});
-  Tensor tKVrDs = make_tensor(ds_regs.data(), typename Config::PLayout{});
-  static_assert(size(acc_s) == M / 2 && size(acc_dk) == D / 2, "64 key rows per warpgroup");
-  static_assert(std::is_same_v<decltype(shape(tKVrP)),
-                               decltype(shape(thr_kv.partition_A(make_identity_tensor(Shape<Int<N>, Int<M>>{}))))>,
-                "P^T's register view matches the A operand of dV += P^T.dO");
+  static_assert(size(acc_dk) == D / 2, "64 key rows per warpgroup");
   Tensor cols_s = thr_s.partition_C(make_identity_tensor(Shape<Int<N>, Int<M>>{}));
   Tensor cols_dq = thr_dq.partition_C(make_identity_tensor(Shape<_64, Int<Config::kDqN>>{}));
 
   if (ct < N) {
-    int c[Rank];
-    cta.key_coords(p, ct, c);
+    int first[Rank], last[Rank];
+    cta.key_queries(p, ct, first, last);
     CUTE_UNROLL
-    for (int a = 0; a < Rank; ++a) sm.keys.coord[a][ct] = c[a];
+    for (int a = 0; a < Rank; ++a) {
+      sm.keys.first[a][ct] = first[a];
+      sm.keys.last[a][ct] = last[a];
+    }
     sm.keys.row[ct] = cta.key_row(p, ct);
     if (ct == 0) sm.keys.extra = cta.extra_first >= 0;
   }
@@ -233,13 +228,27 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     int const stage = s % kStages;
     auto const& tab = sm.table[stage];
     FullBarrier::wait(&sm.full[stage], (s / kStages) & 1);
+    // The step's own accumulators and operands, declared per step: the GEMMs' register operands
+    // are read-write to the compiler, and nothing is to carry them from one step to the next.
+    Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<N>, Int<M>>{});
+    Tensor acc_dp = partition_fragment_C(mma_s, Shape<Int<N>, Int<M>>{});
+    Tensor acc_dq = partition_fragment_C(mma_dq, Shape<_64, Int<Config::kDqN>>{});
+    Tensor p_regs = make_tensor<Element>(Shape<Int<M / 2>>{});
+    Tensor ds_regs = make_tensor<Element>(Shape<Int<M / 2>>{});
+    Tensor tKVrP = make_tensor(p_regs.data(), typename Config::PLayout{});
+    Tensor tKVrDs = make_tensor(ds_regs.data(), typename Config::PLayout{});
+    static_assert(size(acc_s) == M / 2, "64 key rows per warpgroup");
+    static_assert(std::is_same_v<decltype(shape(tKVrP)),
+                                 decltype(shape(thr_kv.partition_A(make_identity_tensor(Shape<Int<N>, Int<M>>{}))))>,
+                  "P^T's register view matches the A operand of dV += P^T.dO");
     warpgroup_gemm<true>(mma_s, tSrK, tSrQ(_, _, _, stage), acc_s);
     bool const masked = !tab.full;
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_s);
-    probabilities(acc_s, cols_s, tab, sm.keys, p.scale_log2, masked);
-    // dP^T is issued only now: its accumulators would otherwise be held through the mask, which
-    // then spills; the other warpgroup's GEMMs keep the tensor cores busy meanwhile.
+    probabilities<QTile, KVTile>(acc_s, cols_s, tab, sm.keys, p.scale_log2, masked);
+    // dP^T is issued only now. Issued beside S^T, so that the exponentials and the mask run while
+    // it is on the tensor cores, it measured the same on P1-P3 (benchmarks/NOTES.md) and its
+    // accumulators, live through the mask beside dK and dV, spill at head dim 128.
     warpgroup_gemm<true>(mma_s, tSrV, tSrdO(_, _, _, stage), acc_dp);
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_dp);

@@ -21,6 +21,7 @@
 #include <cuda_fp16.h>
 
 #include "common/tile_geometry.cuh"
+#include "sm90/bwd_mask.cuh"
 #include "sm90/fwd_mainloop.cuh"
 
 namespace natten::sm90 {
@@ -59,7 +60,7 @@ struct BackwardConfig {
                                      + 2 * M * N * 2              // dS^T, double-buffered
                                      + kConsumers * 64 * kDqPitch * 4  // dQ staging
                                      + 4096;                      // barriers, key table, walk
-  static constexpr int kStageBytes = 2 * M * D * 2 + M * (2 * Rank + 5) * 4;
+  static constexpr int kStageBytes = 2 * M * D * 2 + M * 4 * 4 + 64;  // Q, dO, StepTable
   static constexpr int kStages = (kSmemLimit - kFixedBytes) / kStageBytes > 4
                                      ? 4
                                      : (kSmemLimit - kFixedBytes) / kStageBytes;
@@ -100,32 +101,22 @@ struct BackwardConfig {
 };
 
 // Per stage, what the producer's second warp tells the consumers about the step's queries:
-// their tokens and windows (common/'s RowTable), their rows of [B, *S, H] (lse, delta, dQ; -1 past
-// their group's end), and per query log2(e) * lse and delta (0 for queries past their group's
-// end, whose probabilities are masked).
+// their rows of [B, *S, H] (lse, delta, dQ; -1 past their group's end), per query log2(e) * lse
+// and delta (0 for queries past their group's end, whose probabilities are masked), and for the
+// mask the box's origin and its group's length.
 template <int Rank, int M>
 struct StepTable {
-  RowTable<Rank, M> rows;
   int64_t row[M];
   float lse_log2[M];
   float delta[M];
+  int origin[Rank];
+  int length[Rank];
   int full;  // QueryStep::full
 };
 
-// Per key of the CTA, written once by the consumers: its coordinates for the mask
-// (KeyBoxCta::key_coords) and its gradient row (KeyBoxCta::key_row). Kept in shared memory rather
-// than registers, which the accumulators need.
-template <int Rank, int N>
-struct KeyTable {
-  int coord[Rank][N];
-  int64_t row[N];
-  int extra;  // the keys are additional keys: rows of d_extra_k, d_extra_v
-};
-
 // P^T = exp2(S^T scale log2(e) - lse log2(e)), in place; with `masked`, elements whose query
-// does not see the key become 0: an unsigned compare per axis tests first <= key <= last, and
-// queries past their group's end have a window no key is in.
-template <int Rank, int M, int N, class S, class Cols>
+// does not see the key become 0 (bwd_mask.cuh).
+template <class QTile, class KVTile, int Rank, int M, int N, class S, class Cols>
 __device__ __forceinline__ void probabilities(S& s, Cols const& cols, StepTable<Rank, M> const& tab,
                                               KeyTable<Rank, N> const& keys, float scale_log2, bool masked) {
   CUTE_UNROLL
@@ -134,24 +125,11 @@ __device__ __forceinline__ void probabilities(S& s, Cols const& cols, StepTable<
     s(v) = fast_exp2(fmaf(s(v), scale_log2, -tab.lse_log2[q]));
   }
   if (!masked) return;
-  int key[2][Rank];  // the thread's two key rows (row halves)
-  CUTE_UNROLL
-  for (int i = 0; i < 2; ++i) {
-    CUTE_UNROLL
-    for (int a = 0; a < Rank; ++a) key[i][a] = keys.coord[a][get<0>(cols(2 * i))];
-  }
+  uint32_t w[2];
+  key_row_masks<Rank, QTile, KVTile>(keys, tab.origin, tab.length, get<0>(cols(0)), get<1>(cols(0)), w);
   CUTE_UNROLL
   for (int v = 0; v < size(s); ++v) {
-    int const q = get<1>(cols(v));
-    int const i = row_half(v);
-    bool visible = true;
-    CUTE_UNROLL
-    for (int a = 0; a < Rank; ++a) {
-      int const first = tab.rows.first[a][q];
-      visible = visible & (static_cast<unsigned>(key[i][a] - first) <=
-                           static_cast<unsigned>(tab.rows.last[a][q] - first));
-    }
-    s(v) = visible ? s(v) : 0.f;
+    s(v) = (w[row_half(v)] >> column_bit(v)) & 1u ? s(v) : 0.f;
   }
 }
 

@@ -87,13 +87,22 @@ struct KeyBoxCta {
     return e < p.num_extra ? (int64_t(b) * p.num_extra + e) * p.heads_kv + hk : -1;
   }
 
-  // Per axis, key r's coordinate for the visibility test of the mask: its group coordinate for
-  // a key box; for additional keys 0 (every real query's window is made [0, 0]) or -1 past the
-  // last additional key (in no window).
-  __device__ void key_coords(Params<Rank> const& p, int r, int* c) const {
+  // Per axis, the queries that see key r, as an interval [first, last] of its group's coordinates
+  // (empty for a key past its group's end). Additional keys: every query up to its group's end,
+  // which the mask applies per step (the interval reaches past every end), or none past the last
+  // additional key.
+  __device__ void key_queries(Params<Rank> const& p, int r, int* first, int* last) const {
+    constexpr int kEveryQuery = 1 << 30;
 #pragma unroll
     for (int a = 0; a < Rank; ++a) {
-      c[a] = extra_first < 0 ? k_origin[a] + KVBox::offset(r, a) : (extra_first + r < p.num_extra ? 0 : -1);
+      if (extra_first < 0) {
+        auto const q = axis_inverse_window(p.axis[a].spec, g.length[a], k_origin[a] + KVBox::offset(r, a));
+        first[a] = q.first;
+        last[a] = q.last;
+      } else {
+        first[a] = 0;
+        last[a] = extra_first + r < p.num_extra ? kEveryQuery : -1;
+      }
     }
   }
 };

@@ -32,9 +32,11 @@ void run_forward(NaProblem const& problem, FnaTensors const& t, cudaStream_t str
                sizeof(ForwardSmem<Config>), stream, "sm90 fna_forward", P);
 }
 
+// Two consumer warpgroups (128-query boxes) take turns on the tensor cores: on an H200 that was
+// 14% faster on P2, 2% on P3 and even on P1 (benchmarks/NOTES.md, hopper-fna forward v2).
 template <int Rank, typename Element, int HeadDim, class QTile, class KVTile>
 void run_fna_forward(NaProblem const& problem, FnaTensors const& t, cudaStream_t stream) {
-  run_forward<ForwardConfig<Rank, Element, HeadDim, QTile, KVTile>>(problem, t, stream);
+  run_forward<ForwardConfig<Rank, Element, HeadDim, QTile, KVTile, QTile::kSize == 128>>(problem, t, stream);
 }
 
 }  // namespace natten::sm90

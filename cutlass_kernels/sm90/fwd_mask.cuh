@@ -92,6 +92,14 @@ __device__ __forceinline__ uint32_t bit_run(int lo, int n) {
 #endif
 }
 
+// Bit 0 repeated every `period` bits over the first `bits` bits of a word (bits <= 32): times a
+// run of one period, the run repeated (no carries: the run is below 2^period).
+__host__ __device__ constexpr uint32_t repeat_every(int period, int bits) {
+  uint32_t r = 0;
+  for (int j = 0; j < bits; j += period) r |= 1u << j;
+  return r;
+}
+
 template <int Rank, class QTile, class KVTile>
 struct BitMask {
   static constexpr int N = KVTile::kSize;
@@ -147,7 +155,7 @@ struct BitMask {
         int const to = clamp_int(hi[i][a] - step, 0, Col::kCount) << Col::kPos;
         if constexpr (Col::kPeriod <= 32) {
           // One period of the pattern, repeated over the row's bits (no carries: it is below 2^period).
-          constexpr uint32_t kRepeat = repeat(Col::kPeriod);
+          constexpr uint32_t kRepeat = repeat_every(Col::kPeriod, kRowBits < 32 ? kRowBits : 32);
           uint32_t const run = bit_run(from, to - from) * kRepeat;
           #pragma unroll
           for (int k = 0; k < kWords; ++k) m[i][k] = run;
@@ -172,12 +180,6 @@ struct BitMask {
     }
   }
 
- private:
-  __host__ __device__ static constexpr uint32_t repeat(int period) {
-    uint32_t r = 0;
-    for (int j = 0; j < (kRowBits < 32 ? kRowBits : 32); j += period) r |= 1u << j;
-    return r;
-  }
 };
 
 // The first mask: per row and axis the window (first, last - first), per element and axis one

@@ -19,14 +19,16 @@ from natten.backends.tiled import TiledBackend
 _MAX_DILATION = 8
 _MAX_BOX_SPAN = 256
 
-# backend=None takes hopper-fna over cutlass-fna only for problems of at least this many query
-# rows (query tokens x heads x batch: 256 CTAs of 128 queries, about two waves on an H100)...
+# backend=None takes hopper-fna over cutlass-fna, forward and backward alike, only for problems
+# of at least this many query rows (query tokens x heads x batch: 256 CTAs of 128 queries, about
+# two waves on an H100)...
 _MIN_ROWS = 32 * 1024
 # ...whose windows hold at least one key box (the 128 keys of every instantiated pair): with
 # smaller windows most of each box a walk loads is masked, and the SM80 kernels' 64-key boxes
-# waste less (P4/P5 of the benchmark, 7x7 windows, stay with cutlass-fna). Measured on an H200:
-# P1-P3 run 1.5-1.7x faster than cutlass-fna's forward (benchmarks/NOTES.md); the two bounds
-# themselves are not measured yet (gpu_bench's backend=None rows on P1-P5 check them).
+# waste less. Measured on an H200 (benchmarks/NOTES.md): on P1-P3 hopper-fna is 1.8-2.1x faster
+# than cutlass-fna forward and 1.7-1.9x forward+backward; on P4 (7x7 windows, head dim 32) they
+# tie forward+backward and cutlass-fna is 13% faster forward; on P5 (the same, dilated) cutlass-fna
+# is 2.1x faster forward and 1.5x forward+backward.
 _MIN_WINDOW_KEYS = 128
 
 
@@ -34,12 +36,13 @@ def _tma_limit(problem: FusedProblem, q_tile: Tile, kv_tile: Tile) -> Optional[s
     """Why the TMA loads of these boxes cannot stride over the problem's dilation, or None."""
     for axis, d in enumerate(problem.window.dilation):
         if d > _MAX_DILATION:
-            return (f"dilation {d} on axis {axis} exceeds {_MAX_DILATION}, the largest stride of "
-                    f"hopper-fna's TMA loads")
+            return (f"dilation {d} on axis {axis} is not supported by hopper-fna: it exceeds "
+                    f"{_MAX_DILATION}, the largest stride of its TMA loads")
         span = d * max(q_tile[axis], kv_tile[axis])
         if d > 1 and span > _MAX_BOX_SPAN:
             return (f"dilation {d} on axis {axis} with tile extents {q_tile[axis]}/{kv_tile[axis]} "
-                    f"spans {span} positions, more than the {_MAX_BOX_SPAN} of a TMA box")
+                    f"is not supported by hopper-fna: the tiles span {span} positions, more than "
+                    f"the {_MAX_BOX_SPAN} of a TMA box")
     return None
 
 
@@ -72,13 +75,6 @@ class HopperBackend(TiledBackend):
                 or super().check_tiles(problem, q_tile, kv_tile, backward))
 
     def passed_over(self, problem: FusedProblem) -> Optional[str]:
-        # The backward kernels have not run on a GPU yet: no check, sanitizer run or timing exists
-        # (benchmarks/NOTES.md, "hopper-fna backward"). Until they are measured against
-        # cutlass-fna's, backend=None leaves every call that needs gradients to cutlass-fna;
-        # backend="hopper-fna" runs them.
-        if problem.requires_grad:
-            return ("an input requires grad, and hopper-fna's backward is not measured yet "
-                    "(backend='hopper-fna' runs it)")
         # Under torch.compile the sizes are symbols: the comparison becomes a guard (a compiled
         # call whose sizes cross the bound recompiles once), and the message must not print them,
         # which would specialise the graph on their values.

@@ -119,7 +119,10 @@ void check_config(char const* name) {
       int const k = get<0>(cols(v)), q = get<1>(cols(v));
       ++covered[k * M + q];
       expect(k / 64 == w, "S^T row outside the warpgroup's keys", ct, v, k);
-      expect(get<0>(cols(2 * row_half(v))) == k, "mask key row (cols(0)/cols(2))", ct, v);
+      // The mask (bwd_mask.cuh) and its host replay (sm90_backward_walk_check.cpp) place element
+      // v at key row key0 + 8 row_half(v) and query column col0 + column_step(v).
+      int const lane = ct % 32, key0 = 64 * w + 16 * (ct % 128 / 32) + lane / 4, col0 = 2 * (lane % 4);
+      expect(k == key0 + 8 * row_half(v) && q == col0 + column_step(v), "mask element position", ct, v);
       if (v % 2 == 1) expect(get<0>(cols(v - 1)) == k && get<1>(cols(v - 1)) + 1 == q, "pair not adjacent", ct, v);
     }
     // PLayout: accumulator value held in A slot i vs. the element that slot multiplies.

@@ -8,9 +8,10 @@
 // and step (query box of one query head):
 //   - the producer's TMA box positions (residue + origin * dilation per axis) and the flat token
 //     (or "zero-filled": out of bounds) every row of a query or key box then holds;
-//   - the table warp's row table (common/'s build_row_table, the additional-keys override);
-//   - the consumers' per-element visibility (QueryStep::full, else the unsigned window compare
-//     of `probabilities` against the key table of KeyBoxCta::key_coords).
+//   - the table warp's query tokens (common/'s box_token);
+//   - the consumers' per-element visibility (QueryStep::full, else the bit masks of
+//     sm90/bwd_mask.cuh from the key table of KeyBoxCta::key_queries, for every consumer
+//     thread's key rows and query columns as the wgmma accumulator holds them).
 // Against brute force over SPEC section 1 (common/na_window.h's axis_window, per axis, dilation
 // residues), on random problems (ranks 1-3, odd/even windows, stride, dilation, causal per axis,
 // non-divisible extents, GQA, additional keys), it requires:
@@ -44,6 +45,7 @@ using std::max;
 using std::min;
 
 #include "common/tile_geometry.cuh"
+#include "sm90/bwd_mask.cuh"
 #include "sm90/bwd_walk.cuh"
 #include "host_check_common.h"
 
@@ -98,12 +100,15 @@ void check_problem(Problem const& prob) {
       KeyBoxCta<Rank, QBox, KVBox> cta{};
       if (!cta.init(p)) continue;  // the kernel returns: its box must hold no real key
       // Key table (consumers' prologue) and the TMA rows of K/V.
-      int kc[Rank][N];
+      natten::sm90::KeyTable<Rank, N> keys{};
       int64_t key_id[N];  // token, T + e for an additional key, -1 for a zero-filled row
       for (int r = 0; r < N; ++r) {
-        int c[Rank];
-        cta.key_coords(p, r, c);
-        for (int a = 0; a < Rank; ++a) kc[a][r] = c[a];
+        int first[Rank], last[Rank];
+        cta.key_queries(p, r, first, last);
+        for (int a = 0; a < Rank; ++a) {
+          keys.first[a][r] = first[a];
+          keys.last[a][r] = last[a];
+        }
         int64_t const row = cta.key_row(p, r);
         if (cta.extra_first < 0) {
           int64_t const tok = tma_row_token<Rank, KVBox>(p, cta.g, cta.k_origin, r);
@@ -121,30 +126,36 @@ void check_problem(Problem const& prob) {
       for (int s = 0; s < cta.steps; ++s) {
         QueryStep<Rank> const qs = cta.step(p, s);
         // Table warp.
-        RowTable<Rank, M> tab;
-        build_row_table<Rank, QBox, 1>(p, qs.g, qs.origin, tab, 0);
+        int token[M];
         for (int j = 0; j < M; ++j) {
-          if (cta.extra_first >= 0 && tab.token[j] >= 0) {
-            for (int a = 0; a < Rank; ++a) tab.first[a][j] = tab.last[a][j] = 0;
-          }
+          token[j] = box_token<Rank, QBox>(p, qs.g, qs.origin, j);
           int64_t const tok = tma_row_token<Rank, QBox>(p, qs.g, qs.origin, j);
-          EXPECT(tok == tab.token[j], "query row %d: TMA token %lld, table %d", j, (long long)tok, tab.token[j]);
+          EXPECT(tok == token[j], "query row %d: TMA token %lld, table %d", j, (long long)tok, token[j]);
+        }
+        // Consumers: the mask of every thread's elements (256 threads, two warpgroups of 64 keys;
+        // the accumulator layout that tests/cuda/sm90_backward_layout_check.cu checks against CuTe),
+        // each (key, query) pair held by exactly one thread.
+        std::vector<int> seen(N * M, -1);
+        for (int ct = 0; ct < 256; ++ct) {
+          int const lane = ct % 32;
+          int const key0 = 64 * (ct / 128) + 16 * (ct % 128 / 32) + lane / 4, col0 = 2 * (lane % 4);
+          uint32_t w[2];
+          natten::sm90::key_row_masks<Rank, QBox, KVBox>(keys, qs.origin, qs.g.length, key0, col0, w);
+          for (int v = 0; v < M / 2; ++v) {
+            int const r = key0 + 8 * natten::sm90::row_half(v), j = col0 + natten::sm90::column_step(v);
+            EXPECT(seen[r * M + j] == -1, "pair (key row %d, query row %d) held twice", r, j);
+            seen[r * M + j] = (w[natten::sm90::row_half(v)] >> natten::sm90::column_bit(v)) & 1u;
+          }
         }
         EXPECT(qs.h / p.group == hk, "step %d: head %d outside KV head %d's group", s, qs.h, hk);
         // Consumers: per element visibility as `probabilities` decides it.
         int visible_pairs = 0;
         for (int r = 0; r < N; ++r) {
           for (int j = 0; j < M; ++j) {
-            bool visible = true;
-            if (!qs.full) {
-              for (int a = 0; a < Rank; ++a) {
-                int const first = tab.first[a][j];
-                visible = visible && static_cast<unsigned>(kc[a][r] - first) <=
-                                         static_cast<unsigned>(tab.last[a][j] - first);
-              }
-            }
+            EXPECT(seen[r * M + j] >= 0, "pair (key row %d, query row %d) held by no thread", r, j);
+            bool const visible = qs.full || seen[r * M + j] == 1;
             if (!visible) continue;
-            int64_t const q = tab.token[j], k = key_id[r];
+            int64_t const q = token[j], k = key_id[r];
             if (q < 0 || k < 0) {
               // Adds nothing (a zero row of Q/dO or K/V, P finite: lse 0, delta 0), but a full step
               // must not have such rows.

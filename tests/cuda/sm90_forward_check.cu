@@ -41,8 +41,9 @@ using bf16 = __nv_bfloat16;
 using fp16 = __half;
 
 // X(part, family, rank, element, head dim, query tile, key tile); tiles as aliases (no commas).
-// Families: sm90 (the entry point: BitMask), sm90pp (its ping-pong configuration), sm90wm (the
-// per-element WindowMask, to time against BitMask), sm80 (the SM80 family's forward, for timings
+// Families: sm90 (the entry point: BitMask; ping-pong of the two consumers where the query box has
+// 128 tokens), sm90np (the same without ping-pong), sm90wm (the per-element WindowMask, to time
+// against BitMask), sm80 (the SM80 family's forward, for timings
 // in the same run).
 using B64 = Box<64>;
 using B128 = Box<128>;
@@ -66,18 +67,18 @@ using B4x4x8 = Box<4, 4, 8>;
   X(4, sm80, 1, bf16, 128, B128, B64)          \
   X(4, sm80, 2, bf16, 128, B16x8, B8x8)        \
   X(4, sm80, 3, bf16, 128, B4x4x8, B4x4x4)       \
-  X(5, sm90pp, 1, bf16, 128, B128, B128)       \
-  X(5, sm90pp, 2, bf16, 128, B16x8, B16x8)     \
-  X(5, sm90pp, 3, bf16, 128, B2x8x8, B2x8x8)   \
-  X(5, sm90pp, 3, fp16, 64, B2x8x8, B2x4x8)    \
+  X(5, sm90np, 1, bf16, 128, B128, B128)       \
+  X(5, sm90np, 2, bf16, 128, B16x8, B16x8)     \
+  X(5, sm90np, 3, bf16, 128, B2x8x8, B2x8x8)   \
+  X(5, sm90np, 3, fp16, 64, B2x8x8, B2x4x8)    \
   X(6, sm90wm, 1, bf16, 128, B128, B128)       \
   X(6, sm90wm, 2, bf16, 128, B16x8, B16x8)     \
   X(6, sm90wm, 3, bf16, 128, B2x8x8, B2x8x8)
 
 #define NATTEN_ENTRY_sm80(R, T, HD, Q, KV) natten::sm80::fna_forward<R, T, HD, Q, KV>
 #define NATTEN_ENTRY_sm90(R, T, HD, Q, KV) natten::sm90::run_fna_forward<R, T, HD, Q, KV>
-#define NATTEN_ENTRY_sm90pp(R, T, HD, Q, KV) \
-  natten::sm90::run_forward<natten::sm90::ForwardConfig<R, T, HD, Q, KV, true, natten::sm90::BitMask>>
+#define NATTEN_ENTRY_sm90np(R, T, HD, Q, KV) \
+  natten::sm90::run_forward<natten::sm90::ForwardConfig<R, T, HD, Q, KV, false, natten::sm90::BitMask>>
 #define NATTEN_ENTRY_sm90wm(R, T, HD, Q, KV) \
   natten::sm90::run_forward<natten::sm90::ForwardConfig<R, T, HD, Q, KV, false, natten::sm90::WindowMask>>
 
