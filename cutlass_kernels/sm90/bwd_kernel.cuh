@@ -32,7 +32,7 @@ struct BackwardSmem {
   cute::array_aligned<Element, M * D * kStages, 1024> q;
   cute::array_aligned<Element, M * D * kStages, 1024> d_out;
   cute::array_aligned<Element, 2 * M * N, 1024> ds;  // dS^T, double-buffered across steps
-  cute::array_aligned<float, Config::kConsumers * 64 * Config::kDqPitch, 128> dq;
+  cute::array_aligned<float, Config::kDqAtomic ? 1 : Config::kConsumers * 64 * Config::kDqPitch, 128> dq;
   StepTable<Config::Rank, M> table[kStages];
   KeyTable<Config::Rank, N> keys;
   // The CTA's walk, found once by thread 0 and read by every role where it needs it: held in
@@ -279,6 +279,21 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     warpgroup_fence_operand(acc_dq);
     warpgroup_fence_operand(tKVrP);
     warpgroup_fence_operand(tKVrDs);
+    if constexpr (Config::kDqAtomic) {
+      // The thread's two rows of the partial (r0 and r0 + 8), read before the stage is released.
+      int const r0 = get<0>(cols_dq(0));
+      int64_t const rows[2] = {tab.row[r0], tab.row[r0 + 8]};
+      EmptyBarrier::arrive(&sm.empty[stage]);
+      CUTE_UNROLL
+      for (int v = 0; v < size(acc_dq); v += 2) {
+        int64_t const row = rows[row_half(v)];
+        int const c = dq_col + get<1>(cols_dq(v));
+        if (row >= 0 && c < p.dim) {
+          atomicAdd(reinterpret_cast<float2*>(dq_accum + row * p.dim + c), make_float2(acc_dq(v), acc_dq(v + 1)));
+        }
+      }
+      continue;
+    }
     // Row t < 64 of the dQ partial is this thread's to reduce: its destination is read before the
     // stage is released, and only now, so that it does not occupy registers through the
     // elementwise work above (the step's register peak).
@@ -295,7 +310,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       bulk_reduce_add(dq_accum + q_row * p.dim + dq_col, staging + t * Config::kDqPitch, dq_bytes);
     }
   }
-  if (t < M) bulk_wait();
+  if (!Config::kDqAtomic && t < M) bulk_wait();
 
   // Epilogue: K and V are free once both warpgroups are done with them (the dQ GEMM reads the
   // other warpgroup's keys). Stage with the tiles' swizzle: a 16-byte piece of a row stays whole.

@@ -28,8 +28,13 @@ namespace natten::sm90 {
 
 using namespace cute;
 
-template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_>
+// kDqAtomic: dQ's partial is added to the float32 buffer from registers, a pair of columns at a
+// time (else: staged in shared memory and added by bulk reductions, one per row). On an H200 it
+// measured 0-3% faster on P1-P3 (benchmarks/NOTES.md); kept to time against the default until
+// the full checks have run on it.
+template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kDqAtomic_ = false>
 struct BackwardConfig {
+  static constexpr bool kDqAtomic = kDqAtomic_;
   static constexpr int Rank = Rank_;
   using QTile = QTile_;
   using KVTile = KVTile_;
@@ -58,7 +63,7 @@ struct BackwardConfig {
   static constexpr int kSmemLimit = 227 * 1024;
   static constexpr int kFixedBytes = 2 * N * D * 2                // K, V
                                      + 2 * M * N * 2              // dS^T, double-buffered
-                                     + kConsumers * 64 * kDqPitch * 4  // dQ staging
+                                     + (kDqAtomic ? 0 : kConsumers * 64 * kDqPitch * 4)  // dQ staging
                                      + 4096;                      // barriers, key table, walk
   static constexpr int kStageBytes = 2 * M * D * 2 + M * 4 * 4 + 64;  // Q, dO, StepTable
   static constexpr int kStages = (kSmemLimit - kFixedBytes) / kStageBytes > 4

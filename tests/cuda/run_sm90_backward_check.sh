@@ -13,7 +13,7 @@ flags=(-std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm
        -I"$root/cutlass_kernels" -I"$cutlass" -Xcompiler -fopenmp)
 src="$root/tests/cuda/sm90_backward_check.cu"
 pids=()
-for part in 0 1 2 3 4; do
+for part in 0 1 2 3 4 5; do
   nvcc "${flags[@]}" -DNATTEN_PART=$part -Xptxas -v -c "$src" -o "$out/part$part.o" \
     > "$out/part$part.log" 2>&1 &
   pids+=($!)

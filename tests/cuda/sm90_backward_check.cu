@@ -21,6 +21,12 @@
 namespace natten::sm90 {
 template <int Rank, typename Element, int HeadDim, class QTile, class KVTile>
 void run_fna_backward(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
+#if NATTEN_PART == 0
+template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kDqAtomic_>
+struct BackwardConfig;
+template <class Config, typename T>
+void run_backward(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
+#endif
 }  // namespace natten::sm90
 namespace natten::sm80 {
 template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
@@ -32,8 +38,9 @@ using bf16 = __nv_bfloat16;
 using fp16 = __half;
 
 // X(part, family, rank, element, head dim, query tile, key tile); tiles as aliases (no commas).
-// Families: sm90 (this backward: 64-token query boxes, 128-token key boxes), sm80 (the SM80
-// family's backward, timed in the same run).
+// Families: sm90 (this backward: 64-token query boxes, 128-token key boxes), sm90ca (the same
+// with dQ's partials added from registers: BackwardConfig's kDqAtomic), sm80 (the SM80 family's
+// backward, timed in the same run).
 using B64 = Box<64>;
 using B128 = Box<128>;
 using B8x8 = Box<8, 8>;
@@ -53,10 +60,16 @@ using B4x4x8 = Box<4, 4, 8>;
   X(3, sm90, 3, fp16, 64, B4x4x4, B4x4x8)   \
   X(4, sm80, 1, bf16, 128, B128, B64)       \
   X(4, sm80, 2, bf16, 128, B16x8, B8x8)     \
-  X(4, sm80, 3, bf16, 128, B4x4x8, B4x4x4)
+  X(4, sm80, 3, bf16, 128, B4x4x8, B4x4x4)    \
+  X(5, sm90ca, 1, bf16, 128, B64, B128)     \
+  X(5, sm90ca, 2, bf16, 128, B8x8, B16x8)   \
+  X(5, sm90ca, 3, bf16, 128, B4x4x4, B4x4x8) \
+  X(5, sm90ca, 3, fp16, 64, B4x4x4, B4x4x8)
 
 #define NATTEN_ENTRY_sm80(R, T, HD, Q, KV) natten::sm80::fna_backward<R, T, HD, Q, KV>
 #define NATTEN_ENTRY_sm90(R, T, HD, Q, KV) natten::sm90::run_fna_backward<R, T, HD, Q, KV>
+#define NATTEN_ENTRY_sm90ca(R, T, HD, Q, KV) \
+  natten::sm90::run_backward<natten::sm90::BackwardConfig<R, T, HD, Q, KV, true>, T>
 
 #if NATTEN_PART > 0
 // One part of the instantiations.
@@ -91,6 +104,11 @@ using B4x4x8 = Box<4, 4, 8>;
 #define NATTEN_PART_4 1
 #else
 #define NATTEN_PART_4 0
+#endif
+#if NATTEN_PART == 5
+#define NATTEN_PART_5 1
+#else
+#define NATTEN_PART_5 0
 #endif
 NATTEN_INSTANCES(INSTANTIATE)
 
