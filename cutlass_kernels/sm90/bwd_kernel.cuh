@@ -54,22 +54,16 @@ __device__ __forceinline__ void sync_warpgroup(int w) { asm volatile("bar.sync %
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Registers per thread after the producer gives its own away, as in the forward:
-// 128 * 40 + 256 * 232 <= 65536.
-constexpr uint32_t kBackwardProducerRegs = 40;
-constexpr uint32_t kBackwardConsumerRegs = 232;
-
 template <class Config>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     fna_backward_kernel(__grid_constant__ BackwardParams<Config::Rank> const params) {
 #if NATTEN_SM90_DEVICE_CODE
-  constexpr int Rank = Config::Rank;
   using QTile = typename Config::QTile;
   using KVTile = typename Config::KVTile;
   using Element = typename Config::Element;
-  constexpr int M = Config::M, N = Config::N, D = Config::D, kChunks = Config::kChunks;
-  constexpr int kStages = Config::kStages;
   using Smem = BackwardSmem<Config>;
+  constexpr int Rank = Config::Rank, M = Config::M, N = Config::N, D = Config::D;
+  constexpr int kChunks = Config::kChunks, kStages = Config::kStages;
   static_assert(sizeof(Smem) <= Config::kSmemLimit, "shared memory of the stages and tables");
   using FullBarrier = cutlass::arch::ClusterTransactionBarrier;
   using EmptyBarrier = cutlass::arch::ClusterBarrier;
@@ -94,7 +88,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto const& cta = sm.cta;
 
   if (warpgroup == 0) {
-    cutlass::arch::warpgroup_reg_dealloc<kBackwardProducerRegs>();
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     auto acquire = [&](int s) {
       if (s >= kStages) EmptyBarrier::wait(&sm.empty[s % kStages], ((s / kStages) - 1) & 1);
     };
@@ -170,7 +164,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   }
 
   // Consumers.
-  cutlass::arch::warpgroup_reg_alloc<kBackwardConsumerRegs>();
+  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
   int const steps = cta.steps;
   int const ct = threadIdx.x - 128;  // thread index among the consumers
   int const w = ct / 128;            // consumer warpgroup: keys 64 w .. 64 w + 63

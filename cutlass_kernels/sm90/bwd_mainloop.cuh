@@ -155,7 +155,7 @@ __device__ __forceinline__ void score_gradients(P const& p, DP& dp, Cols const& 
 // 64 k + (q ^ 8 (k % 8)) within a piece (the 16-byte units of a 128-byte row permuted by the row
 // within its 8). The thread's values share k % 8 and lie 8 queries or 8 keys apart, so each
 // offset is one base XOR a constant: one live register across the step loop, not one per value.
-// The two offset steps are host-callable so that tests/cuda/sm90_backward_layout_check.cu checks
+// The two offset steps are host-callable so that tests/cuda/sm90_layout_check.cu checks
 // these very expressions against the swizzled tensor the dQ GEMM reads.
 template <class Config>
 CUTE_HOST_DEVICE constexpr int ds_base_offset(int key0, int q0, int u) {
@@ -181,7 +181,7 @@ __device__ __forceinline__ void stage_ds(Regs const& ds, Cols const& cols, typen
 // Element offset of (row r, column c) in a K-major SW128 tile of `Rows` rows (SmemLayoutKV: what
 // the TMA writes, 64-column chunks one after the other): the 16-byte units of a 128-byte row
 // permuted by the row within its 8. The epilogue stages dK, dV with it; host-callable for
-// tests/cuda/sm90_backward_layout_check.cu.
+// tests/cuda/sm90_layout_check.cu.
 template <int Rows>
 CUTE_HOST_DEVICE constexpr int kv_tile_offset(int r, int c) {
   int const off = (c / kChunkCols) * Rows * kChunkCols + r * kChunkCols + c % kChunkCols;

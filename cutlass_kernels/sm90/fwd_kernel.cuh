@@ -37,11 +37,6 @@ struct ForwardSmem {
   alignas(8) uint64_t q_full;  // a transaction barrier: Q landed
 };
 
-// Registers per thread after the producer of a two-consumer CTA gives its own away: the CTA stays
-// inside the register file (128 * 40 + 256 * 232 <= 65536). One consumer has 240 from the start.
-constexpr uint32_t kProducerRegs = 40;
-constexpr uint32_t kConsumerRegs = 232;
-
 template <class Config>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     fna_forward_kernel(__grid_constant__ ForwardParams<Config::Rank> const params) {

@@ -30,6 +30,12 @@ namespace natten::sm90 {
 
 using namespace cute;
 
+// Registers per thread after the producer warpgroup of a two-consumer CTA (the forward's and the
+// backward's) gives its own away: the CTA stays inside the register file
+// (128 * 40 + 256 * 232 <= 65536). A forward with one consumer has 240 from the start.
+constexpr uint32_t kProducerRegs = 40;
+constexpr uint32_t kConsumerRegs = 232;
+
 // Compile-time shape of one forward instantiation.
 // kPingPong: the two consumer warpgroups take turns issuing their GEMMs, so that one's softmax
 // runs while the other's GEMMs occupy the tensor cores.

@@ -5,7 +5,7 @@
 // A thread holds two query rows (row0 and row0 + 8) of a 64 x N score tile and, per row, N/4
 // columns: element v is on row half (v >> 1) & 1, column col0 + (v & 1) + 8 * (v >> 2), with
 // col0 = 2 * (lane % 4) (the wgmma accumulator layout; tests/cuda/sm90_forward_mask_check.cpp
-// checks it against CuTe's partition and replays both masks against SPEC's windows).
+// checks it against CuTe's partition and replays both masks against the windows of docs/semantics.md).
 //
 // Two policies with one interface (ForwardConfig's Mask):
 // - WindowMask: per element and axis, an unsigned compare of the key's offset against the row's

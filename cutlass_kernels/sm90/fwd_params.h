@@ -105,7 +105,7 @@ inline CUtensorMap extra_map(char const* op, CUtensorMapDataType type, int elem_
   return encode(op, type, 3, base, dims, strides, box, step);
 }
 
-// Validates what the TMA forward needs beyond SPEC's checks and fills its parameters.
+// Validates what the TMA forward needs beyond the checks of natten/_checks.py and fills its parameters.
 // `head_dim` is the instantiation's: D and Dv may be smaller (multiples of 8, zero-filled by the
 // loads) as in the SM80 family. `op` names the caller in error messages (the backward reuses
 // this for the descriptors it shares with the forward).

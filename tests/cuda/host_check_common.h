@@ -1,5 +1,5 @@
 // What the host-side walk/mask checks of the SM90 kernels share (sm90_backward_walk_check.cpp,
-// sm90_forward_mask_check.cpp): violation counting, SPEC section 1 by brute force, and random
+// sm90_forward_mask_check.cpp): violation counting, docs/semantics.md by brute force, and random
 // problems within the TMA limits of a pair of boxes. Include after common/tile_geometry.cuh with
 // the CUDA qualifiers defined away.
 #pragma once
@@ -39,7 +39,7 @@ struct Problem {
   }
 };
 
-// SPEC section 1: does query token x see key token y (flat, row-major)?
+// docs/semantics.md: does query token x see key token y (flat, row-major)?
 inline bool spec_sees(NaProblem const& p, int64_t x, int64_t y) {
   for (int a = p.rank - 1; a >= 0; --a) {
     AxisSpec const& ax = p.axis[a];

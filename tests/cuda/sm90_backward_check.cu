@@ -1,6 +1,6 @@
 // Standalone check of the SM90 backward (no torch): small problems against a float64 CPU
-// evaluation of SPEC section 1 and its gradients (window arithmetic from common/na_window.h),
-// then timings of the benchmark problems P1-P3. Built by tests/cuda/run_sm90_backward_check.sh as
+// evaluation of docs/semantics.md and its gradients (window arithmetic from common/na_window.h),
+// then timings of the benchmark problems P1-P3. Built by `tests/cuda/run_sm90_check.sh backward` as
 // several translation units of this one file: NATTEN_PART 0 is the harness, parts 1-4 hold the
 // instantiations listed once in NATTEN_INSTANCES below (compiled in parallel).
 //
@@ -10,12 +10,9 @@
 // run first)
 // The kernel gets O and LSE from the float64 forward (rounded to the element type and float32),
 // so a failure points at the backward alone. Exit status non-zero when any check fails.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include <tuple>
 
-#include "common/na_params.h"
-#include "common/tile_params.h"
+#include "sm90_harness.cuh"
 #include "sm90/kernels.h"
 
 namespace natten::sm90 {
@@ -33,38 +30,16 @@ template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
 void fna_backward(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
 }  // namespace natten::sm80
 
-using natten::Box;
-using bf16 = __nv_bfloat16;
-using fp16 = __half;
-
-// X(part, family, rank, element, head dim, query tile, key tile); tiles as aliases (no commas).
+// X(part, family, rank, element, head dim, query tile, key tile) (sm90_harness.cuh), one line a part.
 // Families: sm90 (this backward: 64-token query boxes, 128-token key boxes), sm90ca (the same
 // with dQ's partials added from registers: BackwardConfig's kDqAtomic), sm80 (the SM80 family's
 // backward, timed in the same run).
-using B64 = Box<64>;
-using B128 = Box<128>;
-using B8x8 = Box<8, 8>;
-using B16x8 = Box<16, 8>;
-using B2x4x8 = Box<2, 4, 8>;
-using B2x8x8 = Box<2, 8, 8>;
-using B4x4x4 = Box<4, 4, 4>;
-using B4x4x8 = Box<4, 4, 8>;
-#define NATTEN_INSTANCES(X)                 \
-  X(1, sm90, 1, bf16, 128, B64, B128)       \
-  X(1, sm90, 1, fp16, 128, B64, B128)       \
-  X(1, sm90, 1, bf16, 64, B64, B128)        \
-  X(2, sm90, 2, bf16, 128, B8x8, B16x8)     \
-  X(2, sm90, 2, fp16, 64, B8x8, B16x8)      \
-  X(3, sm90, 3, bf16, 128, B4x4x4, B4x4x8)  \
-  X(3, sm90, 3, bf16, 128, B2x4x8, B2x8x8)  \
-  X(3, sm90, 3, fp16, 64, B4x4x4, B4x4x8)   \
-  X(4, sm80, 1, bf16, 128, B128, B64)       \
-  X(4, sm80, 2, bf16, 128, B16x8, B8x8)     \
-  X(4, sm80, 3, bf16, 128, B4x4x8, B4x4x4)    \
-  X(5, sm90ca, 1, bf16, 128, B64, B128)     \
-  X(5, sm90ca, 2, bf16, 128, B8x8, B16x8)   \
-  X(5, sm90ca, 3, bf16, 128, B4x4x4, B4x4x8) \
-  X(5, sm90ca, 3, fp16, 64, B4x4x4, B4x4x8)
+#define NATTEN_INSTANCES(X) \
+  X(1, sm90, 1, bf16, 128, B64, B128) X(1, sm90, 1, fp16, 128, B64, B128) X(1, sm90, 1, bf16, 64, B64, B128) \
+  X(2, sm90, 2, bf16, 128, B8x8, B16x8) X(2, sm90, 2, fp16, 64, B8x8, B16x8) \
+  X(3, sm90, 3, bf16, 128, B4x4x4, B4x4x8) X(3, sm90, 3, bf16, 128, B2x4x8, B2x8x8) X(3, sm90, 3, fp16, 64, B4x4x4, B4x4x8) \
+  X(4, sm80, 1, bf16, 128, B128, B64) X(4, sm80, 2, bf16, 128, B16x8, B8x8) X(4, sm80, 3, bf16, 128, B4x4x8, B4x4x4) \
+  X(5, sm90ca, 1, bf16, 128, B64, B128) X(5, sm90ca, 2, bf16, 128, B8x8, B16x8) X(5, sm90ca, 3, bf16, 128, B4x4x4, B4x4x8) X(5, sm90ca, 3, fp16, 64, B4x4x4, B4x4x8)
 
 #define NATTEN_ENTRY_sm80(R, T, HD, Q, KV) natten::sm80::fna_backward<R, T, HD, Q, KV>
 #define NATTEN_ENTRY_sm90(R, T, HD, Q, KV) natten::sm90::run_fna_backward<R, T, HD, Q, KV>
@@ -78,93 +53,20 @@ using B4x4x8 = Box<4, 4, 8>;
 #else
 #include "sm90/bwd_launch.cuh"
 #endif
-#define NATTEN_SELECT_1(...) __VA_ARGS__
-#define NATTEN_SELECT_0(...)
-#define NATTEN_CAT(a, b) a##b
-#define NATTEN_SELECT(c) NATTEN_CAT(NATTEN_SELECT_, c)
-#define INSTANTIATE(part, family, R, T, HD, Q, KV)                                       \
-  NATTEN_SELECT(NATTEN_PART_##part)(template void NATTEN_ENTRY_##family(R, T, HD, Q, KV)( \
-      natten::NaProblem const&, natten::FnaTensors const&, float*, cudaStream_t);)
-#if NATTEN_PART == 1
-#define NATTEN_PART_1 1
-#else
-#define NATTEN_PART_1 0
-#endif
-#if NATTEN_PART == 2
-#define NATTEN_PART_2 1
-#else
-#define NATTEN_PART_2 0
-#endif
-#if NATTEN_PART == 3
-#define NATTEN_PART_3 1
-#else
-#define NATTEN_PART_3 0
-#endif
-#if NATTEN_PART == 4
-#define NATTEN_PART_4 1
-#else
-#define NATTEN_PART_4 0
-#endif
-#if NATTEN_PART == 5
-#define NATTEN_PART_5 1
-#else
-#define NATTEN_PART_5 0
-#endif
+#define INSTANTIATE(part, family, R, T, HD, Q, KV)                                                    \
+  NATTEN_INSTANTIATE_IN_PART(part, family, R, T, HD, Q, KV, natten::NaProblem const&, natten::FnaTensors const&, \
+                             float*, cudaStream_t)
 NATTEN_INSTANCES(INSTANTIATE)
 
 #else  // the harness
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <random>
-#include <string>
-#include <vector>
-
-using natten::AxisSpec;
-using natten::FnaTensors;
-using natten::NaProblem;
-
-#define CUDA_CHECK(x)                                                                          \
-  do {                                                                                         \
-    cudaError_t const e_ = (x);                                                                \
-    if (e_ != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                            \
-    }                                                                                          \
-  } while (0)
-
 using Runner = void (*)(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
 
-struct Instance {
-  char const* family;
-  int rank;
-  bool bf;  // bfloat16 (else float16)
-  int head_dim;
-  std::string tiles;
-  Runner run;
-};
-
-template <class T>
-std::string tile_name() {
-  std::string s;
-  for (int a = 0; a < 3; ++a) {
-    if (a > 0 && T::extent(a) == 1 && (a == 2 || T::extent(2) == 1)) break;
-    s += (a ? "x" : "") + std::to_string(T::extent(a));
-  }
-  return s;
-}
-
-std::vector<Instance> const& instances() {
-#define LIST(part, family, R, T, HD, Q, KV)                                                              \
-  {#family, R, std::is_same_v<T, bf16>, HD, tile_name<Q>() + "/" + tile_name<KV>(), \
-   &NATTEN_ENTRY_##family(R, T, HD, Q, KV)},
+std::vector<Instance<Runner>> const& instances() {
 #ifdef NATTEN_NO_INSTANCES  // part 0 alone, for --self-test (tests/test_sm90_backward_host.py)
-  static std::vector<Instance> const all;
+  static std::vector<Instance<Runner>> const all;
 #else
-  static std::vector<Instance> const all = {NATTEN_INSTANCES(LIST)};
+  static std::vector<Instance<Runner>> const all = {NATTEN_INSTANCES(NATTEN_INSTANCE)};
 #endif
   return all;
 }
@@ -173,53 +75,7 @@ std::vector<Instance> const& instances() {
 // which is smaller).
 size_t workspace_floats(NaProblem const& p) { return natten::sm90::fna_backward_workspace_floats(p); }
 
-struct Case {
-  std::string name;
-  int rank;
-  int64_t extent[3], kernel[3], stride[3] = {1, 1, 1}, dilation[3] = {1, 1, 1};
-  bool causal[3] = {false, false, false};
-  int64_t batch = 1, heads = 2, heads_kv = 2, dim = 0, extra = 0;
-  double scale = 0;  // 0: head_dim ** -0.5
-  bool d_lse = false;  // also a gradient of the LSE
-};
-
-NaProblem problem_of(Case const& c, int head_dim) {
-  NaProblem p;
-  p.rank = c.rank;
-  for (int a = 0; a < c.rank; ++a) {
-    p.axis[a] = AxisSpec{c.extent[a], c.kernel[a], c.stride[a], c.dilation[a], c.causal[a]};
-  }
-  p.batch = c.batch;
-  p.heads = c.heads;
-  p.heads_kv = c.heads_kv;
-  p.dim = p.dim_v = c.dim ? c.dim : head_dim;
-  p.num_extra = c.extra;
-  p.scale = c.scale != 0 ? c.scale : 1.0 / std::sqrt(double(p.dim));
-  return p;
-}
-
-// Visible keys of query x (flat token): the product over axes of each axis' window.
-std::vector<int64_t> visible_keys(NaProblem const& p, int64_t x) {
-  int64_t coord[3], rem = x;
-  for (int a = p.rank - 1; a >= 0; --a) {
-    coord[a] = rem % p.axis[a].extent;
-    rem /= p.axis[a].extent;
-  }
-  std::vector<int64_t> keys(1, 0);
-  for (int a = 0; a < p.rank; ++a) {
-    AxisSpec const& ax = p.axis[a];
-    int64_t const r = coord[a] % ax.dilation;
-    auto const w = natten::axis_window(ax, natten::group_length(ax, r), coord[a] / ax.dilation);
-    std::vector<int64_t> next;
-    for (int64_t base : keys) {
-      for (int64_t yi = w.first; yi <= w.last; ++yi) next.push_back(base * ax.extent + yi * ax.dilation + r);
-    }
-    keys.swap(next);
-  }
-  return keys;
-}
-
-// Float64 forward and backward of SPEC section 1. Inputs as doubles; outputs out [B, N, H, Dv],
+// Float64 forward and backward of docs/semantics.md. Inputs as doubles; outputs out [B, N, H, Dv],
 // lse [B, N, H], and the gradients of q, k, v, extra k, extra v given d_out (and d_lse, empty
 // when unused). Pass 1 (parallel over queries) computes each query's softmax, out, lse, dq and
 // keeps its probabilities and score gradients; pass 2 (parallel over batch and key head) adds
@@ -315,89 +171,16 @@ Grads reference(NaProblem const& p, std::vector<double> const& q, std::vector<do
   return g;
 }
 
-double to_double(bf16 x) { return double(__bfloat162float(x)); }
-double to_double(fp16 x) { return double(__half2float(x)); }
-template <class T>
-__host__ __device__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    return __float2bfloat16(x);
-  } else {
-    return __float2half(x);
-  }
-}
-
-// A device buffer of T (or float) holding given values; `exact` is what the device holds, as
-// doubles.
-template <class T>
-struct Buffer {
-  std::vector<double> exact;
-  T* dev = nullptr;
-  size_t n = 0;
-  explicit Buffer(std::vector<double> const& values) : n(values.size()) {
-    std::vector<T> host(n);
-    exact.resize(n);
-    for (size_t i = 0; i < n; ++i) {
-      if constexpr (std::is_same_v<T, float>) {
-        host[i] = float(values[i]);
-        exact[i] = host[i];
-      } else {
-        host[i] = from_float<T>(float(values[i]));
-        exact[i] = to_double(host[i]);
-      }
-    }
-    if (n) {
-      CUDA_CHECK(cudaMalloc(&dev, n * sizeof(T)));
-      CUDA_CHECK(cudaMemcpy(dev, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-    }
-  }
-  // An output: poisoned with NaN (every element must be written).
-  explicit Buffer(size_t count) : n(count) {
-    if (n) {
-      CUDA_CHECK(cudaMalloc(&dev, n * sizeof(T)));
-      CUDA_CHECK(cudaMemset(dev, 0xff, n * sizeof(T)));
-    }
-  }
-  Buffer(Buffer const&) = delete;
-  ~Buffer() { cudaFree(dev); }
-  // The device values as doubles; counts the non-finite ones into `bad`.
-  std::vector<double> read(size_t& bad) const {
-    std::vector<T> host(n);
-    if (n) CUDA_CHECK(cudaMemcpy(host.data(), dev, n * sizeof(T), cudaMemcpyDeviceToHost));
-    std::vector<double> out(n);
-    for (size_t i = 0; i < n; ++i) {
-      out[i] = to_double(host[i]);
-      bad += !std::isfinite(out[i]);
-    }
-    return out;
-  }
-};
-
-std::vector<double> random_values(size_t n, std::mt19937& rng) {
-  std::normal_distribution<double> dist(0.0, 1.0);
-  std::vector<double> x(n);
-  for (double& v : x) v = dist(rng);
-  return x;
-}
-
-double rel_error(std::vector<double> const& got, std::vector<double> const& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    num += (got[i] - ref[i]) * (got[i] - ref[i]);
-    den += ref[i] * ref[i];
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
 // Self-test of the float64 reference, on the host, before any GPU case (a wrong reference would
 // pass a wrong kernel or fail a right one). Two independent checks:
-//  1. visible_keys (through common/na_window.h) against SPEC section 1 written out literally
+//  1. visible_keys (through common/na_window.h) against docs/semantics.md written out literally
 //     here, for every query of random small axes (odd/even windows, stride, dilation, causal);
 //  2. reference()'s gradients against central finite differences of its own forward, for the
 //     loss sum(out * d_out) + sum(lse * d_lse), on tiny problems with GQA, additional keys, a
 //     d_lse, a negative scale, stride/dilation/causal and D != Dv: every element of dq, dk, dv,
 //     dek, dev. The forward (softmax, out, lse) is the plain definition, so this pins the
 //     gradient formulas (delta, dS, the scale of dq/dk, dv, the d_lse term) to it.
-bool spec_sees_axis(AxisSpec const& a, int64_t x, int64_t y) {  // SPEC section 1, as written
+bool spec_sees_axis(AxisSpec const& a, int64_t x, int64_t y) {  // docs/semantics.md, as written
   int64_t const L = a.extent, k = a.kernel, s = a.stride, d = a.dilation;
   if (x % d != y % d) return false;
   int64_t const xi = x / d, yi = y / d;
@@ -442,7 +225,7 @@ bool reference_self_test() {
       window_bad += keys != want;
     }
   }
-  std::printf("reference self-test: visible keys vs SPEC section 1: %d queries differ\n", window_bad);
+  std::printf("reference self-test: visible keys vs docs/semantics.md: %d queries differ\n", window_bad);
 
   struct Tiny {
     char const* name;
@@ -502,7 +285,7 @@ bool reference_self_test() {
 }
 
 template <class T>
-bool check_case(Instance const& inst, Case const& c, std::mt19937& rng) {
+bool check_case(Instance<Runner> const& inst, Case const& c, std::mt19937& rng) {
   NaProblem const p = problem_of(c, inst.head_dim);
   int64_t const n = p.tokens(), rows = p.batch * n * p.heads;
   int64_t const E = p.num_extra;
@@ -519,21 +302,8 @@ bool check_case(Instance const& inst, Case const& c, std::mt19937& rng) {
   Buffer<T> d_q(rows * p.dim), d_k(p.batch * n * p.heads_kv * p.dim), d_v(p.batch * n * p.heads_kv * p.dim_v),
       d_ek(p.batch * E * p.heads_kv * p.dim), d_ev(p.batch * E * p.heads_kv * p.dim_v);
   Buffer<float> workspace(workspace_floats(p));
-  FnaTensors t;
-  t.q = q.dev;
-  t.k = k.dev;
-  t.v = v.dev;
-  t.extra_k = ek.dev;
-  t.extra_v = ev.dev;
-  t.out = out.dev;
-  t.lse = lse.dev;
-  t.d_out = d_out.dev;
-  t.d_lse = c.d_lse ? d_lse.dev : nullptr;
-  t.d_q = d_q.dev;
-  t.d_k = d_k.dev;
-  t.d_v = d_v.dev;
-  t.d_extra_k = d_ek.dev;
-  t.d_extra_v = d_ev.dev;
+  FnaTensors const t{q.dev,    k.dev,   v.dev,   ek.dev,  ev.dev, out.dev, lse.dev, d_out.dev,
+                     c.d_lse ? d_lse.dev : nullptr, d_q.dev, d_k.dev, d_v.dev, d_ek.dev, d_ev.dev};
   std::string error;
   try {
     inst.run(p, t, workspace.dev, nullptr);
@@ -570,184 +340,63 @@ bool check_case(Instance const& inst, Case const& c, std::mt19937& rng) {
   return ok;
 }
 
-std::vector<Case> check_cases(int rank) {
-  std::vector<Case> cs;
-  auto add = [&](Case c) {
-    c.rank = rank;
-    cs.push_back(c);
-  };
-  if (rank == 1) {
-    add({"L500 k65 (borders, 4+ boxes)", 1, {500}, {65}});
-    add({"L300 k64 even, B2", 1, {300}, {64}, {1}, {1}, {false}, 2});
-    add({"L777 k33 s8", 1, {777}, {33}, {8}});
-    add({"L600 k31 d2", 1, {600}, {31}, {1}, {2}});
-    add({"L515 k100 causal", 1, {515}, {100}, {1}, {1}, {true}});
-    add({"L400 k40 causal s5 d2", 1, {400}, {40}, {5}, {2}, {true}});
-    add({"L256 k17 GQA 4/1 + 77 extra", 1, {256}, {17}, {1}, {1}, {false}, 1, 4, 1, 0, 77});
-    add({"L1000 k255 dim 56, scale -0.3", 1, {1000}, {255}, {1}, {1}, {false}, 1, 2, 2, 56, 0, -0.3});
-    add({"L333 k48 s16 + 200 extra, d_lse", 1, {333}, {48}, {16}, {1}, {false}, 2, 2, 1, 0, 200, 0, true});
-  } else if (rank == 2) {
-    add({"40x36 k13x9 (borders)", 2, {40, 36}, {13, 9}});
-    add({"33x31 k8x6 even, B2", 2, {33, 31}, {8, 6}, {1, 1}, {1, 1}, {false, false}, 2});
-    add({"48x40 k10x12 s3x4", 2, {48, 40}, {10, 12}, {3, 4}});
-    add({"50x45 k7x5 d3x2", 2, {50, 45}, {7, 5}, {1, 1}, {3, 2}});
-    add({"37x29 k9x7 causal 0/1", 2, {37, 29}, {9, 7}, {1, 1}, {1, 1}, {false, true}});
-    add({"30x30 k6x6 causal both s2", 2, {30, 30}, {6, 6}, {2, 2}, {1, 1}, {true, true}});
-    add({"24x20 k5x5 GQA 6/2 + 130 extra", 2, {24, 20}, {5, 5}, {1, 1}, {1, 1}, {false, false}, 1, 6, 2, 0, 130});
-    add({"64x64 k32x32 (P2 kind), d_lse", 2, {64, 64}, {32, 32}, {1, 1}, {1, 1}, {false, false}, 1, 2, 2, 0, 0, 0, true});
-  } else {
-    add({"10x12x20 k5x7x9 (borders)", 3, {10, 12, 20}, {5, 7, 9}});
-    add({"9x11x13 k4x6x8 even", 3, {9, 11, 13}, {4, 6, 8}});
-    add({"12x16x18 k4x8x6 s2x4x3 d1x1x2", 3, {12, 16, 18}, {4, 8, 6}, {2, 4, 3}, {1, 1, 2}});
-    add({"8x12x12 k3x5x5 causal 1/0/0, B2", 3, {8, 12, 12}, {3, 5, 5}, {1, 1, 1}, {1, 1, 1}, {true, false, false}, 2});
-    add({"8x10x12 k4x4x6 causal 0/1/1 s1x2x3", 3, {8, 10, 12}, {4, 4, 6}, {1, 2, 3}, {1, 1, 1}, {false, true, true}});
-    add({"6x10x14 k3x3x5 d2x3x2 + 20 extra", 3, {6, 10, 14}, {3, 3, 5}, {1, 1, 1}, {2, 3, 2}, {false, false, false}, 1, 2, 2, 0, 20});
-    add({"8x12x12 k3x5x5 GQA 4/2", 3, {8, 12, 12}, {3, 5, 5}, {1, 1, 1}, {1, 1, 1}, {false, false, false}, 1, 4, 2});
-    add({"12x24x24 k6x12x12 (P3 kind)", 3, {12, 24, 24}, {6, 12, 12}});
-  }
-  return cs;
-}
-
-// Deterministic pseudo-random values in [-2, 2), made on the device (the benchmark tensors are
-// too large to draw on the host in reasonable time).
-template <class T>
-__global__ void fill_random(T* x, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i) * 0x9E3779B1u ^ seed;
-    h ^= h >> 15;
-    h *= 0x85EBCA77u;
-    h ^= h >> 13;
-    x[i] = from_float<T>(float(h >> 8) * (4.f / 16777216.f) - 2.f);
-  }
-}
-__global__ void fill_constant(float* x, size_t n, float value) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) x[i] = value;
-}
-
 // Buffers of one timed problem, shared by every instance timed on it. O and dO are random and
 // LSE a constant that keeps the probabilities finite: the timing does not depend on the values.
 template <class T>
 struct BenchTensors {
+  DeviceArena arena;
   FnaTensors t;
   float* workspace = nullptr;
-  std::vector<void*> owned;
   explicit BenchTensors(NaProblem const& p) {
     int64_t const n = p.batch * p.tokens();
-    auto alloc = [&](size_t count, size_t bytes, uint32_t seed) {
-      void* d;
-      CUDA_CHECK(cudaMalloc(&d, count * bytes));
-      if (seed) fill_random<T><<<1024, 256>>>(static_cast<T*>(d), count, seed);
-      owned.push_back(d);
-      return d;
-    };
-    t.q = alloc(n * p.heads * p.dim, sizeof(T), 1);
-    t.k = alloc(n * p.heads_kv * p.dim, sizeof(T), 2);
-    t.v = alloc(n * p.heads_kv * p.dim_v, sizeof(T), 3);
-    t.out = alloc(n * p.heads * p.dim_v, sizeof(T), 4);
-    t.d_out = alloc(n * p.heads * p.dim_v, sizeof(T), 5);
-    t.lse = alloc(n * p.heads, sizeof(float), 0);
-    fill_constant<<<1024, 256>>>(static_cast<float*>(t.lse), n * p.heads, 8.f);
-    t.d_q = alloc(n * p.heads * p.dim, sizeof(T), 0);
-    t.d_k = alloc(n * p.heads_kv * p.dim, sizeof(T), 0);
-    t.d_v = alloc(n * p.heads_kv * p.dim_v, sizeof(T), 0);
-    workspace = static_cast<float*>(alloc(workspace_floats(p), sizeof(float), 0));
+    t.q = arena.random<T>(n * p.heads * p.dim, 1);
+    t.k = arena.random<T>(n * p.heads_kv * p.dim, 2);
+    t.v = arena.random<T>(n * p.heads_kv * p.dim_v, 3);
+    t.out = arena.random<T>(n * p.heads * p.dim_v, 4);
+    t.d_out = arena.random<T>(n * p.heads * p.dim_v, 5);
+    t.lse = arena.constant(n * p.heads, 8.f);
+    t.d_q = arena.zeros(n * p.heads * p.dim * sizeof(T));
+    t.d_k = arena.zeros(n * p.heads_kv * p.dim * sizeof(T));
+    t.d_v = arena.zeros(n * p.heads_kv * p.dim_v * sizeof(T));
+    workspace = static_cast<float*>(arena.zeros(workspace_floats(p) * sizeof(float)));
     CUDA_CHECK(cudaDeviceSynchronize());
-  }
-  ~BenchTensors() {
-    for (void* d : owned) cudaFree(d);
   }
 };
 
-// Median of `iters` timed runs of `work` (CUDA events around each), after `warmup` untimed ones.
-template <class Work>
-float median_ms(Work&& work, int iters, int warmup) {
-  cudaEvent_t e0, e1;
-  CUDA_CHECK(cudaEventCreate(&e0));
-  CUDA_CHECK(cudaEventCreate(&e1));
-  for (int i = 0; i < warmup; ++i) work();
-  CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<float> ms;
-  for (int i = 0; i < iters; ++i) {
-    CUDA_CHECK(cudaEventRecord(e0));
-    work();
-    CUDA_CHECK(cudaEventRecord(e1));
-    CUDA_CHECK(cudaEventSynchronize(e1));
-    float x;
-    CUDA_CHECK(cudaEventElapsedTime(&x, e0, e1));
-    ms.push_back(x);
-  }
-  std::sort(ms.begin(), ms.end());
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  return ms[ms.size() / 2];
-}
-
 int main(int argc, char** argv) {
-  bool checks = true, timings = true, quick = false, self_test = false;
-  std::string family;  // empty: every family
-  for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--checks")) timings = false;
-    if (!std::strcmp(argv[i], "--timings")) checks = false;
-    if (!std::strcmp(argv[i], "--quick")) quick = true;
-    if (!std::strcmp(argv[i], "--self-test")) self_test = true;
-    if (!std::strcmp(argv[i], "--family") && i + 1 < argc) family = argv[++i];
-  }
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // whole lines even if a hang gets the run killed
+  Options const opt(argc, argv);
   // The reference is checked on the host before any GPU case (and alone with --self-test, which
   // needs no GPU).
-  if (self_test || checks) {
+  if (opt.self_test || opt.checks) {
     if (!reference_self_test()) return 1;
-    if (self_test) return 0;
+    if (opt.self_test) return 0;
   }
-  cudaDeviceProp prop;
-  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+  print_device();
   int failed = 0, run = 0;
-  if (checks) {
+  if (opt.checks) {
     std::printf("%-4s %-5s %-9s %-12s %-36s %8s %8s %8s %8s %8s %6s\n", "", "dtype", "kernel", "tiles", "case", "dQ",
                 "dK", "dV", "dK extra", "dV extra", "nonfin");
-    std::mt19937 rng(1234);
-    for (auto const& inst : instances()) {
-      if (!std::strcmp(inst.family, "sm80") || (!family.empty() && family != inst.family)) continue;
-      auto cases = check_cases(inst.rank);
-      if (quick) cases.resize(1);
-      for (auto const& c : cases) {
-        bool const ok = inst.bf ? check_case<bf16>(inst, c, rng) : check_case<fp16>(inst, c, rng);
-        failed += !ok;
-        ++run;
-      }
-    }
+    std::tie(run, failed) = run_checks(instances(), opt, [](auto const& inst, Case const& c, std::mt19937& rng) {
+      return inst.bf ? check_case<bf16>(inst, c, rng) : check_case<fp16>(inst, c, rng);
+    });
   }
-  if (timings) {
-    struct Bench {
-      char const* name;
-      Case c;
-      double target_ms;
-    };
-    Bench const benches[] = {
-        {"P1", {"1-D 32768 k2048", 1, {32768}, {2048}, {1}, {1}, {false}, 1, 16, 16, 128}, 3.0},
-        {"P2", {"2-D 128x128 k32x32", 2, {128, 128}, {32, 32}, {1, 1}, {1, 1}, {false, false}, 1, 16, 16, 128}, 1.4},
-        {"P3", {"3-D 16x64x64 k8x16x16", 3, {16, 64, 64}, {8, 16, 16}, {1, 1, 1}, {1, 1, 1}, {false, false, false}, 1, 16, 16, 128}, 13.0},
-    };
+  if (opt.timings) {
     // Backward FLOPs: five GEMMs (S, dP, dV, dK, dQ) of 2 B H D per visible pair. Times cover every
     // launch of one backward call (SM90: delta, dQ clear, main kernel, dQ conversion).
     std::printf("\n%-3s %-22s %-6s %-13s %8s %8s %8s\n", "", "problem", "family", "tiles", "ms", "TFLOP/s", "target");
-    for (auto const& bench : benches) {
+    for (auto const& bench : bench_problems(3.0, 1.4, 13.0)) {
       NaProblem const p = problem_of(bench.c, 128);
-      double pairs = 1;
-      for (int a = 0; a < p.rank; ++a) pairs *= double(natten::axis_visible_pairs(p.axis[a]));
-      double const flops = 10.0 * p.batch * p.heads * p.dim * pairs;
+      double const flops = 10.0 * p.batch * p.heads * p.dim * visible_pairs(p);
       BenchTensors<bf16> const tensors(p);
       for (auto const& inst : instances()) {
-        if (inst.rank != p.rank || !inst.bf || inst.head_dim != 128) continue;
-        if (!family.empty() && family != inst.family) continue;
+        if (inst.rank != p.rank || !inst.bf || inst.head_dim != 128 || !opt.selects(inst.family)) continue;
         float const ms = median_ms([&] { inst.run(p, tensors.t, tensors.workspace, nullptr); }, 20, 3);
         std::printf("%-3s %-22s %-6s %-13s %8.3f %8.1f %8.2f\n", bench.name, bench.c.name.c_str(), inst.family,
                     inst.tiles.c_str(), ms, flops / (ms * 1e9), bench.target_ms);
       }
     }
   }
-  if (checks) std::printf("%d passed, %d failed\n", run - failed, failed);
+  if (opt.checks) std::printf("%d passed, %d failed\n", run - failed, failed);
   return failed != 0;
 }
 

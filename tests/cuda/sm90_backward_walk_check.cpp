@@ -12,7 +12,7 @@
 //   - the consumers' per-element visibility (QueryStep::full, else the bit masks of
 //     sm90/bwd_mask.cuh from the key table of KeyBoxCta::key_queries, for every consumer
 //     thread's key rows and query columns as the wgmma accumulator holds them).
-// Against brute force over SPEC section 1 (common/na_window.h's axis_window, per axis, dilation
+// Against brute force over docs/semantics.md (common/na_window.h's axis_window, per axis, dilation
 // residues), on random problems (ranks 1-3, odd/even windows, stride, dilation, causal per axis,
 // non-divisible extents, GQA, additional keys), it requires:
 //   1. every visible (head, query, key) pair is added exactly once over all CTAs and steps, and
@@ -133,7 +133,7 @@ void check_problem(Problem const& prob) {
           EXPECT(tok == token[j], "query row %d: TMA token %lld, table %d", j, (long long)tok, token[j]);
         }
         // Consumers: the mask of every thread's elements (256 threads, two warpgroups of 64 keys;
-        // the accumulator layout that tests/cuda/sm90_backward_layout_check.cu checks against CuTe),
+        // the accumulator layout that tests/cuda/sm90_layout_check.cu checks against CuTe),
         // each (key, query) pair held by exactly one thread.
         std::vector<int> seen(N * M, -1);
         for (int ct = 0; ct < 256; ++ct) {

@@ -4,14 +4,14 @@
 // The kernel's code is included as it is (common/tile_geometry.cuh, sm90/fwd_mask.cuh) with the
 // CUDA qualifiers defined away, and replayed per CTA (query box of a dilation group, as
 // sm80::QueryBoxCta::init makes it), per consumer thread (its rows and columns as the wgmma
-// accumulator layout gives them; sm90_forward_fragment_check.cu checks that against CuTe) and
+// accumulator layout gives them; sm90_layout_check.cu checks that against CuTe) and
 // per walk step (KeyWalk::full, else the policy's apply on that step's scores), for both mask
-// policies (BitMask, WindowMask). Against brute force over SPEC section 1 on random problems
+// policies (BitMask, WindowMask). Against brute force over docs/semantics.md on random problems
 // (ranks 1-3, odd/even windows, stride, dilation, causal per axis, non-divisible extents) it
 // requires, for every element of every walked key box whose query row is a real token:
 //   1. it is kept exactly when its key is a real token that the query sees (zero-filled keys of
 //      partial boxes are masked), and
-//   2. every (query, key) pair SPEC makes visible is kept exactly once over the walk.
+//   2. every (query, key) pair docs/semantics.md makes visible is kept exactly once over the walk.
 // Rows past the grid are never stored, so their elements are free. Additional keys have a count
 // mask of their own and are not part of this check.
 //   sm90_forward_mask_check [--mutate]
