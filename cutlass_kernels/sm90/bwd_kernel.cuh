@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   int const ds_piece = Config::kDqSplitsKeys ? w : 0;
   int const dq_col = Config::kDqSplitsKeys ? 0 : w * Config::kDqN;
   int const dq_bytes = 4 * max(0, min(Config::kDqN, p.dim - dq_col));
-  float* const staging = sm.dq.data() + w * 64 * Config::kDqPitch;
+  float* const staging = Config::kDqAtomic ? nullptr : sm.dq.data() + w * 64 * Config::kDqPitch;
   float* const dq_accum = params.dq_accum;
 
   clear(acc_dv);
