@@ -1,6 +1,6 @@
 """Host-side checks of the SM90 (hopper-fna) forward's score mask that need no GPU (tests/cuda/):
 
-- sm90_forward_mask_check.cpp (any C++17 compiler): the walk and both mask policies of
+- sm90_forward_mask_check.cpp (any C++17 compiler): the walk and the score mask of
   sm90/fwd_mask.cuh, replayed on the host from the kernel's headers, keep exactly the (query,
   key) pairs of docs/semantics.md, each once, on random problems of ranks 1-3; with --mutate (a
   window bound moved by one key) the same check must fail. That the score accumulators lie where

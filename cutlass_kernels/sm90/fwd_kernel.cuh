@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     if (n < walk.tiles) {
       int o[Rank];
       walk.origin(mask_at, o);
-      if (!walk.full(o)) mask.apply(acc_s, mask_at.index, o, -INFINITY);
+      if (!walk.full(o)) mask.apply(acc_s, mask_at.index, -INFINITY);
     } else {
       int const left = p.num_extra - (n - walk.tiles) * N;
       if (left < N) mask_extra(acc_s, cols_s, left, -INFINITY);

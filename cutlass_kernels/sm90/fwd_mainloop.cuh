@@ -39,15 +39,13 @@ constexpr uint32_t kConsumerRegs = 232;
 // Compile-time shape of one forward instantiation.
 // kPingPong: the two consumer warpgroups take turns issuing their GEMMs, so that one's softmax
 // runs while the other's GEMMs occupy the tensor cores.
-// Mask_: how partial key boxes are masked (fwd_mask.cuh).
-template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kPingPong_ = false,
-          template <int, class, class> class Mask_ = BitMask>
+template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kPingPong_ = false>
 struct ForwardConfig {
   static constexpr int Rank = Rank_;
   static constexpr bool kPingPong = kPingPong_;
   using QTile = QTile_;
   using KVTile = KVTile_;
-  using Mask = Mask_<Rank, QTile, KVTile>;
+  using Mask = BitMask<Rank, QTile, KVTile>;  // of partial key boxes (fwd_mask.cuh)
   using Element = typename sm80::ElementOf<Element_>::type;  // cutlass::half_t / bfloat16_t
   static constexpr int M = QTile::kSize;
   static constexpr int N = KVTile::kSize;

@@ -4,17 +4,16 @@
 //
 // A thread holds two query rows (row0 and row0 + 8) of a 64 x N score tile and, per row, N/4
 // columns: element v is on row half (v >> 1) & 1, column col0 + (v & 1) + 8 * (v >> 2), with
-// col0 = 2 * (lane % 4) (the wgmma accumulator layout; tests/cuda/sm90_forward_mask_check.cpp
-// checks it against CuTe's partition and replays both masks against the windows of docs/semantics.md).
+// col0 = 2 * (lane % 4) (the wgmma accumulator layout; tests/cuda/sm90_layout_check.cu checks it
+// against CuTe's partition, tests/cuda/sm90_forward_mask_check.cpp replays the mask against the
+// windows of docs/semantics.md).
 //
-// Two policies with one interface (ForwardConfig's Mask):
-// - WindowMask: per element and axis, an unsigned compare of the key's offset against the row's
-//   window (about 8 instructions per element at rank 3);
-// - BitMask: per row, one bit per column, built per key box from a few integer operations per
-//   axis, then one bit test and select per element. Key-box extents are powers of two, so a
-//   column's offset along an axis is a bit field of its index, and along each axis a thread's
-//   columns are visible exactly on an interval of that field; the interval's bits are a
-//   contiguous run, repeated with a fixed period over the row's word.
+// BitMask: per row, one bit per column, built per key box from a few integer operations per axis,
+// then one bit test and select per element. Key-box extents are powers of two, so a column's
+// offset along an axis is a bit field of its index, and along each axis a thread's columns are
+// visible exactly on an interval of that field; the interval's bits are a contiguous run,
+// repeated with a fixed period over the row's word. (It replaced a per-element compare of each
+// axis against the row's window, measured 13% or more slower on each of P1-P3 in two runs: benchmarks/NOTES.md.)
 // CuTe-free and host-compilable (the check above includes it with the CUDA qualifiers defined
 // away).
 #pragma once
@@ -134,9 +133,9 @@ struct BitMask {
   }
 
   // Sets the invisible elements of the scores s of the key box at walk position `index` (per-axis
-  // box indices) to `masked`. `origin` (the box's group coordinates) is WindowMask's.
+  // box indices) to `masked`.
   template <class S>
-  __device__ __forceinline__ void apply(S& s, int const* index, int const* /*origin*/, float masked) const {
+  __device__ __forceinline__ void apply(S& s, int const* index, float masked) const {
     uint32_t w[2][kWords];
     #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -180,59 +179,6 @@ struct BitMask {
     }
   }
 
-};
-
-// The first mask: per row and axis the window (first, last - first), per element and axis one
-// unsigned compare of the key's offset. Kept to time against BitMask in one run
-// (tests/cuda/sm90_forward_check.cu); the slower one goes once measured.
-template <int Rank, class QTile, class KVTile>
-struct WindowMask {
-  static constexpr int N = KVTile::kSize;
-  int first[2][Rank];
-  unsigned span[2][Rank];
-  int col0;
-
-  __device__ __forceinline__ void init(Params<Rank> const& p, GroupCoords<Rank> const& g, int const* q_origin,
-                                       int const* /*walk_first*/, int row0, int col0_) {
-    col0 = col0_;
-    #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      #pragma unroll
-      for (int a = 0; a < Rank; ++a) {
-        int const x = q_origin[a] + QTile::offset(row0 + 8 * i, a);
-        if (x < g.length[a]) {
-          auto const w = g.window(p, a, x);
-          first[i][a] = w.first;
-          span[i][a] = unsigned(w.last - w.first);
-        } else {  // a window no key is in: keys are >= 0
-          first[i][a] = kNoKey;
-          span[i][a] = 0u;
-        }
-      }
-    }
-  }
-
-  template <class S>
-  __device__ __forceinline__ void apply(S& s, int const* /*index*/, int const* origin, float masked) const {
-    int lo[2][Rank];
-    #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      #pragma unroll
-      for (int a = 0; a < Rank; ++a) lo[i][a] = first[i][a] - origin[a];
-    }
-    // Branch-free: one unsigned compare per axis tests first <= key <= last.
-    #pragma unroll
-    for (int v = 0; v < N / 2; ++v) {
-      int const c = col0 + column_step(v);
-      int const i = row_half(v);
-      bool visible = true;
-      #pragma unroll
-      for (int a = 0; a < Rank; ++a) {
-        visible = visible & (static_cast<unsigned>(KVTile::offset(c, a) - lo[i][a]) <= span[i][a]);
-      }
-      s(v) = visible ? s(v) : masked;
-    }
-  }
 };
 
 }  // namespace natten::sm90

@@ -1,10 +1,8 @@
 // Standalone check of the SM90 forward (no torch): small problems against a float64 CPU
 // evaluation of docs/semantics.md (window arithmetic from common/na_window.h), then timings of the
 // benchmark problems P1-P3. Built by `tests/cuda/run_sm90_check.sh forward` as several translation
-// units of this one file: NATTEN_PART 0 is the harness, parts 1-6 hold the instantiations listed
-// once in NATTEN_INSTANCES below (compiled in parallel). Both mask policies of sm90/fwd_mask.cuh
-// are instantiated for the registry's tile pairs (families sm90 and sm90wm), so one run checks
-// both and times them side by side.
+// units of this one file: NATTEN_PART 0 is the harness, parts 1-5 hold the instantiations listed
+// once in NATTEN_INSTANCES below (compiled in parallel).
 //
 //   sm90_forward_check [--checks] [--timings] [--quick] [--family F]
 // (default: checks and timings of every family; --quick: one check per instance)
@@ -15,12 +13,7 @@ namespace natten::sm90 {
 template <int Rank, typename Element, int HeadDim, class QTile, class KVTile>
 void run_fna_forward(NaProblem const&, FnaTensors const&, cudaStream_t);
 #if NATTEN_PART == 0
-template <int Rank, class QTile, class KVTile>
-struct BitMask;
-template <int Rank, class QTile, class KVTile>
-struct WindowMask;
-template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kPingPong_,
-          template <int, class, class> class Mask_>
+template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kPingPong_>
 struct ForwardConfig;
 template <class Config>
 void run_forward(NaProblem const&, FnaTensors const&, cudaStream_t);
@@ -33,23 +26,19 @@ void fna_forward(NaProblem const& p, FnaTensors const& t, cudaStream_t stream);
 
 // X(part, family, rank, element, head dim, query tile, key tile) (sm90_harness.cuh), one line a part.
 // Families: sm90 (the entry point: BitMask; ping-pong of the two consumers where the query box has
-// 128 tokens), sm90np (the same without ping-pong), sm90wm (the per-element WindowMask, to time
-// against BitMask), sm80 (the SM80 family's forward, for timings
-// in the same run).
+// 128 tokens), sm90np (the same without ping-pong), sm80 (the SM80 family's forward, for timings in
+// the same run).
 #define NATTEN_INSTANCES(X) \
   X(1, sm90, 1, bf16, 128, B128, B128) X(1, sm90, 1, fp16, 128, B128, B64) X(1, sm90, 1, bf16, 64, B64, B128) \
   X(2, sm90, 2, bf16, 128, B16x8, B16x8) X(2, sm90, 2, bf16, 128, B16x8, B8x8) X(2, sm90, 2, fp16, 64, B8x16, B16x8) \
   X(3, sm90, 3, bf16, 128, B2x8x8, B2x8x8) X(3, sm90, 3, bf16, 128, B4x4x8, B4x4x4) X(3, sm90, 3, fp16, 64, B2x8x8, B2x4x8) \
   X(4, sm80, 1, bf16, 128, B128, B64) X(4, sm80, 2, bf16, 128, B16x8, B8x8) X(4, sm80, 3, bf16, 128, B4x4x8, B4x4x4) \
-  X(5, sm90np, 1, bf16, 128, B128, B128) X(5, sm90np, 2, bf16, 128, B16x8, B16x8) X(5, sm90np, 3, bf16, 128, B2x8x8, B2x8x8) X(5, sm90np, 3, fp16, 64, B2x8x8, B2x4x8) \
-  X(6, sm90wm, 1, bf16, 128, B128, B128) X(6, sm90wm, 2, bf16, 128, B16x8, B16x8) X(6, sm90wm, 3, bf16, 128, B2x8x8, B2x8x8)
+  X(5, sm90np, 1, bf16, 128, B128, B128) X(5, sm90np, 2, bf16, 128, B16x8, B16x8) X(5, sm90np, 3, bf16, 128, B2x8x8, B2x8x8) X(5, sm90np, 3, fp16, 64, B2x8x8, B2x4x8)
 
 #define NATTEN_ENTRY_sm80(R, T, HD, Q, KV) natten::sm80::fna_forward<R, T, HD, Q, KV>
 #define NATTEN_ENTRY_sm90(R, T, HD, Q, KV) natten::sm90::run_fna_forward<R, T, HD, Q, KV>
 #define NATTEN_ENTRY_sm90np(R, T, HD, Q, KV) \
-  natten::sm90::run_forward<natten::sm90::ForwardConfig<R, T, HD, Q, KV, false, natten::sm90::BitMask>>
-#define NATTEN_ENTRY_sm90wm(R, T, HD, Q, KV) \
-  natten::sm90::run_forward<natten::sm90::ForwardConfig<R, T, HD, Q, KV, false, natten::sm90::WindowMask>>
+  natten::sm90::run_forward<natten::sm90::ForwardConfig<R, T, HD, Q, KV, false>>
 
 #if NATTEN_PART > 0
 // One part of the instantiations.

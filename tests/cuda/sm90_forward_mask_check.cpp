@@ -5,8 +5,7 @@
 // CUDA qualifiers defined away, and replayed per CTA (query box of a dilation group, as
 // sm80::QueryBoxCta::init makes it), per consumer thread (its rows and columns as the wgmma
 // accumulator layout gives them; sm90_layout_check.cu checks that against CuTe) and
-// per walk step (KeyWalk::full, else the policy's apply on that step's scores), for both mask
-// policies (BitMask, WindowMask). Against brute force over docs/semantics.md on random problems
+// per walk step (KeyWalk::full, else BitMask::apply on that step's scores). Against brute force over docs/semantics.md on random problems
 // (ranks 1-3, odd/even windows, stride, dilation, causal per axis, non-divisible extents) it
 // requires, for every element of every walked key box whose query row is a real token:
 //   1. it is kept exactly when its key is a real token that the query sees (zero-filled keys of
@@ -15,8 +14,8 @@
 // Rows past the grid are never stored, so their elements are free. Additional keys have a count
 // mask of their own and are not part of this check.
 //   sm90_forward_mask_check [--mutate]
-// --mutate moves one bound of each mask by one key (BitMask: a row's window end along the
-// innermost axis; WindowMask: its span) to show the check catches such a bug: it must then fail.
+// --mutate moves one row's window end along the innermost axis by one key, to show the check
+// catches such a bug: it must then fail.
 // Exit status non-zero on any violation.
 #include <cmath>
 #include <cstring>
@@ -46,16 +45,7 @@ struct Scores {  // a thread's score fragment, indexed like CuTe's
   float& operator()(int i) { return v[i]; }
 };
 
-template <template <int, class, class> class Mask, int Rank, class QBox, class KVBox>
-void mutate_mask(Mask<Rank, QBox, KVBox>& m) {
-  if constexpr (std::is_same_v<Mask<Rank, QBox, KVBox>, sm90::BitMask<Rank, QBox, KVBox>>) {
-    m.hi[0][Rank - 1] += 1;
-  } else {
-    m.span[0][Rank - 1] += 1;
-  }
-}
-
-template <int Rank, class QBox, class KVBox, template <int, class, class> class Mask>
+template <int Rank, class QBox, class KVBox>
 void check_problem(Problem const& prob, std::vector<std::vector<int64_t>> const& keys_of) {
   NaProblem const& np = prob.p;
   FnaTensors t{};
@@ -77,9 +67,9 @@ void check_problem(Problem const& prob, std::vector<std::vector<int64_t>> const&
       // The accumulator layout: warpgroup ct / 128 holds rows 64w.., warp 16 rows, lane / 4 and
       // lane / 4 + 8; columns 2 * (lane % 4) + column_step(v).
       int const row0 = 64 * (ct / 128) + 16 * ((ct % 128) / 32) + (ct % 32) / 4, col0 = 2 * (ct % 4);
-      Mask<Rank, QBox, KVBox> mask;
+      sm90::BitMask<Rank, QBox, KVBox> mask;
       mask.init(p, g, q_origin, walk.first, row0, col0);
-      if (mutate) mutate_mask(mask);
+      if (mutate) mask.hi[0][Rank - 1] += 1;  // one row's window end, one key further
       int64_t row_tok[2];
       for (int i = 0; i < 2; ++i) row_tok[i] = box_token<Rank, QBox>(p, g, q_origin, row0 + 8 * i);
       typename KeyWalk<Rank, QBox, KVBox>::Cursor at;
@@ -90,7 +80,7 @@ void check_problem(Problem const& prob, std::vector<std::vector<int64_t>> const&
         float s[N / 2];
         for (float& x : s) x = 0.f;
         Scores frag{s};
-        if (!full) mask.apply(frag, at.index, o, -INFINITY);
+        if (!full) mask.apply(frag, at.index, -INFINITY);
         for (int v = 0; v < N / 2; ++v) {
           int64_t const q = row_tok[sm90::row_half(v)];
           if (q < 0) continue;
@@ -116,7 +106,7 @@ void check_problem(Problem const& prob, std::vector<std::vector<int64_t>> const&
 }
 
 template <int Rank, class QBox, class KVBox>
-void check_both(Problem const& prob) {
+void check_mask(Problem const& prob) {
   int64_t const T = prob.p.tokens();
   std::vector<std::vector<int64_t>> keys_of(T);
   for (int64_t x = 0; x < T; ++x) {
@@ -124,8 +114,7 @@ void check_both(Problem const& prob) {
       if (spec_sees(prob.p, x, y)) keys_of[x].push_back(y);
     }
   }
-  check_problem<Rank, QBox, KVBox, sm90::BitMask>(prob, keys_of);
-  check_problem<Rank, QBox, KVBox, sm90::WindowMask>(prob, keys_of);
+  check_problem<Rank, QBox, KVBox>(prob, keys_of);
 }
 
 template <int Rank, class QBox, class KVBox>
@@ -134,7 +123,7 @@ void run(char const* name, std::mt19937& rng, int count, int max_extent) {
   for (int i = 0; i < count; ++i) {
     Problem pr = random_problem<Rank, QBox, KVBox>(rng, max_extent);
     pr.p.num_extra = 0;
-    check_both<Rank, QBox, KVBox>(pr);
+    check_mask<Rank, QBox, KVBox>(pr);
   }
   std::printf("%-26s %4d problems: %s\n", name, count, failures == before ? "ok" : "VIOLATIONS");
 }
