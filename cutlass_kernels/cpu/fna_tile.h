@@ -37,8 +37,8 @@ class TileGrid {
       int64_t const d = axis_[a].dilation;
       for (int64_t r = 0; r < d; ++r) {
         int64_t const lg = group_length(axis_[a], r);
-        int64_t const first = members_below(p.q_offset[a], r, d);
-        int64_t const end = members_below(p.q_offset[a] + p.query_extent(a), r, d);
+        int64_t const first = group_members_below(p.q_offset[a], r, d);
+        int64_t const end = group_members_below(p.q_offset[a] + p.query_extent(a), r, d);
         for (int64_t q = first; q < end; q += tile_shape[a]) {
           tiles_[a].push_back({r, lg, q, std::min(q + tile_shape[a], end)});
         }
@@ -70,11 +70,6 @@ class TileGrid {
   }
 
  private:
-  // Members of the dilation group of residue r (mod d) at coordinates below x.
-  static int64_t members_below(int64_t x, int64_t r, int64_t d) {
-    return x <= r ? 0 : (x - r + d - 1) / d;
-  }
-
   AxisSpec axis_[Rank];
   int64_t token_stride_[Rank];
   int64_t q_offset_[Rank];

@@ -33,16 +33,12 @@
 #include <string>
 #include <vector>
 
-// CUDA qualifiers and builtins the included device code uses, for a host compiler.
-#define __device__
-#define __host__
-#define __forceinline__ inline
+// The CUDA builtin the included device code uses, for a host compiler.
+#include "host_shim.h"
 struct FakeDim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 static FakeDim3 blockIdx;
-using std::max;
-using std::min;
 
 #include "common/tile_geometry.cuh"
 #include "sm90/bwd_mask.cuh"

@@ -23,12 +23,7 @@
 #include <map>
 #include <vector>
 
-#define __device__
-#define __host__
-#define __forceinline__ inline
-using std::max;
-using std::min;
-
+#include "host_shim.h"
 #include "common/tile_geometry.cuh"
 #include "sm90/fwd_mask.cuh"
 #include "host_check_common.h"
