@@ -1,14 +1,16 @@
 """The query-range op (natten.functional._query_range_na, the groundwork of context parallelism):
 the queries are rows [offset, offset + n) of the key grid along one axis, and the result, the
 logsumexp and every gradient must equal the ordinary call on the key grid, sliced to those rows.
-CPU backend, float64, so any difference is a bug and not rounding."""
+CPU backend, float64, so any difference is a bug and not rounding; then every CUDA backend that
+serves ranges, in float16 and bfloat16, against the same float64 CPU reference with the usual
+tolerances."""
 
 import random
 
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, tolerance
 from oracle import reference_na
 
 import natten
@@ -59,17 +61,17 @@ CASES = [
 ]
 
 
-def _tensors(case, seed):
+def _tensors(case, seed, dim=8, dim_v=6):
     g = torch.Generator().manual_seed(seed)
     b, shape, h, hk = case["batch"], case["shape"], case["heads"], case["heads_kv"]
 
     def rand(*s):
         return torch.randn(*s, generator=g, dtype=torch.float64)
 
-    t = dict(q=rand(b, *shape, h, 8), k=rand(b, *shape, hk, 8), v=rand(b, *shape, hk, 6))
+    t = dict(q=rand(b, *shape, h, dim), k=rand(b, *shape, hk, dim), v=rand(b, *shape, hk, dim_v))
     if case["extra"]:
-        t["ek"] = rand(b, case["extra"], hk, 8)
-        t["ev"] = rand(b, case["extra"], hk, 6)
+        t["ek"] = rand(b, case["extra"], hk, dim)
+        t["ev"] = rand(b, case["extra"], hk, dim_v)
     return t
 
 
@@ -83,18 +85,19 @@ def _rows(case, t):
 
 
 def _grads(out, lse, leaves, g_out, g_lse):
-    ((out * g_out).sum() + (lse * g_lse).sum()).backward()
+    ((out * g_out.to(out)).sum() + (lse * g_lse.to(lse)).sum()).backward()
     return {x: t.grad for x, t in leaves.items()}
 
 
-def _check(case, seed, run_ranged):
-    """The ranged call (run_ranged(leaves) -> (out, lse), leaves["q"] the query rows) against
-    the ordinary call on the whole grid, sliced: output, logsumexp and gradients."""
+def _check(case, seed, run_ranged, dtype=torch.float64, device="cpu", tol=TOL, dim=8, dim_v=6):
+    """The ranged call (run_ranged(leaves) -> (out, lse), leaves["q"] the query rows, of `dtype`
+    on `device`) against the ordinary float64 call on the whole grid on the CPU, sliced: output,
+    logsumexp and gradients."""
     rank = len(case["shape"])
-    t = _tensors(case, seed)
+    t = _tensors(case, seed, dim, dim_v)
     g = torch.Generator().manual_seed(seed + 1)
     q_rows = _rows(case, t["q"])
-    g_out = torch.randn(*q_rows.shape[:-1], 6, generator=g, dtype=torch.float64)
+    g_out = torch.randn(*q_rows.shape[:-1], dim_v, generator=g, dtype=torch.float64)
     g_lse = torch.randn(*q_rows.shape[:-1], generator=g, dtype=torch.float64)
 
     whole = {x: u.clone().requires_grad_(True) for x, u in t.items()}
@@ -105,12 +108,13 @@ def _check(case, seed, run_ranged):
     ref_grads = _grads(*ref, whole, g_out, g_lse)
     ref_grads["q"] = _rows(case, ref_grads["q"])
 
-    mine = {x: u.clone().requires_grad_(True) for x, u in dict(t, q=q_rows).items()}
+    mine = {x: u.to(device=device, dtype=dtype).requires_grad_(True)
+            for x, u in dict(t, q=q_rows).items()}
     got = run_ranged(mine)
     for what, a, b in zip(("output", "lse"), got, ref):
-        assert_close(a, b, TOL, what)
+        assert_close(a, b, tol, what)
     for x, grad in _grads(*got, mine, g_out, g_lse).items():
-        assert_close(grad, ref_grads[x], TOL, f"d{x}")
+        assert_close(grad, ref_grads[x], tol, f"d{x}")
 
 
 def _ranged(case, **kw):
@@ -225,15 +229,18 @@ def test_window_checked_on_the_key_grid():
         _query_range_na(1, q, k, k, 5, dilation=2, axis=0, offset=0)
 
 
-def test_only_the_cpu_backend_serves_ranges():
-    """Every other backend declines a range with a reason, so callers can fall back; asked for
-    by name, it raises."""
+RANGE_BACKENDS = ("cpu", "cutlass-fna")
+
+
+def test_which_backends_serve_ranges():
+    """cpu and cutlass-fna serve ranges; every other backend declines a range with a reason, so
+    callers can fall back; asked for by name, it raises."""
     q, k = torch.randn(1, 3, 1, 8), torch.randn(1, 9, 1, 8)
     problem, _ = check_fused(1, q, k, k, 3, 1, 1, False, None, None, None, (0, 2))
     assert problem.query_spatial == (3,) and problem.spatial == (9,)
     for name, impl in backends._BACKENDS.items():
         reason = impl.query_range_unsupported(problem)
-        assert (reason is None) == (name == "cpu"), (name, reason)
+        assert (reason is None) == (name in RANGE_BACKENDS), (name, reason)
     assert backends.query_range_backend(problem, None) == (backends.get("cpu"), None)
 
 
@@ -249,3 +256,43 @@ def test_compiles():
     """torch.compile traces the range through the registered operators, forward and backward."""
     case = _case((10, 9), 3, 0, 3, 4, stride=(1, 2), causal=(False, True))
     _check(case, 9, torch.compile(_ranged(case), fullgraph=True))
+
+
+# CUDA: every case above, and larger ones with many query boxes, long key walks and fully
+# visible key boxes, on each CUDA backend that serves ranges. Head dims are multiples of 8 (the
+# tiled families move rows in 16-byte pieces) and the value's differs from the query's.
+CUDA_CASES = CASES + [
+    _case((300,), 65, 0, 97, 120, name="large_1d_inner"),
+    _case((257,), 31, 0, 0, 100, stride=4, causal=True, extra=70, name="large_1d_causal_start"),
+    _case((40, 48), (9, 13), 0, 13, 14, dilation=(2, 1), heads=4, heads_kv=2,
+          name="large_2d_dilated_axis0"),
+    _case((40, 48), (9, 13), 1, 25, 23, stride=(2, 3), causal=(False, True), batch=2,
+          name="large_2d_axis1_end"),
+    _case((12, 10, 16), (5, 4, 9), 0, 3, 6, dilation=(2, 1, 1), causal=(True, False, False),
+          extra=5, name="large_3d_inner"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=[c["name"] for c in CUDA_CASES])
+def test_cuda_matches_sliced_whole_grid(case, dtype, cuda_backend):
+    _, name = cuda_backend
+    if name is None:
+        pytest.skip("CUDA not available")
+    impl = backends.get(name)
+    t = _tensors(case, 0, 32, 16)
+    q = _rows(case, t["q"]).to("cuda", dtype).requires_grad_(True)
+    k, v = t["k"].to("cuda", dtype), t["v"].to("cuda", dtype)
+    extra = [t[x].to("cuda", dtype) if x in t else None for x in ("ek", "ev")]
+    problem, _ = check_fused(len(case["shape"]), q, k, v, case["kernel"], case["stride"],
+                             case["dilation"], case["causal"], None, *extra,
+                             (case["axis"], case["offset"]))
+    reason = impl.query_range_unsupported(problem)
+    if reason is not None:
+        assert name not in RANGE_BACKENDS, f"{name} declines a range: {reason}"
+        pytest.skip(f"{name} declines ranges: {reason}")
+    reason = impl.unsupported(problem)
+    if reason is not None:  # a filtered build lacks the rank, dtype or head dim
+        pytest.skip(f"{name}: {reason}")
+    _check(case, 0, _ranged(case, backend=name), dtype, "cuda", tolerance(dtype, "cuda", name),
+           32, 16)
