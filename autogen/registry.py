@@ -185,7 +185,8 @@ FAMILIES = (
     # kernels hold 16-bit elements in 64-column swizzle spans: head dims are multiples of 64.
     Family("sm90", SM90_OPS, (1, 2, 3), ("float16", "bfloat16"), True, "natten::sm90",
            head_dims=(64, 128), archs=("90a",), decl_header="sm90/kernels.h", cutlass=True,
-           backend="hopper-fna", min_capability=(9, 0), arch_specific=True, smem_kib=227),
+           backend="hopper-fna", min_capability=(9, 0), arch_specific=True, smem_kib=227,
+           query_range=True),
 )
 
 

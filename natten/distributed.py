@@ -24,8 +24,8 @@ by ``a``:
 Only the owned rows as queries
 ------------------------------
 Where the backend that the ordinary call would run on can compute a range of the queries
-(``Backend.query_range_unsupported``; cpu and cutlass-fna can), the rank runs the private
-query-range op (``natten.functional._query_range_na``): keys and values are the slab
+(``Backend.query_range_unsupported``; cpu, cutlass-fna and hopper-fna can), the rank runs the
+private query-range op (``natten.functional._query_range_na``): keys and values are the slab
 ``[a, b)``, the queries only the owned rows, placed at offset ``lo - a`` of it. Each query
 keeps the window of its slab coordinate, so the result is the ordinary call's, sliced, and no
 halo query is computed. Otherwise (other GPU backends) the rank runs the ordinary call on

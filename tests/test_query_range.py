@@ -229,12 +229,12 @@ def test_window_checked_on_the_key_grid():
         _query_range_na(1, q, k, k, 5, dilation=2, axis=0, offset=0)
 
 
-RANGE_BACKENDS = ("cpu", "cutlass-fna")
+RANGE_BACKENDS = ("cpu", "cutlass-fna", "hopper-fna")
 
 
 def test_which_backends_serve_ranges():
-    """cpu and cutlass-fna serve ranges; every other backend declines a range with a reason, so
-    callers can fall back; asked for by name, it raises."""
+    """cpu, cutlass-fna and hopper-fna serve ranges; every other backend declines a range with a
+    reason, so callers can fall back; asked for by name, it raises."""
     q, k = torch.randn(1, 3, 1, 8), torch.randn(1, 9, 1, 8)
     problem, _ = check_fused(1, q, k, k, 3, 1, 1, False, None, None, None, (0, 2))
     assert problem.query_spatial == (3,) and problem.spatial == (9,)

@@ -34,8 +34,8 @@ struct NaProblem {
   // the halo rows' queries too would waste a large part of its work. A query keeps the window,
   // stride and dilation groups and causal mask of its key-grid coordinate; q, out, lse, d_out,
   // d_lse and d_q hold only the range ([B, *query extents, H, *]), k, v, d_k and d_v the whole
-  // grid. kWholeAxis, the default, is the whole axis. The CPU and sm80 families serve ranges; the
-  // other GPU families compute whole grids only.
+  // grid. kWholeAxis, the default, is the whole axis. The CPU, sm80 and sm90 families serve ranges;
+  // the other GPU families compute whole grids only.
   static constexpr int64_t kWholeAxis = -1;
   int64_t q_offset[3] = {0, 0, 0};
   int64_t q_extent[3] = {kWholeAxis, kWholeAxis, kWholeAxis};

@@ -111,6 +111,17 @@ __device__ __forceinline__ int box_query_token(Params<Rank> const& p, GroupCoord
   return box_coords<Rank, Box>(origin, r, g.q_end, c) ? g.q_token(p, c) : -1;
 }
 
+// Coordinate along axis a, in the query range's grid, of the first query of the box at `origin`
+// of group g: where a TMA load of the box starts (sm90). The load steps by the dilation, so the
+// box's queries past the range's run of the group lie past the range's grid (zero-filled).
+template <int Rank>
+__device__ __forceinline__ int query_box_position(Params<Rank> const& p, GroupCoords<Rank> const& g, int a,
+                                                  int origin) {
+  AxisParams const& A = p.axis[a];
+  int const residue = g.first_token / A.token_stride % A.spec.extent;
+  return residue + origin * A.spec.dilation - A.q_offset;
+}
+
 // Per query of a box: its flat token in the query range's grid (-1 past the range's run of the
 // group) and, per axis, its window ([first, last]; [kNoKey, kNoKey] for a query past the end).
 // Lives in shared memory; one table per query box visited.

@@ -121,8 +121,8 @@ struct BitMask {
       #pragma unroll
       for (int i = 0; i < (BoxAxis<QTile, a>::kRowsDiffer ? 2 : 1); ++i) {
         int const x = q_origin[a] + QTile::offset(row0 + 8 * i, a);
-        int first = 0, end = 0;  // a row past its group's end sees nothing
-        if (x < g.length[a]) {
+        int first = 0, end = 0;  // a row past the range's run of its group sees nothing
+        if (x < g.q_end[a]) {
           auto const w = g.window(p, a, x);
           first = w.first;
           end = w.last + 1;
@@ -200,7 +200,7 @@ struct WindowMask {
       #pragma unroll
       for (int a = 0; a < Rank; ++a) {
         int const x = q_origin[a] + QTile::offset(row0 + 8 * i, a);
-        if (x < g.length[a]) {
+        if (x < g.q_end[a]) {  // a row of the range: the window of its key-grid coordinate
           auto const w = g.window(p, a, x);
           first[i][a] = w.first;
           span[i][a] = unsigned(w.last - w.first);

@@ -34,18 +34,6 @@ using namespace natten::host_check;
 
 namespace {
 
-// Key-grid token of a token of the query range's grid.
-int64_t key_grid_token(NaProblem const& p, int64_t tq) {
-  int64_t t = 0, stride = 1;
-  for (int a = p.rank - 1; a >= 0; --a) {
-    int64_t const e = p.query_extent(a);
-    t += (tq % e + p.q_offset[a]) * stride;
-    tq /= e;
-    stride *= p.axis[a].extent;
-  }
-  return t;
-}
-
 template <int Rank, class QBox, class KVBox, class CBox>
 void check(Problem const& pr) {
   NaProblem const& p = pr.p;
@@ -170,17 +158,6 @@ void check(Problem const& pr) {
            rows_of[q], pr.describe().c_str());
   }
   if (failures > before) std::printf("  in %s\n", pr.describe().c_str());
-}
-
-// A random range per axis: the whole axis a third of the time.
-void random_range(std::mt19937& rng, NaProblem& p) {
-  for (int a = 0; a < p.rank; ++a) {
-    int64_t const L = p.axis[a].extent;
-    if (std::uniform_int_distribution<int>(0, 2)(rng) == 0) continue;
-    int64_t const e = std::uniform_int_distribution<int64_t>(1, L)(rng);
-    p.q_extent[a] = e;
-    p.q_offset[a] = std::uniform_int_distribution<int64_t>(0, L - e)(rng);
-  }
 }
 
 template <int Rank, class QBox, class KVBox, class CBox>
