@@ -135,14 +135,16 @@ def _tiled_families(families: list) -> str:
     ops = "".join(f"  KernelEntry<void({sig})> const* {name};\n" for name, sig in TILED_OPS)
     rows = "".join(
         f'    {{"{f.name}", ' + "".join(f"{f.namespace}::dispatch::{name}, " for name, _ in TILED_OPS)
-        + f"&{f.namespace}::fna_backward_workspace_floats}},\n" for f in families)
+        + f"&{f.namespace}::fna_backward_workspace_floats, {str(f.query_range).lower()}}},\n"
+        for f in families)
     nulls = "nullptr, " * len(TILED_OPS)
     return (
         f"{HEADER}#pragma once\n\n#include <cuda_runtime_api.h>\n\n#include <cstddef>\n\n"
         f'#include "{KERNEL_KEY}"\n{includes}\nnamespace natten::dispatch {{\n\n'
         f"struct TiledFamily {{\n  char const* name;\n{ops}"
-        "  size_t (*backward_workspace_floats)(NaProblem const&);\n};\n\n"
-        f"inline constexpr TiledFamily tiled_families[] = {{\n{rows}    {{nullptr, {nulls}nullptr}},\n}};\n\n"
+        "  size_t (*backward_workspace_floats)(NaProblem const&);\n"
+        "  bool query_range;  // serves query ranges (autogen/registry.py: Family.query_range)\n};\n\n"
+        f"inline constexpr TiledFamily tiled_families[] = {{\n{rows}    {{nullptr, {nulls}nullptr, false}},\n}};\n\n"
         "}  // namespace natten::dispatch\n"
     )
 

@@ -152,6 +152,9 @@ class Family:
     arch_specific: bool = False
     smem_kib: int = 48  # shared memory per block of the smallest GPU it runs on
     fits: Optional[Callable] = None  # (family, op, dtype, head dim, q tile, kv tile) -> bool
+    # Whether its fused kernels compute a query range (NaProblem::q_offset) as well as the whole
+    # grid; the binding refuses ranges for a family that does not.
+    query_range: bool = False
 
     @property
     def tiled(self) -> bool:
@@ -176,12 +179,14 @@ FAMILIES = (
     # TF32 tensor cores. An A100 offers 163 KiB of shared memory per block.
     Family("sm80", SM80_OPS, (1, 2, 3), ("float16", "bfloat16", "float32"), True, "natten::sm80",
            head_dims=(32, 64, 128, 256), archs=("80", "90a"), decl_header="sm80/kernels.h", cutlass=True,
-           backend="cutlass-fna", min_capability=(8, 0), smem_kib=163, fits=_sm80_fits),
+           backend="cutlass-fna", min_capability=(8, 0), smem_kib=163, fits=_sm80_fits,
+           query_range=True),
     # Hopper tensor cores (wgmma, TMA): sm_90a only; 227 KiB of shared memory per block. The
     # kernels hold 16-bit elements in 64-column swizzle spans: head dims are multiples of 64.
     Family("sm90", SM90_OPS, (1, 2, 3), ("float16", "bfloat16"), True, "natten::sm90",
            head_dims=(64, 128), archs=("90a",), decl_header="sm90/kernels.h", cutlass=True,
-           backend="hopper-fna", min_capability=(9, 0), arch_specific=True, smem_kib=227),
+           backend="hopper-fna", min_capability=(9, 0), arch_specific=True, smem_kib=227,
+           query_range=True),
 )
 
 

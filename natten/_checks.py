@@ -7,8 +7,8 @@ that the backends and the custom ops consume.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -18,14 +18,27 @@ BoolOrTuple = Union[bool, Sequence[bool]]
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+class QueryRange(NamedTuple):
+    """The queries of a call that computes only part of them (context parallelism: a rank's own
+    rows of its keys' grid, which holds halo rows of its neighbours too): coordinates
+    [offset, offset + extent) along spatial axis `axis` of the key grid. Each keeps the window of
+    its key-grid coordinate; the query tensor and the results hold only these rows."""
+
+    axis: int
+    offset: int
+    extent: int
+
+
 @dataclass(frozen=True)
 class Window:
-    """Per-axis window parameters of one problem (all tuples have the problem's rank)."""
+    """Per-axis window parameters of one problem (all tuples have the problem's rank), and the
+    query range when the call computes only part of the queries (None: all of them)."""
 
     kernel_size: Tuple[int, ...]
     stride: Tuple[int, ...]
     dilation: Tuple[int, ...]
     is_causal: Tuple[bool, ...]
+    query_range: Optional[QueryRange] = None
 
     @property
     def rank(self) -> int:
@@ -51,6 +64,18 @@ class FusedProblem:
     @property
     def rank(self) -> int:
         return self.window.rank
+
+    @property
+    def query_spatial(self) -> Tuple[int, ...]:
+        """Spatial shape of the query tensor and the results (`spatial` is the key grid's)."""
+        r = self.window.query_range
+        if r is None:
+            return self.spatial
+        return self.spatial[:r.axis] + (r.extent,) + self.spatial[r.axis + 1:]
+
+    def whole_grid(self) -> "FusedProblem":
+        """The same problem with every query of the key grid computed."""
+        return replace(self, window=replace(self.window, query_range=None))
 
 
 def _per_axis(name: str, value, rank: int, kind: type) -> tuple:
@@ -120,14 +145,35 @@ def _gqa(heads: int, heads_kv: int, name: str) -> None:
         raise ValueError(f"{name} has {heads_kv} heads, which must divide the query's {heads} heads (GQA/MQA)")
 
 
+def _query_range(query_range, rank: int, query: torch.Tensor, key: torch.Tensor) -> QueryRange:
+    """The checked (axis, offset) of a query range, completed with the query's extent."""
+    axis, offset = query_range
+    if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis < rank:
+        raise ValueError(f"query range axis must be an integer in [0, {rank}), got {axis!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"query offset must be a non-negative integer, got {offset!r}")
+    extent, length = query.shape[1 + axis], key.shape[1 + axis]
+    if offset + extent > length:
+        raise ValueError(f"query rows [{offset}, {offset + extent}) along axis {axis} leave the "
+                         f"key grid, which has {length} rows there")
+    return QueryRange(axis, offset, extent)
+
+
 def check_fused(rank: int, query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                additional_keys, additional_values) -> Tuple[FusedProblem, float]:
+                additional_keys, additional_values,
+                query_range: Optional[Tuple[int, int]] = None) -> Tuple[FusedProblem, float]:
+    """query_range: (axis, offset) when the query tensor holds only rows [offset, offset +
+    its extent) of the key grid along that axis (QueryRange); None when it holds the grid."""
     query = _tensor("query", query, rank)
     key = _tensor("key", key, rank)
     value = _tensor("value", value, rank)
     for name, t in (("key", key), ("value", value)):
         _same_kind(name, t, query, "query")
     spatial = tuple(query.shape[1 : rank + 1])
+    if query_range is not None:
+        query_range = _query_range(query_range, rank, query, key)
+        axis = query_range.axis
+        spatial = spatial[:axis] + (key.shape[1 + axis],) + spatial[axis + 1:]
     batch, heads, dim = query.shape[0], query.shape[rank + 1], query.shape[rank + 2]
     if tuple(key.shape[: rank + 1]) != (batch, *spatial) or key.shape[-1] != dim:
         raise ValueError(
@@ -142,6 +188,8 @@ def check_fused(rank: int, query, key, value, kernel_size, stride, dilation, is_
     heads_kv = key.shape[rank + 1]
     _gqa(heads, heads_kv, "key")
     window = check_window(rank, spatial, kernel_size, stride, dilation, is_causal)
+    if query_range is not None:
+        window = replace(window, query_range=query_range)
 
     if (additional_keys is None) != (additional_values is None):
         raise ValueError("additional_keys and additional_values must be given together")
@@ -177,7 +225,7 @@ def fused_problem(window: Window, query: torch.Tensor, key: torch.Tensor, value:
     """The problem of tensors that passed check_fused with this window."""
     rank = window.rank
     num_extra = 0 if additional_keys is None else additional_keys.shape[1]
-    return FusedProblem(window, tuple(query.shape[1:rank + 1]), query.shape[0],
+    return FusedProblem(window, tuple(key.shape[1:rank + 1]), query.shape[0],
                         query.shape[rank + 1], key.shape[rank + 1], query.shape[-1],
                         value.shape[-1], num_extra, query.dtype, query.device, requires_grad)
 

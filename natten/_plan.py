@@ -32,7 +32,7 @@ class Plan(NamedTuple):
 
 def _build(eager, rank, query, key, value, additional_keys, additional_values, kernel_size, stride,
            dilation, is_causal, scale, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape,
-           backward_kv_tile_shape) -> Plan:
+           backward_kv_tile_shape, query_range) -> Plan:
     # Under torch.compile the sizes may be symbols. Validation and the backend choice read sizes
     # only in comparisons that every valid size passes alike (k * d <= L, H % H_kv == 0, a
     # backend's size limits), which Dynamo turns into guards on the symbols: one graph then serves
@@ -40,7 +40,7 @@ def _build(eager, rank, query, key, value, additional_keys, additional_values, k
     # and the retrace raises the check's error. Head dims pick kernels and set the scale (a float
     # argument of the operators), so Dynamo specialises on them.
     problem, scale = check_fused(rank, query, key, value, kernel_size, stride, dilation, is_causal,
-                                 scale, additional_keys, additional_values)
+                                 scale, additional_keys, additional_values, query_range)
     backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape, backward_kv_tile_shape = tuning.choose(
         problem, eager, backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape, backward_kv_tile_shape)
     impl = backends.select(problem, backend)
@@ -95,10 +95,11 @@ def _exact(value, kind: type):
 
 def plan(eager: bool, rank, query, key, value, additional_keys, additional_values, kernel_size,
          stride, dilation, is_causal, scale, backend, q_tile_shape, kv_tile_shape,
-         backward_q_tile_shape, backward_kv_tile_shape) -> Plan:
-    """The plan of a fused call (the arguments of natten.na*d but return_lse), raising what
-    validation raises. An eager call's plan comes bound and, for a signature seen before, from
-    the cache; any other call is planned afresh, as torch.compile must see it."""
+         backward_q_tile_shape, backward_kv_tile_shape, query_range=None) -> Plan:
+    """The plan of a fused call (the arguments of natten.na*d but return_lse, and the query
+    range of natten._checks.check_fused), raising what validation raises. An eager call's plan
+    comes bound and, for a signature seen before, from the cache; any other call is planned
+    afresh, as torch.compile must see it."""
     signature = None
     if eager:
         try:
@@ -118,7 +119,7 @@ def plan(eager: bool, rank, query, key, value, additional_keys, additional_value
                 _exact(kernel_size, int), _exact(stride, int), _exact(dilation, int),
                 _exact(is_causal, bool), scale, backend, _exact(q_tile_shape, int),
                 _exact(kv_tile_shape, int), _exact(backward_q_tile_shape, int),
-                _exact(backward_kv_tile_shape, int),
+                _exact(backward_kv_tile_shape, int), _exact(query_range, int),
                 # backend=None picks float32 kernels by torch's TF32 setting (Backend.passed_over)
                 query.dtype is torch.float32 and tf32_allowed())
         except _Inexact:
@@ -129,7 +130,7 @@ def plan(eager: bool, rank, query, key, value, additional_keys, additional_value
                 return found
     found = _build(eager, rank, query, key, value, additional_keys, additional_values, kernel_size,
                    stride, dilation, is_causal, scale, backend, q_tile_shape, kv_tile_shape,
-                   backward_q_tile_shape, backward_kv_tile_shape)
+                   backward_q_tile_shape, backward_kv_tile_shape, query_range)
     if signature is not None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()

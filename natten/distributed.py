@@ -21,9 +21,17 @@ by ``a``:
   definition of the window, gives every owned query the same window in the slab as in the
   global grid. Growing ends at ``[0, L)`` at the latest, which is the global problem itself.
 
-The halo's query rows are computed and thrown away (zeros are used for them: they add
-nothing to any gradient, since their output gradient is zero). That costs
-``(b - a) / (hi - lo)`` of the local work: the public ops take queries and keys on one grid.
+Only the owned rows as queries
+------------------------------
+Where the backend that the ordinary call would run on can compute a range of the queries
+(``Backend.query_range_unsupported``; cpu, cutlass-fna and hopper-fna can), the rank runs the
+private query-range op (``natten.functional._query_range_na``): keys and values are the slab
+``[a, b)``, the queries only the owned rows, placed at offset ``lo - a`` of it. Each query
+keeps the window of its slab coordinate, so the result is the ordinary call's, sliced, and no
+halo query is computed. Otherwise (other GPU backends) the rank runs the ordinary call on
+the slab with zeros as the halo's queries and throws those rows away (they add nothing to any
+gradient, since their output gradient is zero); that costs ``(b - a) / (hi - lo)`` of the
+local work.
 
 Communication: halo K/V rows come from their owners by point-to-point messages (several
 owners when slabs are thinner than the halo); in the backward the halo rows' dK/dV go back to
@@ -42,7 +50,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from natten.functional import na1d as _na1d, na2d as _na2d, na3d as _na3d
+from natten import backends
+from natten._checks import check_fused
+from natten.functional import _query_range_na, na1d as _na1d, na2d as _na2d, na3d as _na3d
 
 __all__ = ["na1d", "na2d", "na3d", "module_forward"]
 
@@ -383,17 +393,24 @@ def _sharded(rank: int, q, k, v, kernel_size, stride, dilation, is_causal, shard
     a, b = comm.slab
     lo, hi = comm.owned[comm.me]
     kx, vx = _HaloExchange.apply(k, v, comm)
+    if additional_keys is not None:
+        additional_keys = _SumGradients.apply(additional_keys, group)
+        additional_values = _SumGradients.apply(additional_values, group)
+    call_args = dict(stride=stride, dilation=dilation, is_causal=is_causal, scale=scale,
+                     additional_keys=additional_keys, additional_values=additional_values,
+                     return_lse=return_lse)
+    problem, _ = check_fused(rank, q, kx, vx, kernel_size, stride, dilation, is_causal, scale,
+                             additional_keys, additional_values, (shard_dim, lo - a))
+    impl, reason = backends.query_range_backend(problem, backend)
+    if reason is None:
+        return _query_range_na(rank, q, kx, vx, kernel_size, axis=shard_dim, offset=lo - a,
+                               backend=impl.name, **call_args)
     qx = q
     if (a, b) != (lo, hi):
         pad = [torch.zeros(comm.halo_shape(q, n), dtype=q.dtype, device=q.device)
                for n in (lo - a, b - hi)]
         qx = torch.cat([pad[0], q, pad[1]], dim=comm.axis)
-    if additional_keys is not None:
-        additional_keys = _SumGradients.apply(additional_keys, group)
-        additional_values = _SumGradients.apply(additional_values, group)
-    out = _OPS[rank](qx, kx, vx, kernel_size, stride=stride, dilation=dilation,
-                     is_causal=is_causal, scale=scale, additional_keys=additional_keys,
-                     additional_values=additional_values, backend=backend, return_lse=return_lse)
+    out = _OPS[rank](qx, kx, vx, kernel_size, backend=backend, **call_args)
     if return_lse:
         return tuple(t.narrow(comm.axis, lo - a, hi - lo) for t in out)
     return out.narrow(comm.axis, lo - a, hi - lo)

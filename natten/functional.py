@@ -21,13 +21,28 @@ __all__ = [
 
 def _fused(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale,
            additional_keys, additional_values, backend, q_tile_shape, kv_tile_shape,
-           backward_q_tile_shape, backward_kv_tile_shape, return_lse):
+           backward_q_tile_shape, backward_kv_tile_shape, return_lse, query_range=None):
     tensors = (query, key, value, additional_keys, additional_values)
     eager = ops.is_eager(tensors)
     plan = _plan.plan(eager, rank, *tensors, kernel_size, stride, dilation, is_causal, scale,
                       backend, q_tile_shape, kv_tile_shape, backward_q_tile_shape,
-                      backward_kv_tile_shape)
+                      backward_kv_tile_shape, query_range)
     return ops.fused_attention(tensors, plan, eager, return_lse)
+
+
+def _query_range_na(rank: int, query: Tensor, key: Tensor, value: Tensor, kernel_size, stride=1,
+                    dilation=1, is_causal=False, *, axis: int, offset: int,
+                    scale: Optional[float] = None, additional_keys: Optional[Tensor] = None,
+                    additional_values: Optional[Tensor] = None, backend: Optional[str] = None,
+                    return_lse: bool = False):
+    """Private (natten.distributed): fused attention that computes only some of the queries.
+    key/value span the grid [B, *S, H_kv, *]; query holds its rows [offset, offset + n) along
+    spatial axis `axis` ([B, ..., n, ..., H, D]), each query with the window of its coordinate in
+    the grid. Equals natten.na{rank}d on the grid with the whole query, sliced to those rows, and
+    so do the gradients. Only backends whose query_range_unsupported is None run it."""
+    return _fused(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale,
+                  additional_keys, additional_values, backend, None, None, None, None, return_lse,
+                  (axis, offset))
 
 
 def _make_fused(rank: int):

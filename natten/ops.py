@@ -3,10 +3,11 @@ implementations for tracing, and autograd through the matching backward operator
 eager path of fused attention, which runs a plan's bound kernels without the operator layer.
 Arguments arrive validated and normalised (natten._plan, natten.functional).
 
-A window travels as one int[] (kernel_size, stride, dilation, then is_causal as 0/1) and the
-tile shapes of a call as another: each schema argument costs host time on every call (the
-autograd wrapper of torch.library re-reads the whole schema once per argument), and torch.jit's
-tracer, which fvcore counts FLOPs with, cannot record bool[] arguments."""
+A window travels as one int[] (kernel_size, stride, dilation, is_causal as 0/1, then the query
+range's axis, offset and extent when there is one: natten._checks.QueryRange) and the tile
+shapes of a call as another: each schema argument costs host time on every call (the autograd
+wrapper of torch.library re-reads the whole schema once per argument), and torch.jit's tracer,
+which fvcore counts FLOPs with, cannot record bool[] arguments."""
 
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from natten import backends
-from natten._checks import FusedProblem, Window, fused_problem
+from natten._checks import FusedProblem, QueryRange, Window, fused_problem
 from natten._memo import memoize
 from natten.backends.base import Backend, Tile, lse_dtype
 
 
 def pack_window(window: Window) -> List[int]:
-    return [*window.kernel_size, *window.stride, *window.dilation, *map(int, window.is_causal)]
+    packed = [*window.kernel_size, *window.stride, *window.dilation, *map(int, window.is_causal)]
+    if window.query_range is not None:
+        packed += window.query_range
+    return packed
 
 
 # A tile of the operators' tile_shapes left to the backend's default (real tiles are positive).
@@ -70,8 +74,11 @@ def _window(window: List[int]) -> Window:
 
 @memoize
 def _unpack_window(window: Tuple[int, ...]) -> Window:
-    kernel_size, stride, dilation, is_causal = _split(list(window), 4)
-    return Window(kernel_size, stride, dilation, tuple(bool(c) for c in is_causal))
+    # Four per-axis lists of at most three axes, plus three entries for a query range: the
+    # length's remainder mod 4 tells them apart.
+    query_range = QueryRange(*window[-3:]) if len(window) % 4 else None
+    kernel_size, stride, dilation, is_causal = _split(list(window[:len(window) // 4 * 4]), 4)
+    return Window(kernel_size, stride, dilation, tuple(bool(c) for c in is_causal), query_range)
 
 
 def _dense_all(*tensors: Optional[Tensor]) -> List[Optional[Tensor]]:

@@ -533,7 +533,9 @@ def choose(problem: FusedProblem, eager: bool, backend, q_tile, kv_tile, backwar
     problem. Traced calls (torch.compile) keep the built-in rule: a trace cannot read files, and
     with dynamic shapes its sizes name no one entry."""
     given = (backend, q_tile, kv_tile, backward_q_tile, backward_kv_tile)
-    if not eager or any(a is not None for a in given):
+    # Tuning entries are keyed on whole-grid problems; a call that computes only a range of the
+    # queries (natten.distributed) keeps the built-in rule.
+    if not eager or any(a is not None for a in given) or problem.window.query_range is not None:
         return given
     why = "built-in rule"
     choice = None

@@ -115,9 +115,9 @@ def test_manifest_records_the_targets_built():
 def test_tiled_families_are_registered_for_the_one_pair_of_entry_points():
     kernels = registry.kernels(True, "reference:bf16:*:2,sm80:bf16:128:2,sm90:bf16:128:2")
     text = generate.render(kernels, ("9.0",))[generate.OUT_DIR / generate.TILED_FAMILIES]
-    for family in ("sm80", "sm90"):
+    for family in ("sm80", "sm90"):  # both serve query ranges
         assert (f'{{"{family}", natten::{family}::dispatch::fna_fwd, natten::{family}::dispatch::fna_bwd, '
-                f"&natten::{family}::fna_backward_workspace_floats}}") in text
+                f"&natten::{family}::fna_backward_workspace_floats, true}}") in text
     assert "reference" not in text.split("namespace natten::dispatch")[1]
 
 

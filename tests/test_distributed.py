@@ -152,9 +152,23 @@ def _run_case(case, seed, me, group=None):
         if x in t:
             local[x] = t[x].to(dev).requires_grad_(True)
     op = getattr(nd, f"na{rank}d")
-    got = op(local["q"], local["k"], local["v"], **window, shard_dim=case["shard_dim"], group=group,
-             additional_keys=local.get("ek"), additional_values=local.get("ev"),
-             return_lse=case["lse"], backend=case["backend"])
+    ranged_calls = []
+    ranged_op = nd._query_range_na
+
+    def counted(*args, **kwargs):
+        ranged_calls.append(kwargs["backend"])
+        return ranged_op(*args, **kwargs)
+
+    nd._query_range_na = counted
+    try:
+        got = op(local["q"], local["k"], local["v"], **window, shard_dim=case["shard_dim"],
+                 group=group, additional_keys=local.get("ek"), additional_values=local.get("ev"),
+                 return_lse=case["lse"], backend=case["backend"])
+    finally:
+        nd._query_range_na = ranged_op
+    # The CPU backend computes a range of the queries, so it must get only the owned rows as
+    # queries; the GPU backends fall back to the whole slab.
+    assert ranged_calls == (["cpu"] if dev == "cpu" else []), ranged_calls
     out, lse = got if case["lse"] else (got, None)
     local_loss = (out.double() * t["gout"].narrow(axis, lo, n).to(dev).double()).sum()
     if lse is not None:

@@ -24,21 +24,26 @@ inline DType dtype_of(at::Tensor const& t) {
   }
 }
 
-// Window parameters as passed from Python: one entry per axis.
+// Window parameters as passed from Python: one entry per axis. q_offset, per axis or empty
+// (all zero), places the query tensor's rows in the key grid (NaProblem::q_offset); fused calls
+// only.
 struct Window {
   std::vector<int64_t> kernel, stride, dilation;
   std::vector<bool> causal;
+  std::vector<int64_t> q_offset;
 };
 
-// Problem of a heads-last query-like tensor [B, *S, H, D] and a key-like one [B, *S, Hkv, *].
+// Problem of a heads-last query-like tensor [B, *S, H, D] and a key-like one [B, *S, Hkv, *]
+// (the grid is the key's).
 inline NaProblem make_problem(at::Tensor const& q, at::Tensor const& kv, int64_t dim_v,
                               Window const& w) {
   int const rank = static_cast<int>(w.kernel.size());
-  TORCH_CHECK(rank >= 1 && rank <= 3 && q.dim() == rank + 3, "natten: bad rank");
+  TORCH_CHECK(rank >= 1 && rank <= 3 && q.dim() == rank + 3 && kv.dim() == rank + 3,
+              "natten: bad rank");
   NaProblem p;
   p.rank = rank;
   for (int a = 0; a < rank; ++a) {
-    p.axis[a] = {q.size(1 + a), w.kernel[a], w.stride[a], w.dilation[a],
+    p.axis[a] = {kv.size(1 + a), w.kernel[a], w.stride[a], w.dilation[a],
                  static_cast<bool>(w.causal[a])};
   }
   p.batch = q.size(0);
@@ -75,12 +80,26 @@ Fn* find_kernel(KernelEntry<Fn> const* table, int rank, DType dtype, char const*
   return find_kernel(table, KernelKey{rank, dtype}, what);
 }
 
-// Problem and pointers of a fused call; the backward adds its gradients to the result.
+// Problem and pointers of a fused call; the backward adds its gradients to the result. The
+// query tensor's extents and w.q_offset give the query range; a family whose kernels compute
+// only whole grids passes query_range = false, which guards that contract (Python's backends
+// decline ranges for it first).
 inline std::pair<NaProblem, FnaTensors> fused_call(
     at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
     std::optional<at::Tensor> const& extra_k, std::optional<at::Tensor> const& extra_v,
-    at::Tensor const& out, at::Tensor const& lse, Window const& w, double scale) {
+    at::Tensor const& out, at::Tensor const& lse, Window const& w, double scale,
+    bool query_range) {
   NaProblem p = make_problem(q, k, v.size(-1), w);
+  TORCH_CHECK(w.q_offset.empty() || static_cast<int>(w.q_offset.size()) == p.rank,
+              "natten: q_offset needs one entry per axis");
+  for (int a = 0; a < p.rank; ++a) {
+    p.q_offset[a] = w.q_offset.empty() ? 0 : w.q_offset[a];
+    p.q_extent[a] = q.size(1 + a);
+    TORCH_CHECK(p.q_offset[a] >= 0 && p.q_offset[a] + p.q_extent[a] <= p.axis[a].extent,
+                "natten: the query range leaves the key grid on axis ", a);
+  }
+  TORCH_CHECK(query_range || p.whole_queries(),
+              "natten: these kernels compute every query of the grid, not a range");
   p.scale = scale;
   p.num_extra = extra_k ? extra_k->size(1) : 0;
   FnaTensors t;

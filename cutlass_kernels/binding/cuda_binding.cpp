@@ -31,6 +31,7 @@ struct TiledKernel {
   TiledForward* forward = nullptr;
   TiledBackward* backward = nullptr;
   size_t (*backward_workspace_floats)(NaProblem const&) = nullptr;
+  bool query_range = false;  // the family computes query ranges (NaProblem::q_offset)
   KernelKey key{};
   std::string name;  // "sm80 fna_fwd", for errors
 };
@@ -43,6 +44,7 @@ TiledKernel find_tiled_kernel(std::string const& family, std::string const& op,
     k.key = key_from_python(key_fields);
     k.name = family + " " + op;
     k.backward_workspace_floats = f->backward_workspace_floats;
+    k.query_range = f->query_range;
     if (op == "fna_fwd") {
       k.forward = find_kernel(f->fna_fwd, k.key, k.name.c_str());
     } else {
@@ -68,7 +70,7 @@ void tiled_fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<a
   require_dense(c10::kCUDA, {&q, &k, &v, &out, &lse});
   TORCH_CHECK(kernel.forward != nullptr, "natten: ", kernel.name, " is not a forward kernel");
   c10::cuda::CUDAGuard guard(q.device());
-  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
+  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale, kernel.query_range);
   check_key(kernel, p, q);
   kernel.forward(p, t, stream_of(q));
 }
@@ -82,7 +84,7 @@ void tiled_fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<
   require_dense(c10::kCUDA, {&q, &k, &v, &out, &lse, &d_out, &d_q, &d_k, &d_v});
   TORCH_CHECK(kernel.backward != nullptr, "natten: ", kernel.name, " is not a backward kernel");
   c10::cuda::CUDAGuard guard(q.device());
-  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
+  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale, kernel.query_range);
   check_key(kernel, p, q);
   add_gradients(t, d_out, d_lse, d_q, d_k, d_v, d_extra_k, d_extra_v);
   at::Tensor workspace = at::empty({static_cast<int64_t>(kernel.backward_workspace_floats(p))},
@@ -95,7 +97,7 @@ void fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Ten
                  at::Tensor lse) {
   require_dense(c10::kCUDA, {&q, &k, &v, &out, &lse});
   c10::cuda::CUDAGuard guard(q.device());
-  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
+  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale, false);
   auto fn = find_kernel(reference::dispatch::fna_fwd, p.rank, dtype_of(q), "reference forward");
   fn(p, t, stream_of(q));
 }
@@ -107,7 +109,7 @@ void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Te
                   std::optional<at::Tensor> d_extra_k, std::optional<at::Tensor> d_extra_v) {
   require_dense(c10::kCUDA, {&q, &k, &v, &out, &lse, &d_out, &d_q, &d_k, &d_v});
   c10::cuda::CUDAGuard guard(q.device());
-  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
+  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale, false);
   add_gradients(t, d_out, d_lse, d_q, d_k, d_v, d_extra_k, d_extra_v);
   at::Tensor workspace = at::empty({static_cast<int64_t>(reference::fna_backward_workspace_floats(p))},
                                    q.options().dtype(accumulation_type(q)));

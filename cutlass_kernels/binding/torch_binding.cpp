@@ -83,7 +83,7 @@ void fna_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Ten
                  std::optional<at::Tensor> extra_v, Window const& w, double scale,
                  std::vector<int64_t> q_tile, int64_t kv_chunk, at::Tensor out, at::Tensor lse) {
   require_dense(c10::kCPU, {&q, &k, &v, &out, &lse});
-  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
+  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale, true);
   auto fn = find_kernel(cpu::dispatch::fna_fwd, p.rank, dtype_of(q), "cpu fused forward");
   fn(p, t, tile_config(q_tile, kv_chunk), TorchHostServices{});
 }
@@ -95,7 +95,7 @@ void fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Te
                   at::Tensor d_k, at::Tensor d_v, std::optional<at::Tensor> d_extra_k,
                   std::optional<at::Tensor> d_extra_v) {
   require_dense(c10::kCPU, {&q, &k, &v, &out, &lse, &d_out, &d_q, &d_k, &d_v});
-  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale);
+  auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale, true);
   add_gradients(t, d_out, d_lse, d_q, d_k, d_v, d_extra_k, d_extra_v);
   auto fn = find_kernel(cpu::dispatch::fna_bwd, p.rank, dtype_of(q), "cpu fused backward");
   fn(p, t, tile_config(q_tile, kv_chunk), TorchHostServices{});
@@ -179,8 +179,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   py::class_<Window>(m, "Window")
       .def(py::init([](std::vector<int64_t> k, std::vector<int64_t> s, std::vector<int64_t> d,
-                       std::vector<bool> c) { return Window{k, s, d, c}; }),
-           py::arg("kernel_size"), py::arg("stride"), py::arg("dilation"), py::arg("is_causal"));
+                       std::vector<bool> c, std::vector<int64_t> q_offset) {
+             return Window{k, s, d, c, q_offset};
+           }),
+           py::arg("kernel_size"), py::arg("stride"), py::arg("dilation"), py::arg("is_causal"),
+           py::arg("q_offset") = std::vector<int64_t>{});
   m.def("cpu_fna_forward", &fna_forward);
   m.def("cpu_fna_backward", &fna_backward);
   m.def("cpu_na_qk_forward", &na_qk_forward);

@@ -71,6 +71,14 @@ NA_HOST_DEVICE I group_length(BasicAxisSpec<I> const& a, Same<I> residue) {
   return a.extent / a.dilation + (residue < a.extent % a.dilation ? 1 : 0);
 }
 
+// Members of the dilation group of `residue` (mod `dilation`) at axis coordinates below x: the
+// group coordinate of its first member at or after x. A query range [x0, x1) holds one run of
+// each group, group coordinates [group_members_below(x0), group_members_below(x1)).
+template <class I>
+NA_HOST_DEVICE I group_members_below(I x, Same<I> residue, Same<I> dilation) {
+  return x <= residue ? 0 : (x - residue + dilation - 1) / dilation;
+}
+
 // Window of the query at group coordinate `xi` inside a group of length `group_len`.
 template <class I>
 NA_HOST_DEVICE BasicAxisWindow<I> axis_window(BasicAxisSpec<I> const& a, Same<I> group_len,

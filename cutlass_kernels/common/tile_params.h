@@ -1,6 +1,6 @@
 // Problem parameters of the tiled (tensor-core) families, built on the host from NaProblem and
-// passed to every kernel by value: per axis the 32-bit window spec and the tile counts of each
-// dilation group. Torch-free and CuTe-free so that host code can include it.
+// passed to every kernel by value: per axis the 32-bit window spec, the tile counts of each
+// dilation group and the query range (NaProblem::q_offset). Torch-free and CuTe-free so that host code can include it.
 #pragma once
 
 #include <cstdint>
@@ -29,20 +29,31 @@ struct Box {
 struct AxisParams {
   BasicAxisSpec<int> spec;  // 32-bit: cheap window arithmetic in the kernels' prologues
   int group_max;         // ceil(extent / dilation): length of the longest dilation group
-  int q_tiles;           // query tiles per dilation group (ceil(group_max / query box extent))
+  // Query tiles per dilation group: of the range's members, of which a group has at most
+  // ceil(q_extent / dilation) (ceil(group_max / query box extent) for the whole axis).
+  int q_tiles;
   int kv_tiles;          // key tiles per dilation group (ceil(group_max / key box extent))
   int token_stride;        // flat token index = sum over axes of coordinate * token_stride
   int group_token_stride;  // dilation * token_stride: one step along the axis inside a group
+  // The queries computed: key-grid coordinates [q_offset, q_offset + q_extent). q, out, lse and
+  // their gradients hold only those, as a grid of their own with these token strides (the key
+  // grid's for the whole axis).
+  int q_offset;
+  int q_extent;
+  int q_token_stride;
+  int q_group_token_stride;  // dilation * q_token_stride
 };
 
 template <int Rank>
 struct Params {
   AxisParams axis[Rank];
   int64_t tokens;
+  int64_t q_tokens;  // tokens of the query range's grid (tokens for the whole grid)
   int batch, heads, heads_kv, group, dim, dim_v, num_extra;
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e): exponentials are exp2
-  // [B, *S, H, D] etc., as described in common/na_params.h.
+  // [B, *S, H, D] etc., as described in common/na_params.h (q, out, lse, d_out, d_lse, delta
+  // and d_q with q_tokens tokens per batch entry).
   void const* q;
   void const* k;
   void const* v;
@@ -53,7 +64,7 @@ struct Params {
   // Backward only.
   void const* d_out;
   float const* d_lse;
-  float* delta;  // [B, *S, H]: rowsum(dO * O) - dLSE
+  float* delta;  // [B, *Sq, H]: rowsum(dO * O) - dLSE
   void* d_q;
   void* d_k;
   void* d_v;
@@ -78,22 +89,33 @@ Params<Rank> make_params(NaProblem const& p, FnaTensors const& t, int head_dim,
          " must be multiples of 8 and at most " + std::to_string(head_dim));
   }
   Params<Rank> P{};
-  int64_t stride = 1;
+  int64_t stride = 1, q_stride = 1;
   for (int a = Rank - 1; a >= 0; --a) {
     AxisSpec const& ax = p.axis[a];
     if (!axis_is_valid(ax)) fail("invalid window on axis " + std::to_string(a));
+    int64_t const q_extent = p.query_extent(a);
+    if (p.q_offset[a] < 0 || q_extent < 0 || p.q_offset[a] + q_extent > ax.extent) {
+      fail("query range leaves the key grid on axis " + std::to_string(a));
+    }
     AxisParams& A = P.axis[a];
     A.spec = {static_cast<int>(ax.extent), static_cast<int>(ax.kernel), static_cast<int>(ax.stride),
               static_cast<int>(ax.dilation), ax.causal};
     A.group_max = static_cast<int>((ax.extent + ax.dilation - 1) / ax.dilation);
-    A.q_tiles = (A.group_max + q_box[a] - 1) / q_box[a];
+    int const q_group_max = static_cast<int>((q_extent + ax.dilation - 1) / ax.dilation);
+    A.q_tiles = (q_group_max + q_box[a] - 1) / q_box[a];
     A.kv_tiles = (A.group_max + kv_box[a] - 1) / kv_box[a];
     A.token_stride = static_cast<int>(stride);
     A.group_token_stride = static_cast<int>(stride * ax.dilation);
+    A.q_offset = static_cast<int>(p.q_offset[a]);
+    A.q_extent = static_cast<int>(q_extent);
+    A.q_token_stride = static_cast<int>(q_stride);
+    A.q_group_token_stride = static_cast<int>(q_stride * ax.dilation);
     stride *= ax.extent;
+    q_stride *= q_extent;
   }
   if (stride > INT32_MAX) fail("more than 2^31 - 1 tokens per batch entry");
   P.tokens = stride;
+  P.q_tokens = q_stride;
   P.batch = static_cast<int>(p.batch);
   P.heads = static_cast<int>(p.heads);
   P.heads_kv = static_cast<int>(p.heads_kv);

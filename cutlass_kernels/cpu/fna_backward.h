@@ -22,9 +22,11 @@ void fna_backward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& 
   using A = Accum<T>;
   TileGrid<Rank> const grid(p, tile_shape<Rank>(cfg));
   int64_t const n_tiles = grid.num_tiles();
-  int64_t const N = p.tokens(), E = p.num_extra, D = p.dim, Dv = p.dim_v, H = p.heads;
-  int64_t const Hkv = p.heads_kv, group = H / Hkv;
-  RowLayout const q_rows{N, H, D}, o_rows{N, H, Dv}, k_rows{N, Hkv, D}, v_rows{N, Hkv, Dv},
+  // dK/dV cover the whole grid (N tokens); q, out, lse, their gradients and d_q only the query
+  // range (Nq), whose queries alone contribute.
+  int64_t const N = p.tokens(), Nq = p.query_tokens(), E = p.num_extra, D = p.dim, Dv = p.dim_v;
+  int64_t const H = p.heads, Hkv = p.heads_kv, group = H / Hkv;
+  RowLayout const q_rows{Nq, H, D}, o_rows{Nq, H, Dv}, k_rows{N, Hkv, D}, v_rows{N, Hkv, Dv},
       ek_rows{E, Hkv, D}, ev_rows{E, Hkv, Dv};
   auto const* q = static_cast<T const*>(t.q);
   auto const* k = static_cast<T const*>(t.k);
@@ -69,7 +71,7 @@ void fna_backward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& 
             load_row(d_out + o_rows.offset(b, tok, h), Dv, A(1), go.data() + i * Dv);
             load_row(out + o_rows.offset(b, tok, h), Dv, A(1), orow.data());
             A const sum = row_dot(go.data() + i * Dv, orow.data(), Dv);
-            delta[i] = d_lse ? sum - d_lse[(b * N + tok) * H + h] : sum;
+            delta[i] = d_lse ? sum - d_lse[(b * Nq + tok) * H + h] : sum;
           }
           dq.assign(nq * D, A(0));
 
@@ -80,7 +82,7 @@ void fna_backward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& 
             dp.resize(nq * c);
             host.gemm(false, true, nq, c, D, A(1), qs.data(), D, kv.k, kv.ldk, A(0), s.data(), c);
             for (int64_t i = 0; i < nq; ++i) {
-              A const row_lse = lse[(b * N + view.q_token[i]) * H + h];
+              A const row_lse = lse[(b * Nq + view.q_token[i]) * H + h];
               exp_runs(masked ? &view : nullptr, i, j0, c, row_lse, s.data() + i * c);
             }
             // dV = P^T dO

@@ -18,9 +18,10 @@ void fna_forward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& c
   using A = Accum<T>;
   TileGrid<Rank> const grid(p, tile_shape<Rank>(cfg));
   int64_t const n_tiles = grid.num_tiles();
-  int64_t const N = p.tokens(), E = p.num_extra, D = p.dim, Dv = p.dim_v, H = p.heads;
-  int64_t const group = p.heads / p.heads_kv;
-  RowLayout const q_rows{N, H, D}, o_rows{N, H, Dv}, k_rows{N, p.heads_kv, D},
+  // Keys come from the whole grid (N tokens), queries only from the query range (Nq).
+  int64_t const N = p.tokens(), Nq = p.query_tokens(), E = p.num_extra, D = p.dim, Dv = p.dim_v;
+  int64_t const H = p.heads, group = p.heads / p.heads_kv;
+  RowLayout const q_rows{Nq, H, D}, o_rows{Nq, H, Dv}, k_rows{N, p.heads_kv, D},
       v_rows{N, p.heads_kv, Dv}, ek_rows{E, p.heads_kv, D}, ev_rows{E, p.heads_kv, Dv};
   auto const* q = static_cast<T const*>(t.q);
   auto const* k = static_cast<T const*>(t.k);
@@ -92,7 +93,7 @@ void fna_forward(NaProblem const& p, FnaTensors const& t, CpuTileConfig const& c
       for (int64_t i = 0; i < nq; ++i) {
         int64_t const tok = view.q_token[i];
         store_row(o.data() + i * Dv, Dv, A(1) / l[i], out + o_rows.offset(b, tok, h));
-        lse[(b * N + tok) * H + h] = m[i] + std::log(l[i]);
+        lse[(b * Nq + tok) * H + h] = m[i] + std::log(l[i]);
       }
     }
   });

@@ -23,16 +23,24 @@ struct AxisTile {
 template <int Rank>
 class TileGrid {
  public:
+  // Tiles cover only the problem's query range (NaProblem::q_offset): its members of each
+  // dilation group are one run of group coordinates, tiled like a whole group.
   TileGrid(NaProblem const& p, std::array<int64_t, Rank> const& tile_shape) {
-    int64_t token_stride = 1;
+    int64_t token_stride = 1, q_token_stride = 1;
     for (int a = Rank - 1; a >= 0; --a) {
       axis_[a] = p.axis[a];
       token_stride_[a] = token_stride;
       token_stride *= axis_[a].extent;
-      for (int64_t r = 0; r < axis_[a].dilation; ++r) {
+      q_offset_[a] = p.q_offset[a];
+      q_token_stride_[a] = q_token_stride;
+      q_token_stride *= p.query_extent(a);
+      int64_t const d = axis_[a].dilation;
+      for (int64_t r = 0; r < d; ++r) {
         int64_t const lg = group_length(axis_[a], r);
-        for (int64_t q = 0; q < lg; q += tile_shape[a]) {
-          tiles_[a].push_back({r, lg, q, std::min(q + tile_shape[a], lg)});
+        int64_t const first = group_members_below(p.q_offset[a], r, d);
+        int64_t const end = group_members_below(p.q_offset[a] + p.query_extent(a), r, d);
+        for (int64_t q = first; q < end; q += tile_shape[a]) {
+          tiles_[a].push_back({r, lg, q, std::min(q + tile_shape[a], end)});
         }
       }
     }
@@ -46,6 +54,9 @@ class TileGrid {
 
   AxisSpec const& axis(int a) const { return axis_[a]; }
   int64_t token_stride(int a) const { return token_stride_[a]; }
+  // Query rows are addressed in the query range's own grid.
+  int64_t q_offset(int a) const { return q_offset_[a]; }
+  int64_t q_token_stride(int a) const { return q_token_stride_[a]; }
 
   // Per-axis tiles of flat tile index `t` (last axis fastest).
   std::array<AxisTile, Rank> tile(int64_t t) const {
@@ -61,6 +72,8 @@ class TileGrid {
  private:
   AxisSpec axis_[Rank];
   int64_t token_stride_[Rank];
+  int64_t q_offset_[Rank];
+  int64_t q_token_stride_[Rank];
   std::vector<AxisTile> tiles_[Rank];
 };
 
@@ -72,8 +85,8 @@ struct TileView {
   std::array<int64_t, Rank> k_extent{};
   int64_t num_q = 1;
   int64_t num_k = 1;
-  std::vector<int64_t> q_token;  // [num_q]
-  std::vector<int64_t> k_token;  // [num_k]
+  std::vector<int64_t> q_token;  // [num_q], rows of the query range's grid
+  std::vector<int64_t> k_token;  // [num_k], rows of the key grid
   std::array<std::vector<int64_t>, Rank> lo, hi;  // [q_extent[a]] visible key box range
 
   void build(TileGrid<Rank> const& grid, std::array<AxisTile, Rank> const& t) {
@@ -100,13 +113,14 @@ struct TileView {
     }
     q_token.resize(num_q);
     k_token.resize(num_k);
-    auto token = [&](int a, int64_t group_coord) {
-      return (group_coord * grid.axis(a).dilation + t[a].residue) * grid.token_stride(a);
+    auto coord = [&](int a, int64_t group_coord) {
+      return group_coord * grid.axis(a).dilation + t[a].residue;
     };
     for (int64_t i = 0; i < num_q; ++i) {
       int64_t rem = i, tok = 0;
       for (int a = Rank - 1; a >= 0; --a) {
-        tok += token(a, t[a].q_begin + rem % q_extent[a]);
+        tok += (coord(a, t[a].q_begin + rem % q_extent[a]) - grid.q_offset(a)) *
+               grid.q_token_stride(a);
         rem /= q_extent[a];
       }
       q_token[i] = tok;
@@ -114,7 +128,7 @@ struct TileView {
     for (int64_t j = 0; j < num_k; ++j) {
       int64_t rem = j, tok = 0;
       for (int a = Rank - 1; a >= 0; --a) {
-        tok += token(a, k_first[a] + rem % k_extent[a]);
+        tok += coord(a, k_first[a] + rem % k_extent[a]) * grid.token_stride(a);
         rem /= k_extent[a];
       }
       k_token[j] = tok;

@@ -5,8 +5,10 @@
 //          from the forward's LSE, so no score matrix is ever stored;
 //   dK/dV: key-box major (QueryWalk, over every query head of the GQA group), with the scores
 //          transposed so that the CTA's keys are the MMA rows and dK, dV stay in registers.
-// Every gradient element has exactly one writer, so there are no atomics and the results are
-// deterministic. With S the raw scores and lse the natural-log LSE:
+// A call computing a query range (common/tile_geometry.cuh) tiles only its queries in the dQ
+// kernel and walks only them in the dK/dV kernel; delta, like q, d_out and lse, holds the
+// range's rows. Every gradient element has exactly one writer, so there are no atomics and the
+// results are deterministic. With S the raw scores and lse the natural-log LSE:
 //   P = exp(scale * S - lse),  dP = dO.V^T,  dS = P * (dP - delta)   (gradient of scale * S)
 //   dQ = scale * dS.K,  dK = scale * dS^T.Q,  dV = P^T.dO.
 #pragma once
@@ -127,10 +129,10 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
   __syncthreads();
 
   auto row_token = [&](int r) { return sm.rows.token[r]; };
-  gather_rows<M, D, kThreads>(sQ, head_rows(static_cast<Element const*>(p.q), p.tokens, p.heads, b, h, p.dim),
+  gather_rows<M, D, kThreads>(sQ, head_rows(static_cast<Element const*>(p.q), p.q_tokens, p.heads, b, h, p.dim),
                               row_token, p.dim, tid);
   gather_rows<M, D, kThreads>(
-      sdO, head_rows(static_cast<Element const*>(p.d_out), p.tokens, p.heads, b, h, p.dim_v), row_token,
+      sdO, head_rows(static_cast<Element const*>(p.d_out), p.q_tokens, p.heads, b, h, p.dim_v), row_token,
       p.dim_v, tid);
   Tensor sK0 = make_tensor(make_smem_ptr(sm.k[0]), typename Traits::template SmemRows<N>{});
   typename KeyWalk<Rank, QBox, KVBox>::Cursor at, next;  // of steps n, n + 1
@@ -141,7 +143,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
   cp_async_fence();
   for (int r = tid; r < M; r += kThreads) {
     int64_t const t = sm.rows.token[r];
-    int64_t const i = (int64_t(b) * p.tokens + t) * p.heads + h;
+    int64_t const i = (int64_t(b) * p.q_tokens + t) * p.heads + h;
     sm.lse_log2[r] = t < 0 ? 0.f : p.lse[i] * kLog2e;
     sm.delta[r] = t < 0 ? 0.f : p.delta[i];
   }
@@ -205,7 +207,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
   __syncthreads();  // every warp is done reading sQ
   store_acc<Traits>(acc_dq, sQ, tid);
   __syncthreads();
-  scatter_rows<M, D, kThreads>(sQ, head_rows(static_cast<Element*>(p.d_q), p.tokens, p.heads, b, h, p.dim),
+  scatter_rows<M, D, kThreads>(sQ, head_rows(static_cast<Element*>(p.d_q), p.q_tokens, p.heads, b, h, p.dim),
                                row_token, p.dim, tid);
 #endif
 }
@@ -360,7 +362,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
 #pragma unroll
       for (int a = 0; a < Rank; ++a) {
         q.origin[a] += QBox::offset((n % Cut::kCuts) * C, a);
-        whole = whole && q.origin[a] + CBox::extent(a) <= q.g.length[a];
+        whole = whole && q.origin[a] + CBox::extent(a) <= q.g.q_end[a];
       }
       q.full = whole;
     }
@@ -376,14 +378,14 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
     Tensor sQ = make_tensor(make_smem_ptr(sm.q[buf]), typename Traits::template SmemRows<C>{});
     Tensor sdO =
         make_tensor(make_smem_ptr(sm.d_out[buf]), typename Traits::template SmemRows<C>{});
-    gather_rows<C, D, kThreads>(sQ, head_rows(q_ptr, p.tokens, p.heads, b, qs.h, p.dim), col_token,
+    gather_rows<C, D, kThreads>(sQ, head_rows(q_ptr, p.q_tokens, p.heads, b, qs.h, p.dim), col_token,
                                 p.dim, tid);
-    gather_rows<C, D, kThreads>(sdO, head_rows(d_out_ptr, p.tokens, p.heads, b, qs.h, p.dim_v),
+    gather_rows<C, D, kThreads>(sdO, head_rows(d_out_ptr, p.q_tokens, p.heads, b, qs.h, p.dim_v),
                                 col_token, p.dim_v, tid);
     cp_async_fence();
     for (int r = tid; r < C; r += kThreads) {
       int64_t const t = cols.token[r];
-      int64_t const i = (int64_t(b) * p.tokens + t) * p.heads + qs.h;
+      int64_t const i = (int64_t(b) * p.q_tokens + t) * p.heads + qs.h;
       sm.lse_log2[buf][r] = t < 0 ? 0.f : p.lse[i] * kLog2e;
       sm.delta[buf][r] = t < 0 ? 0.f : p.delta[i];
     }
@@ -476,7 +478,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kBackwardMinBlocks<Traits::k
 // ---------------------------------------------------------------------------------------------
 
 inline size_t fna_backward_workspace_floats(NaProblem const& p) {
-  return static_cast<size_t>(p.batch * p.tokens() * p.heads);
+  return static_cast<size_t>(p.batch * p.query_tokens() * p.heads);
 }
 
 template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
@@ -499,7 +501,7 @@ void fna_backward(NaProblem const& problem, FnaTensors const& t, float* workspac
   }
   p.delta = workspace;
 
-  int64_t const rows = int64_t(p.batch) * p.tokens * p.heads;
+  int64_t const rows = int64_t(p.batch) * p.q_tokens * p.heads;
   int const lanes = delta_lanes_per_row(p.dim_v * int(sizeof(T)) / 16);
   int64_t const rows_per_block = int64_t(kDeltaWarps) * (32 / lanes);
   launch(fna_backward_delta_kernel<T>, dim3(grid_x((rows + rows_per_block - 1) / rows_per_block)),

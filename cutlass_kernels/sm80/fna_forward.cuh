@@ -1,9 +1,10 @@
 // Fused neighbourhood attention forward for SM80+ (mma.sync + cp.async).
 //
-// One CTA per (query box, head, batch). Its mainloop walks the key boxes of KeyWalk and then
-// the additional keys, FlashAttention-2 style: S = Q.K^T (tensor cores, fp32 accumulators), the
-// mask only on boxes that are not fully visible, an online softmax in registers, O += P.V with
-// P taken straight from the accumulators. K(n+1) streams in while P.V(n) runs and V(n) while
+// One CTA per (query box, head, batch); the query boxes tile only the call's query range, the
+// rows q, out and lse hold (common/tile_geometry.cuh). Its mainloop walks the key boxes of
+// KeyWalk and then the additional keys, FlashAttention-2 style: S = Q.K^T (tensor cores, fp32
+// accumulators), the mask only on boxes that are not fully visible, an online softmax in
+// registers, O += P.V with P taken straight from the accumulators. K(n+1) streams in while P.V(n) runs and V(n) while
 // Q.K^T(n) runs. The epilogue writes O (through shared memory, as whole 16-byte pieces) and the
 // natural-log LSE.
 #pragma once
@@ -110,8 +111,8 @@ __global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kH
   };
   // The loads go out first; the row table, which only the masks and the epilogue read, is built
   // while they are in flight and published by the mainloop's first barrier.
-  auto q_token = [&](int r) { return box_token<Rank, QBox>(p, g, cta.q_origin, r); };
-  gather_rows<M, D, kThreads>(sQ, head_rows(static_cast<Element const*>(p.q), p.tokens, p.heads, b, h, p.dim),
+  auto q_token = [&](int r) { return box_query_token<Rank, QBox>(p, g, cta.q_origin, r); };
+  gather_rows<M, D, kThreads>(sQ, head_rows(static_cast<Element const*>(p.q), p.q_tokens, p.heads, b, h, p.dim),
                               q_token, p.dim, tid);
   CUTE_UNROLL
   for (int n = 0; n < kStages - 1; ++n) load_step(n);
@@ -172,14 +173,14 @@ __global__ void __launch_bounds__(Traits::kThreads, kForwardMinBlocks<Traits::kH
   store_acc<Traits>(acc_o, sQ, tid);
   __syncthreads();
   auto row_token = [&](int r) { return sm.rows.token[r]; };
-  scatter_rows<M, D, kThreads>(sQ, head_rows(static_cast<Element*>(p.out), p.tokens, p.heads, b, h, p.dim_v),
+  scatter_rows<M, D, kThreads>(sQ, head_rows(static_cast<Element*>(p.out), p.q_tokens, p.heads, b, h, p.dim_v),
                                row_token, p.dim_v, tid);
   if (tid % 4 == 0) {
     auto const o_coords = acc_coords<Traits, M, D>(tid);
     CUTE_UNROLL
     for (int i = 0; i < kRows; ++i) {
       int64_t const t = sm.rows.token[get<0>(o_coords(i, 0))];
-      if (t >= 0) p.lse[(int64_t(b) * p.tokens + t) * p.heads + h] = lse[i];
+      if (t >= 0) p.lse[(int64_t(b) * p.q_tokens + t) * p.heads + h] = lse[i];
     }
   }
 #endif

@@ -22,7 +22,8 @@
 
 namespace natten::sm80 {
 
-// Fused forward: writes out [B, *S, H, Dv] and lse [B, *S, H].
+// Fused forward: writes out [B, *Sq, H, Dv] and lse [B, *Sq, H] (Sq: the query range's
+// extents, NaProblem::q_offset).
 template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
 void fna_forward(NaProblem const& p, FnaTensors const& t, cudaStream_t stream);
 
@@ -31,9 +32,9 @@ void fna_forward(NaProblem const& p, FnaTensors const& t, cudaStream_t stream);
 template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
 void fna_backward(NaProblem const& p, FnaTensors const& t, float* workspace, cudaStream_t stream);
 
-// delta [B, N, H] of the backward.
+// delta [B, Nq, H] of the backward (Nq: the query range's tokens).
 inline size_t fna_backward_workspace_floats(NaProblem const& p) {
-  return static_cast<size_t>(p.batch * p.tokens() * p.heads);
+  return static_cast<size_t>(p.batch * p.query_tokens() * p.heads);
 }
 
 }  // namespace natten::sm80

@@ -11,6 +11,8 @@
 // GEMMs (bwd_mainloop.cuh); each adds its dQ partial to the float32 buffer with one bulk
 // reduction per query row. setmaxnreg moves the producer's registers to the consumers.
 // The epilogue stages dK (scaled) and dV in the K and V tiles and writes whole 16-byte pieces.
+// A call computing a range of the queries (common/tile_geometry.cuh) walks only the range's
+// queries; Q, dO and the step table's rows (lse, delta, dQ) are in the range's grid.
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -124,11 +126,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         acquire(s);
         FullBarrier::arrive_and_expect_tx(&sm.full[stage], q_bytes);
         CUTE_UNROLL
-        for (int a = 0; a < Rank; ++a) {
-          int const residue = (qs.g.first_token / p.axis[a].token_stride) % p.axis[a].spec.extent;
-          pos[a] = residue + qs.origin[a] * p.axis[a].spec.dilation;
-        }
-        int const hb_q = qs.h + cta.b * int(p.tokens) * p.heads;
+        for (int a = 0; a < Rank; ++a) pos[a] = query_box_position(p, qs.g, a, qs.origin[a]);
+        int const hb_q = qs.h + cta.b * int(p.q_tokens) * p.heads;
         CUTE_UNROLL
         for (int c = 0; c < kChunks; ++c) {
           int const off = (stage * D + c * kChunkCols) * M;  // stage, then chunk: SmemLayoutQ
@@ -143,8 +142,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         auto& tab = sm.table[stage];
         acquire(s);
         for (int r = lane; r < M; r += 32) {
-          int const t = box_token<Rank, QTile>(p, qs.g, qs.origin, r);
-          int64_t const i = (int64_t(cta.b) * p.tokens + t) * p.heads + qs.h;
+          int const t = box_query_token<Rank, QTile>(p, qs.g, qs.origin, r);
+          int64_t const i = (int64_t(cta.b) * p.q_tokens + t) * p.heads + qs.h;
           tab.row[r] = t < 0 ? -1 : i;
           tab.lse_log2[r] = t < 0 ? 0.f : p.lse[i] * kLog2e;
           tab.delta[r] = t < 0 ? 0.f : p.delta[i];
@@ -154,7 +153,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
           CUTE_UNROLL
           for (int a = 0; a < Rank; ++a) {
             tab.origin[a] = qs.origin[a];
-            tab.length[a] = qs.g.length[a];
+            tab.q_end[a] = qs.g.q_end[a];
           }
         }
         FullBarrier::arrive(&sm.full[stage]);

@@ -1,5 +1,6 @@
 // Host entry of the SM90 backward: parameters and descriptors, then four launches on one stream:
-//   delta   rowsum(dO * O) - dLSE per (token, head) into the workspace (the SM80 family's pass);
+//   delta   rowsum(dO * O) - dLSE per (query of the range, head) into the workspace (the SM80
+//           family's pass);
 //   memset  dQ's float32 accumulator to zero;
 //   main    the key-box-stationary kernel (bwd_kernel.cuh): dK, dV, and dQ partials added into
 //           the accumulator;
@@ -34,7 +35,7 @@ void run_backward(NaProblem const& problem, FnaTensors const& t, float* workspac
   auto const& g = P.fwd.geo;
   if (g.batch == 0 || g.heads == 0 || g.tokens == 0) return;
 
-  int64_t const rows = int64_t(g.batch) * g.tokens * g.heads;
+  int64_t const rows = int64_t(g.batch) * g.q_tokens * g.heads;  // of q, out, d_out, d_q
   int const lanes = sm80::delta_lanes_per_row(g.dim_v * int(sizeof(T)) / 16);
   int64_t const rows_per_block = int64_t(sm80::kDeltaWarps) * (32 / lanes);
   sm80::launch(sm80::fna_backward_delta_kernel<T>, dim3(sm80::grid_x((rows + rows_per_block - 1) / rows_per_block)),

@@ -106,16 +106,17 @@ struct BackwardConfig {
 };
 
 // Per stage, what the producer's second warp tells the consumers about the step's queries:
-// their rows of [B, *S, H] (lse, delta, dQ; -1 past their group's end), per query log2(e) * lse
-// and delta (0 for queries past their group's end, whose probabilities are masked), and for the
-// mask the box's origin and its group's length.
+// their rows of [B, *Sq, H] (lse, delta, dQ; -1 past the range's run of their group), per query
+// log2(e) * lse and delta (0 for queries past that run, whose probabilities are masked), and for
+// the mask the box's origin and the run's end (GroupCoords::q_end; the group's length for the
+// whole axis).
 template <int Rank, int M>
 struct StepTable {
   int64_t row[M];
   float lse_log2[M];
   float delta[M];
   int origin[Rank];
-  int length[Rank];
+  int q_end[Rank];
   int full;  // QueryStep::full
 };
 
@@ -131,7 +132,7 @@ __device__ __forceinline__ void probabilities(S& s, Cols const& cols, StepTable<
   }
   if (!masked) return;
   uint32_t w[2];
-  key_row_masks<Rank, QTile, KVTile>(keys, tab.origin, tab.length, get<0>(cols(0)), get<1>(cols(0)), w);
+  key_row_masks<Rank, QTile, KVTile>(keys, tab.origin, tab.q_end, get<0>(cols(0)), get<1>(cols(0)), w);
   CUTE_UNROLL
   for (int v = 0; v < size(s); ++v) {
     s(v) = (w[row_half(v)] >> column_bit(v)) & 1u ? s(v) : 0.f;

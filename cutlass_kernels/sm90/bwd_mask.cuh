@@ -30,12 +30,12 @@ struct KeyTable {
 };
 
 // Bits of the thread's query columns (column_bit of its elements) that its key rows key0 and
-// key0 + 8 see, one word per row, for the query box at `origin` (group coordinates) of a group
-// of `length` tokens per axis: queries at or past the end are not real and see nothing (additional
-// keys' intervals reach past every group's end).
+// key0 + 8 see, one word per row, for the query box at `origin` (group coordinates) whose queries
+// end at `end` per axis (the query range's run of the group): queries at or past the end are not
+// computed and see nothing (additional keys' intervals reach past every end).
 template <int Rank, class QTile, class KVTile>
 __device__ __forceinline__ void key_row_masks(KeyTable<Rank, KVTile::kSize> const& keys, int const* origin,
-                                              int const* length, int key0, int col0, uint32_t (&w)[2]) {
+                                              int const* end, int key0, int col0, uint32_t (&w)[2]) {
   constexpr int kRowBits = QTile::kSize / 4;  // query columns of one row in a thread
   static_assert(kRowBits <= 32, "one word per row: query boxes of up to 128 tokens");
   w[0] = w[1] = ~0u;
@@ -50,9 +50,9 @@ __device__ __forceinline__ void key_row_masks(KeyTable<Rank, KVTile::kSize> cons
     #pragma unroll
     for (int i = 0; i < (kDiffer ? 2 : 1); ++i) {
       int const key = key0 + 8 * i;
-      int const end = keys.last[a][key] + 1 < length[a] ? keys.last[a][key] + 1 : length[a];
+      int const stop = keys.last[a][key] + 1 < end[a] ? keys.last[a][key] + 1 : end[a];
       int const from = clamp_int(Col::below(keys.first[a][key] - origin[a], lane), 0, Col::kCount) << Col::kPos;
-      int const to = clamp_int(Col::below(end - origin[a], lane), 0, Col::kCount) << Col::kPos;
+      int const to = clamp_int(Col::below(stop - origin[a], lane), 0, Col::kCount) << Col::kPos;
       m[i] = to > from ? bit_run(from, to - from) * kRepeat : 0u;
     }
     w[0] &= m[0];

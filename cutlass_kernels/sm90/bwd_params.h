@@ -19,7 +19,7 @@ template <int Rank>
 struct BackwardParams {
   ForwardParams<Rank> fwd;  // geometry, pointers (incl. delta and the gradients), Q/K/V maps
   CUtensorMap d_out_map;
-  float* dq_accum;  // [B, *S, H, D] float32, zeroed before the main kernel
+  float* dq_accum;  // [B, *Sq, H, D] float32 (the query range's rows), zeroed before the main kernel
 };
 
 template <int Rank, class QTile, class KVTile>
@@ -41,7 +41,7 @@ BackwardParams<Rank> make_backward_params(NaProblem const& p, FnaTensors const& 
   g.delta = workspace;
   P.dq_accum = workspace + fna_backward_delta_floats(p);
   if (g.batch == 0 || g.heads == 0 || g.tokens == 0) return P;
-  P.d_out_map = grid_map<Rank, QTile>(op, type, elem_bytes, t.d_out, g, g.heads, g.dim_v);
+  P.d_out_map = grid_map<Rank, QTile>(op, type, elem_bytes, t.d_out, g, g.heads, g.dim_v, true);
   return P;
 }
 

@@ -6,7 +6,8 @@
 // head of the GQA group in turn, the query boxes whose windows reach its keys (common/'s
 // QueryWalk). Additional keys are seen by every query, so their CTAs visit every query box of
 // every dilation group. The walk is the SM80 dK/dV kernel's, written against the shared geometry
-// in common/tile_geometry.cuh, so both families agree on which queries see which keys.
+// in common/tile_geometry.cuh, so both families agree on which queries see which keys; like it,
+// a call computing a range of the queries visits only the range's query boxes.
 #pragma once
 
 #include "common/tile_geometry.cuh"
@@ -65,12 +66,12 @@ struct KeyBoxCta {
       walk.origin(n, q.origin);
       q.full = walk.full(p, g, q.origin, k_origin);
     } else {
-      // A box past its group's end has no real queries (decompose_tile still fills its
-      // coordinates; its rows arrive as zeros and are masked), so it contributes nothing.
+      // A box past the range's run of its group has no computed queries (decompose_tile still
+      // fills its coordinates; its rows arrive as zeros and are masked), so it contributes nothing.
       decompose_tile<Rank, QBox>(p, n, true, q.g, q.origin);
       bool whole = extra_first + KVBox::kSize <= p.num_extra;
 #pragma unroll
-      for (int a = 0; a < Rank; ++a) whole = whole && q.origin[a] + QBox::extent(a) <= q.g.length[a];
+      for (int a = 0; a < Rank; ++a) whole = whole && q.origin[a] + QBox::extent(a) <= q.g.q_end[a];
       q.full = whole;
     }
     return q;
@@ -87,18 +88,18 @@ struct KeyBoxCta {
     return e < p.num_extra ? (int64_t(b) * p.num_extra + e) * p.heads_kv + hk : -1;
   }
 
-  // Per axis, the queries that see key r, as an interval [first, last] of its group's coordinates
-  // (empty for a key past its group's end). Additional keys: every query up to its group's end,
-  // which the mask applies per step (the interval reaches past every end), or none past the last
-  // additional key.
+  // Per axis, the computed queries that see key r, as an interval [first, last] of its group's
+  // coordinates: those of the query range (empty for a key past its group's end). Additional
+  // keys: every query up to the end of the range's run of its group, which the mask applies per
+  // step (the interval reaches past every end), or none past the last additional key.
   __device__ void key_queries(Params<Rank> const& p, int r, int* first, int* last) const {
     constexpr int kEveryQuery = 1 << 30;
 #pragma unroll
     for (int a = 0; a < Rank; ++a) {
       if (extra_first < 0) {
         auto const q = axis_inverse_window(p.axis[a].spec, g.length[a], k_origin[a] + KVBox::offset(r, a));
-        first[a] = q.first;
-        last[a] = q.last;
+        first[a] = max(int(q.first), g.q_begin[a]);
+        last[a] = min(int(q.last), g.q_end[a] - 1);
       } else {
         first[a] = 0;
         last[a] = extra_first + r < p.num_extra ? kEveryQuery : -1;

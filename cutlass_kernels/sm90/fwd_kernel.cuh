@@ -12,6 +12,10 @@
 // producer's registers to the consumers. The epilogue normalises O, stages it in the
 // consumer's own slice of Q's shared memory and writes whole 16-byte pieces of each row, and
 // writes the natural-log LSE.
+//
+// A call may compute a range of the queries (common/tile_geometry.cuh): the query boxes tile only
+// its members of each dilation group, Q, O and the LSE are addressed in the range's grid, and
+// windows, the key walk and the mask stay in the key grid's coordinates.
 #pragma once
 
 #include <cute/arch/copy_sm90_desc.hpp>
@@ -84,12 +88,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     for (int a = 0; a < Rank; ++a) {
       residue[a] = (cta.g.first_token / p.axis[a].token_stride) % p.axis[a].spec.extent;
     }
-    int const hb_q = cta.h + cta.b * int(p.tokens) * p.heads;
+    int const hb_q = cta.h + cta.b * int(p.q_tokens) * p.heads;
     int const hb_kv = cta.hk + cta.b * int(p.tokens) * p.heads_kv;
     int const hb_extra = cta.hk + cta.b * p.num_extra * p.heads_kv;
     q_full.arrive_and_expect_tx(uint32_t(M * D * sizeof(Element)));
     CUTE_UNROLL
-    for (int a = 0; a < Rank; ++a) pos[a] = residue[a] + cta.q_origin[a] * p.axis[a].spec.dilation;
+    for (int a = 0; a < Rank; ++a) pos[a] = query_box_position(p, cta.g, a, cta.q_origin[a]);
     CUTE_UNROLL
     for (int c = 0; c < kChunks; ++c) {
       load_box<Rank>(&params.q_map, &sm.q_full, sm.q.data() + c * M * kChunkCols, c * kChunkCols, pos, hb_q);
@@ -147,10 +151,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
                 "P's register view matches the A operand of P.V");
   Tensor cols_s = thr_qk.partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
 
-  // This thread's two query rows (their tokens for the epilogue) and its mask of partial boxes.
+  // This thread's two query rows (their tokens in the range's grid, for the epilogue) and its
+  // mask of partial boxes.
   int row_token[2];
   CUTE_UNROLL
-  for (int i = 0; i < 2; ++i) row_token[i] = box_token<Rank, QTile>(p, cta.g, cta.q_origin, get<0>(cols_s(2 * i)));
+  for (int i = 0; i < 2; ++i) row_token[i] = box_query_token<Rank, QTile>(p, cta.g, cta.q_origin, get<0>(cols_s(2 * i)));
   typename Config::Mask mask;
   mask.init(p, cta.g, cta.q_origin, walk.first, get<0>(cols_s(0)), get<1>(cols_s(0)));
 
@@ -242,7 +247,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     inv[i] = l > 0.f ? 1.f / l : 0.f;
     if (ct % 4 == 0 && row_token[i] >= 0) {
       float const lse = l > 0.f ? row_max[i] * 0.6931471805599453f + logf(l) : -INFINITY;  // log2 -> ln
-      p.lse[(int64_t(cta.b) * p.tokens + row_token[i]) * p.heads + cta.h] = lse;
+      p.lse[(int64_t(cta.b) * p.q_tokens + row_token[i]) * p.heads + cta.h] = lse;
     }
   }
   rescale(acc_o, inv);
@@ -274,9 +279,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   CUTE_UNROLL
   for (int i = t; i < 64 * kPieces; i += 128) {
     int const r = consumer * 64 + i / kPieces, c = (i % kPieces) * 8;
-    int const token = box_token<Rank, QTile>(p, cta.g, cta.q_origin, r);
+    int const token = box_query_token<Rank, QTile>(p, cta.g, cta.q_origin, r);
     if (token >= 0 && c < p.dim_v) {
-      int64_t const row = (int64_t(cta.b) * p.tokens + token) * p.heads + cta.h;
+      int64_t const row = (int64_t(cta.b) * p.q_tokens + token) * p.heads + cta.h;
       *reinterpret_cast<uint4*>(out + row * p.dim_v + c) = *reinterpret_cast<uint4 const*>(stage_o + staged(r, c));
     }
   }

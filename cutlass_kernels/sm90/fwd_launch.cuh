@@ -14,7 +14,8 @@ constexpr CUtensorMapDataType tma_type() {
                                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
 }
 
-// Writes out [B, *S, H, Dv] and lse [B, *S, H] (float32, natural log) on `stream`; throws
+// Writes out [B, *Sq, H, Dv] and lse [B, *Sq, H] (float32, natural log; Sq the query range's
+// extents, NaProblem::q_offset) on `stream`; throws
 // std::invalid_argument for a problem this configuration cannot serve.
 template <class Config>
 void run_forward(NaProblem const& problem, FnaTensors const& t, cudaStream_t stream) {

@@ -120,8 +120,8 @@ struct BitMask {
       #pragma unroll
       for (int i = 0; i < (BoxAxis<QTile, a>::kRowsDiffer ? 2 : 1); ++i) {
         int const x = q_origin[a] + QTile::offset(row0 + 8 * i, a);
-        int first = 0, end = 0;  // a row past its group's end sees nothing
-        if (x < g.length[a]) {
+        int first = 0, end = 0;  // a row past the range's run of its group sees nothing
+        if (x < g.q_end[a]) {
           auto const w = g.window(p, a, x);
           first = w.first;
           end = w.last + 1;

@@ -7,7 +7,9 @@
 // A box of the token grid then arrives as one load per 64 columns, rows numbered row-major over
 // the box like the grid itself, zero-filled where it leaves the grid. Dilation is a traversal
 // stride on each axis: the box of a dilation group spans extent * dilation grid positions and
-// loads every dilation-th one, so groups need no gather either.
+// loads every dilation-th one, so groups need no gather either. Q (and the backward's dO) lie on
+// the query range's grid (NaProblem::q_offset; the key grid for the whole axis), K and V on the
+// key grid: a query box's grid position is its key-grid position less q_offset.
 //
 // Torch-free and CuTe-free; needs only the CUDA headers (the driver's descriptor encoder is
 // looked up at run time, so nothing links against libcuda).
@@ -69,10 +71,11 @@ inline CUtensorMap encode(char const* op, CUtensorMapDataType type, int rank, vo
   return map;
 }
 
-// Descriptor of a grid tensor [B, *S, heads, dim] whose boxes are `Tile`s of one dilation group.
+// Descriptor of a grid tensor [B, *S, heads, dim] whose boxes are `Tile`s of one dilation group;
+// with `queries`, of a tensor of the query range's grid [B, *Sq, heads, dim].
 template <int Rank, class Tile>
 CUtensorMap grid_map(char const* op, CUtensorMapDataType type, int elem_bytes, void const* base,
-                     Params<Rank> const& g, int heads, int dim) {
+                     Params<Rank> const& g, int heads, int dim, bool queries) {
   uint64_t dims[5], strides[4];
   uint32_t box[5], step[5];
   int n = 0;
@@ -82,12 +85,12 @@ CUtensorMap grid_map(char const* op, CUtensorMapDataType type, int elem_bytes, v
   ++n;
   for (int a = Rank - 1; a >= 0; --a, ++n) {
     auto const& ax = g.axis[a];
-    dims[n] = uint64_t(ax.spec.extent);
-    strides[n - 1] = uint64_t(ax.token_stride) * heads * dim * elem_bytes;
+    dims[n] = uint64_t(queries ? ax.q_extent : ax.spec.extent);
+    strides[n - 1] = uint64_t(queries ? ax.q_token_stride : ax.token_stride) * heads * dim * elem_bytes;
     box[n] = uint32_t(Tile::extent(a) * ax.spec.dilation);
     step[n] = uint32_t(ax.spec.dilation);
   }
-  dims[n] = uint64_t(g.batch) * uint64_t(g.tokens) * heads;
+  dims[n] = uint64_t(g.batch) * uint64_t(queries ? g.q_tokens : g.tokens) * heads;
   strides[n - 1] = uint64_t(dim) * elem_bytes;
   box[n] = 1;
   step[n] = 1;
@@ -143,9 +146,9 @@ ForwardParams<Rank> make_forward_params(NaProblem const& p, FnaTensors const& t,
     fail(op, "batch * tokens * heads exceeds 2^31 - 1 (TMA coordinates are 32-bit)");
   }
   if (g.batch == 0 || g.heads == 0 || g.tokens == 0) return P;
-  P.q_map = grid_map<Rank, QTile>(op, type, elem_bytes, t.q, g, g.heads, g.dim);
-  P.k_map = grid_map<Rank, KVTile>(op, type, elem_bytes, t.k, g, g.heads_kv, g.dim);
-  P.v_map = grid_map<Rank, KVTile>(op, type, elem_bytes, t.v, g, g.heads_kv, g.dim_v);
+  P.q_map = grid_map<Rank, QTile>(op, type, elem_bytes, t.q, g, g.heads, g.dim, true);
+  P.k_map = grid_map<Rank, KVTile>(op, type, elem_bytes, t.k, g, g.heads_kv, g.dim, false);
+  P.v_map = grid_map<Rank, KVTile>(op, type, elem_bytes, t.v, g, g.heads_kv, g.dim_v, false);
   if (g.num_extra > 0) {
     P.extra_k_map = extra_map(op, type, elem_bytes, t.extra_k, g.batch, g.num_extra, g.heads_kv, g.dim, KVTile::kSize);
     P.extra_v_map = extra_map(op, type, elem_bytes, t.extra_v, g.batch, g.num_extra, g.heads_kv, g.dim_v, KVTile::kSize);

@@ -67,7 +67,10 @@ def names_for_device(device_type: str) -> List[str]:
 # answers that depend on the GPU model stay per device.
 @memoize
 def _unsupported(backend: Backend, problem: FusedProblem) -> Optional[str]:
-    return backend.unsupported(problem)
+    reason = backend.unsupported(problem)
+    if reason is None and problem.window.query_range is not None:
+        reason = backend.query_range_unsupported(problem)
+    return reason
 
 
 @memoize
@@ -96,6 +99,14 @@ def select(problem: FusedProblem, name: Optional[str]) -> Backend:
             return backend
         reasons.append(f"{backend.name}: {reason}")
     raise ValueError("no backend can run this problem (" + "; ".join(reasons) + ")")
+
+
+def query_range_backend(problem: FusedProblem, name: Optional[str]) -> Tuple[Backend, Optional[str]]:
+    """For a problem with a query range: the backend its whole-grid call would run on (`select`
+    of that call, raising as it does), and why that backend cannot compute only the range, or
+    None. A caller that can also compute every query keeps to the backend it would have had."""
+    backend = select(problem.whole_grid(), name)
+    return backend, backend.query_range_unsupported(problem)
 
 
 def for_unfused(device_type: str) -> Backend:

@@ -103,6 +103,12 @@ class Backend:
         """Why this backend cannot run the fused problem, or None when it can."""
         raise NotImplementedError
 
+    def query_range_unsupported(self, problem: FusedProblem) -> Optional[str]:
+        """Why this backend cannot compute only a range of the queries (Window.query_range) of a
+        problem it can run whole, or None. Callers that can fall back to computing every query
+        (natten.distributed) ask this first."""
+        return f"the {self.name} kernels compute every query of the grid"
+
     def passed_over(self, problem: FusedProblem) -> Optional[str]:
         """Why backend=None passes over this backend for a problem it can run (asked for by
         name, it runs), or None. Not memoized: the answer may follow torch's global settings."""

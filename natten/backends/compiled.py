@@ -19,8 +19,12 @@ def extension():
 
 @memoize  # building the extension's Window costs more host time than a small kernel runs
 def window_arg(window: Window):
+    q_offset = []  # the query range, placed by its offset: its extent is the query tensor's
+    if window.query_range is not None:
+        q_offset = [0] * window.rank
+        q_offset[window.query_range.axis] = window.query_range.offset
     return extension().Window(list(window.kernel_size), list(window.stride), list(window.dilation),
-                              list(window.is_causal))
+                              list(window.is_causal), q_offset)
 
 
 def _forward(kernel, window, scale, tile_args, out_shape, lse_shape, lse_type, q, k, v, extra_k,
@@ -65,7 +69,7 @@ class CompiledBackend(Backend):
         if backward:
             return functools.partial(_backward, *args)
         # Output shapes are bound too: reading them off the tensors takes longer than allocating.
-        lse_shape = (problem.batch, *problem.spatial, problem.heads)
+        lse_shape = (problem.batch, *problem.query_spatial, problem.heads)
         return functools.partial(_forward, *args, (*lse_shape, problem.dim_v), lse_shape,
                                  lse_dtype(problem.dtype))
 

@@ -22,7 +22,7 @@ def _default_q_tile(problem: FusedProblem) -> Tile:
     budget = 64
     tile = [1] * rank
     kernels = problem.window.kernel_size
-    groups = [math.ceil(L / d) for L, d in zip(problem.spatial, problem.window.dilation)]
+    groups = [math.ceil(L / d) for L, d in zip(problem.query_spatial, problem.window.dilation)]
     while True:
         # Grow the axis where doubling costs the least extra key work, relative to its kernel.
         candidates = [a for a in range(rank) if tile[a] < groups[a] and math.prod(tile) * 2 <= budget]
@@ -52,6 +52,9 @@ class CpuBackend(CompiledBackend):
         if problem.device.type != "cpu":
             return f"inputs are on {problem.device}, the cpu backend runs on the CPU"
         return missing_kernels(self.name, ("fna_fwd", "fna_bwd"), problem.rank, problem.dtype)
+
+    def query_range_unsupported(self, problem: FusedProblem) -> Optional[str]:
+        return None  # the kernels tile only the range (cpu/fna_tile.h)
 
     def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile,
                     backward: bool = False) -> Optional[str]:

@@ -69,6 +69,11 @@ class HopperBackend(TiledBackend):
                     "32-bit")
         return None
 
+    def query_range_unsupported(self, problem: FusedProblem) -> Optional[str]:
+        # Query boxes tile only the range, forward and backward; Q, dO and the rows they index
+        # are loaded from the range's grid (cutlass_kernels/sm90/fwd_params.h).
+        return None
+
     def check_tiles(self, problem: FusedProblem, q_tile: Tile, kv_tile: Tile,
                     backward: bool = False) -> Optional[str]:
         return (_tma_limit(problem, q_tile, kv_tile)

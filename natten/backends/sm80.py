@@ -32,6 +32,9 @@ class Sm80Backend(TiledBackend):
         penalty = _small_box_penalty(max(problem.dim, problem.dim_v)) if small else 1.0
         return walk_elements(problem, q_box, kv_box) * penalty
 
+    def query_range_unsupported(self, problem: FusedProblem) -> Optional[str]:
+        return None  # query boxes tile only the range, forward and backward (common/tile_geometry.cuh)
+
     def dtype_note(self) -> str:
         return " (float32 on TF32 tensor cores)"
 

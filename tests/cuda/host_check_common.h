@@ -1,6 +1,7 @@
-// What the host-side walk/mask checks of the SM90 kernels share (sm90_backward_walk_check.cpp,
-// sm90_forward_mask_check.cpp): violation counting, docs/semantics.md by brute force, and random
-// problems within the TMA limits of a pair of boxes. Include after common/tile_geometry.cuh with
+// What the host-side walk/mask checks of the tiled kernels share (sm90_backward_walk_check.cpp,
+// sm90_forward_mask_check.cpp, sm80_query_range_walk_check.cpp): violation counting,
+// docs/semantics.md by brute force, and random problems within the TMA limits of a pair of boxes,
+// with random query ranges. Include after common/tile_geometry.cuh with
 // the CUDA qualifiers defined away.
 #pragma once
 
@@ -34,6 +35,12 @@ struct Problem {
       s += " [L" + std::to_string(x.extent) + " k" + std::to_string(x.kernel) + " s" + std::to_string(x.stride) +
            " d" + std::to_string(x.dilation) + (x.causal ? " causal" : "") + "]";
     }
+    for (int a = 0; a < p.rank; ++a) {
+      if (p.q_extent[a] != NaProblem::kWholeAxis) {
+        s += " queries" + std::to_string(a) + " [" + std::to_string(p.q_offset[a]) + ", " +
+             std::to_string(p.q_offset[a] + p.q_extent[a]) + ")";
+      }
+    }
     s += " H" + std::to_string(p.heads) + "/" + std::to_string(p.heads_kv) + " E" + std::to_string(p.num_extra);
     return s;
   }
@@ -53,6 +60,29 @@ inline bool spec_sees(NaProblem const& p, int64_t x, int64_t y) {
     if (yi < w.first || yi > w.last) return false;
   }
   return true;
+}
+
+// Key-grid token of a token of the query range's grid (NaProblem::q_offset).
+inline int64_t key_grid_token(NaProblem const& p, int64_t tq) {
+  int64_t t = 0, stride = 1;
+  for (int a = p.rank - 1; a >= 0; --a) {
+    int64_t const e = p.query_extent(a);
+    t += (tq % e + p.q_offset[a]) * stride;
+    tq /= e;
+    stride *= p.axis[a].extent;
+  }
+  return t;
+}
+
+// A random query range per axis: the whole axis a third of the time.
+inline void random_range(std::mt19937& rng, NaProblem& p) {
+  for (int a = 0; a < p.rank; ++a) {
+    int64_t const L = p.axis[a].extent;
+    if (std::uniform_int_distribution<int>(0, 2)(rng) == 0) continue;
+    int64_t const e = std::uniform_int_distribution<int64_t>(1, L)(rng);
+    p.q_extent[a] = e;
+    p.q_offset[a] = std::uniform_int_distribution<int64_t>(0, L - e)(rng);
+  }
 }
 
 // A random valid problem of rank R whose TMA limits (tile extent x dilation <= 256, dilation <= 8)

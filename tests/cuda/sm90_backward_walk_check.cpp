@@ -6,24 +6,28 @@
 // defined away, and its decisions are replayed on the host exactly as bwd_kernel.cuh and
 // bwd_mainloop.cuh make them, per CTA (key box of a dilation group or slice of additional keys)
 // and step (query box of one query head):
-//   - the producer's TMA box positions (residue + origin * dilation per axis) and the flat token
-//     (or "zero-filled": out of bounds) every row of a query or key box then holds;
-//   - the table warp's query tokens (common/'s box_token);
+//   - the producer's TMA box positions (keys: residue + origin * dilation per axis; queries:
+//     common/'s query_box_position, in the query range's grid) and the flat token (or
+//     "zero-filled": out of bounds) every row of a query or key box then holds;
+//   - the table warp's query tokens in the range's grid (common/'s box_query_token);
 //   - the consumers' per-element visibility (QueryStep::full, else the bit masks of
 //     sm90/bwd_mask.cuh from the key table of KeyBoxCta::key_queries, for every consumer
 //     thread's key rows and query columns as the wgmma accumulator holds them).
 // Against brute force over docs/semantics.md (common/na_window.h's axis_window, per axis, dilation
 // residues), on random problems (ranks 1-3, odd/even windows, stride, dilation, causal per axis,
-// non-divisible extents, GQA, additional keys), it requires:
-//   1. every visible (head, query, key) pair is added exactly once over all CTAs and steps, and
-//      no other pair of real tokens is added (dQ, dK, dV, extra dK/dV all sum these pairs);
+// non-divisible extents, GQA, additional keys) with random query ranges per axis
+// (NaProblem::q_offset; the whole axis among them), it requires:
+//   1. every visible (head, query of the range, key) pair is added exactly once over all CTAs and
+//      steps, and no other pair of real tokens is added (dQ, dK, dV, extra dK/dV all sum these
+//      pairs; keys no query of the range sees get none, so zero gradients);
 //   2. a pair with a zero-filled row adds nothing only because that row is zero: such pairs are
 //      allowed, but never on a `full` step (full claims every row is real);
 //   3. the TMA rows are the tokens the table says (-1 exactly where the box leaves the grid),
 //      and key rows agree with KeyBoxCta::key_row;
 //   4. every step of a key box's walk holds at least one visible pair (the walk yields only
 //      query boxes that some query's window makes necessary); additional-key CTAs visit every
-//      query box of every dilation group, and only the boxes past a group's end add nothing.
+//      query box of the range's run of every dilation group, and only the boxes past a run's end
+//      add nothing.
 // Exit status non-zero on any violation.
 #include <algorithm>
 #include <cstdint>
@@ -33,16 +37,12 @@
 #include <string>
 #include <vector>
 
-// CUDA qualifiers and builtins the included device code uses, for a host compiler.
-#define __device__
-#define __host__
-#define __forceinline__ inline
+// The CUDA builtin the included device code uses, for a host compiler.
+#include "host_shim.h"
 struct FakeDim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 static FakeDim3 blockIdx;
-using std::max;
-using std::min;
 
 #include "common/tile_geometry.cuh"
 #include "sm90/bwd_mask.cuh"
@@ -57,15 +57,19 @@ using namespace natten::host_check;
 namespace {
 
 // What a TMA box load of a grid tensor puts in row j: the flat token, or -1 (zero fill). As
-// bwd_kernel.cuh: per axis the box starts at residue + origin * dilation and strides by dilation.
+// bwd_kernel.cuh: per axis the box starts at residue + origin * dilation (keys, the key grid) or
+// at query_box_position (`queries`: Q and dO, the query range's grid) and strides by dilation.
 template <int Rank, class Box>
-int64_t tma_row_token(Params<Rank> const& p, GroupCoords<Rank> const& g, int const* origin, int j) {
+int64_t tma_row_token(Params<Rank> const& p, GroupCoords<Rank> const& g, int const* origin, int j, bool queries) {
   int64_t t = 0;
   for (int a = 0; a < Rank; ++a) {
-    int const residue = (g.first_token / p.axis[a].token_stride) % p.axis[a].spec.extent;
-    int64_t const pos = residue + int64_t(origin[a] + Box::offset(j, a)) * p.axis[a].spec.dilation;
-    if (pos >= p.axis[a].spec.extent) return -1;
-    t += pos * p.axis[a].token_stride;
+    AxisParams const& A = p.axis[a];
+    int const residue = (g.first_token / A.token_stride) % A.spec.extent;
+    int64_t const start = queries ? query_box_position(p, g, a, origin[a]) : residue + int64_t(origin[a]) * A.spec.dilation;
+    int64_t const pos = start + int64_t(Box::offset(j, a)) * A.spec.dilation;
+    EXPECT(pos >= 0, "row %d of a box loads from position %lld < 0 along axis %d", j, (long long)pos, a);
+    if (pos >= (queries ? A.q_extent : A.spec.extent)) return -1;
+    t += pos * (queries ? A.q_token_stride : A.token_stride);
   }
   return t;
 }
@@ -76,18 +80,18 @@ void check_problem(Problem const& prob) {
   FnaTensors t{};
   Params<Rank> const p = make_box_params<Rank, QBox, KVBox>(np, t, 64, "walk check");
   constexpr int M = QBox::kSize, N = KVBox::kSize;
-  int64_t const T = p.tokens, E = p.num_extra;
+  int64_t const T = p.tokens, nq = p.q_tokens, E = p.num_extra;
   int const failures_before = failures;
 
-  // Visible pairs by brute force: per query token its keys (the same for every head).
-  std::vector<std::vector<int64_t>> keys_of(T);
-  for (int64_t x = 0; x < T; ++x) {
+  // Visible pairs by brute force: per query of the range's grid its keys (the same for every head).
+  std::vector<std::vector<int64_t>> keys_of(nq);
+  for (int64_t x = 0; x < nq; ++x) {
     for (int64_t y = 0; y < T; ++y) {
-      if (spec_sees(np, x, y)) keys_of[x].push_back(y);
+      if (spec_sees(np, key_grid_token(np, x), y)) keys_of[x].push_back(y);
     }
   }
-  // Added pairs: (head, query, key) -> count; additional keys as key T + e.
-  std::vector<std::map<int64_t, int>> added(int64_t(p.heads) * T);
+  // Added pairs: (head, query of the range, key) -> count; additional keys as key T + e.
+  std::vector<std::map<int64_t, int>> added(int64_t(p.heads) * nq);
 
   int64_t kv_tiles = 1;
   for (int a = 0; a < Rank; ++a) kv_tiles *= int64_t(p.axis[a].kv_tiles) * p.axis[a].spec.dilation;
@@ -111,7 +115,7 @@ void check_problem(Problem const& prob) {
         }
         int64_t const row = cta.key_row(p, r);
         if (cta.extra_first < 0) {
-          int64_t const tok = tma_row_token<Rank, KVBox>(p, cta.g, cta.k_origin, r);
+          int64_t const tok = tma_row_token<Rank, KVBox>(p, cta.g, cta.k_origin, r, false);
           key_id[r] = tok;
           EXPECT((tok < 0) == (row < 0), "key row %d: TMA token %lld but key_row %lld", r, (long long)tok,
                  (long long)row);
@@ -128,8 +132,8 @@ void check_problem(Problem const& prob) {
         // Table warp.
         int token[M];
         for (int j = 0; j < M; ++j) {
-          token[j] = box_token<Rank, QBox>(p, qs.g, qs.origin, j);
-          int64_t const tok = tma_row_token<Rank, QBox>(p, qs.g, qs.origin, j);
+          token[j] = box_query_token<Rank, QBox>(p, qs.g, qs.origin, j);
+          int64_t const tok = tma_row_token<Rank, QBox>(p, qs.g, qs.origin, j, true);
           EXPECT(tok == token[j], "query row %d: TMA token %lld, table %d", j, (long long)tok, token[j]);
         }
         // Consumers: the mask of every thread's elements (256 threads, two warpgroups of 64 keys;
@@ -140,7 +144,7 @@ void check_problem(Problem const& prob) {
           int const lane = ct % 32;
           int const key0 = 64 * (ct / 128) + 16 * (ct % 128 / 32) + lane / 4, col0 = 2 * (lane % 4);
           uint32_t w[2];
-          natten::sm90::key_row_masks<Rank, QBox, KVBox>(keys, qs.origin, qs.g.length, key0, col0, w);
+          natten::sm90::key_row_masks<Rank, QBox, KVBox>(keys, qs.origin, qs.g.q_end, key0, col0, w);
           for (int v = 0; v < M / 2; ++v) {
             int const r = key0 + 8 * natten::sm90::row_half(v), j = col0 + natten::sm90::column_step(v);
             EXPECT(seen[r * M + j] == -1, "pair (key row %d, query row %d) held twice", r, j);
@@ -163,15 +167,15 @@ void check_problem(Problem const& prob) {
               continue;
             }
             ++visible_pairs;
-            ++added[int64_t(qs.h) * T + q][k];
+            ++added[int64_t(qs.h) * nq + q][k];
           }
         }
         if (cta.extra_first < 0) {
           EXPECT(visible_pairs > 0, "CTA %lld step %d (head %d) adds no pair", (long long)bx, s, qs.h);
-        } else {  // additional keys visit every query box of every group: only those past their
-                  // group's end (groups of a non-divisible extent differ in length) add nothing
+        } else {  // additional keys visit every query box of the range's run of every group: only
+                  // those past a run's end (runs of a non-divisible extent differ in length) add nothing
           bool past_end = false;
-          for (int a = 0; a < Rank; ++a) past_end = past_end || qs.origin[a] >= qs.g.length[a];
+          for (int a = 0; a < Rank; ++a) past_end = past_end || qs.origin[a] >= qs.g.q_end[a];
           EXPECT((visible_pairs == 0) == past_end, "extra CTA %lld step %d (head %d): %d pairs", (long long)bx, s,
                  qs.h, visible_pairs);
         }
@@ -180,8 +184,8 @@ void check_problem(Problem const& prob) {
   }
   // Compare.
   for (int h = 0; h < p.heads; ++h) {
-    for (int64_t x = 0; x < T; ++x) {
-      auto const& got = added[int64_t(h) * T + x];
+    for (int64_t x = 0; x < nq; ++x) {
+      auto const& got = added[int64_t(h) * nq + x];
       size_t expected = keys_of[x].size() + size_t(E);
       for (int64_t y : keys_of[x]) {
         auto it = got.find(y);
@@ -203,7 +207,11 @@ void check_problem(Problem const& prob) {
 template <int Rank, class QBox, class KVBox>
 void run(char const* name, std::mt19937& rng, int count, int max_extent) {
   int const before = failures;
-  for (int i = 0; i < count; ++i) check_problem<Rank, QBox, KVBox>(random_problem<Rank, QBox, KVBox>(rng, max_extent));
+  for (int i = 0; i < count; ++i) {
+    Problem pr = random_problem<Rank, QBox, KVBox>(rng, max_extent);
+    random_range(rng, pr.p);
+    check_problem<Rank, QBox, KVBox>(pr);
+  }
   std::printf("%-26s %4d problems: %s\n", name, count, failures == before ? "ok" : "VIOLATIONS");
 }
 
