@@ -10,7 +10,7 @@ install:
 	$(PIP) install ninja pytest fvcore
 	# CUTLASS/CuTe headers only: the package's Python dependencies are not needed to build.
 	$(PIP) install --no-deps 'nvidia-cutlass>=4.2,<5'
-	$(PIP) install --no-build-isolation -e .
+	$(PIP) install --no-build-isolation --use-pep517 -e .
 
 # Rebuild the extension in place after editing C++ (incremental with ninja).
 build:
