@@ -14,8 +14,8 @@ For each problem (a video grid grown along time, window 8x16x16, bfloat16, 16 he
 A multi-rank time is the slowest rank's median (ranks start each run together after a
 barrier). "MB/step" is what the busiest rank receives in the forward plus what it returns in
 the backward (K and V rows). "bound" is the best speed-up the local calls allow: the whole
-grid's rows over the longest slab (own rows plus halo rows, whose queries are computed and
-discarded). "rel err" compares each rank's slab of the output with the one-GPU call on the
+grid's rows over the most rows a rank computes (its own where the backend computes a query
+range, else its own plus the halo rows, whose queries are then computed and discarded). "rel err" compares each rank's slab of the output with the one-GPU call on the
 whole grid (same backend, same dtype). Errors become rows; process groups carry a timeout, so
 a failing rank cannot leave the others waiting forever.
 
@@ -51,6 +51,7 @@ import torch.distributed.nn.functional as dist_nn  # noqa: E402
 
 import natten  # noqa: E402
 import natten.distributed as nd  # noqa: E402
+from natten.functional import _query_range_na  # noqa: E402
 
 SHARD_DIM = 0  # time
 # torch.distributed.nn's all_gather is the documented autograd-aware one; its successor is private.
@@ -181,8 +182,17 @@ def run_problem(spatial, args, device, dtype, me: int, world: int) -> List[dict]
     def halo():
         return nd.na3d(*local, kernel, shard_dim=SHARD_DIM, backend=args.backend)
 
+    # The same local call as natten.distributed makes: only the owned queries where the backend
+    # computes a query range, else the slab plus halo with zero query rows, sliced.
+    ranged = nd._query_range_backend(3, local[0], k.narrow(axis, a, b - a), v.narrow(axis, a, b - a),
+                                     kernel, 1, 1, False, None, None, None, SHARD_DIM, lo - a,
+                                     args.backend) is not None
+
     def gathered():
         parts = [torch.cat(dist_nn.all_gather(t), dim=axis).narrow(axis, a, b - a) for t in local[1:]]
+        if ranged:
+            return _query_range_na(3, local[0], *parts, kernel, axis=SHARD_DIM, offset=lo - a,
+                                   backend=args.backend)
         qx = torch.cat([zero_rows(lo - a), local[0], zero_rows(b - lo - n)], dim=axis)
         out = natten.na3d(qx, *parts, kernel, backend=args.backend)
         return out.narrow(axis, lo - a, n)
@@ -192,7 +202,7 @@ def run_problem(spatial, args, device, dtype, me: int, world: int) -> List[dict]
         "all-gather": (gathered, 2 * (total - n) * row_bytes),
     }
     for name, (fn, moved) in methods.items():
-        row = dict(base, method=name, moved_mb=moved / 1e6, bound=total / longest)
+        row = dict(base, method=name, moved_mb=moved / 1e6, bound=total / (max(extents) if ranged else longest))
         status = torch.zeros(4, device=device, dtype=torch.float64)  # fwd, step, failed, err
         try:
             if name == "all-gather" and len(set(extents)) != 1:

@@ -399,12 +399,11 @@ def _sharded(rank: int, q, k, v, kernel_size, stride, dilation, is_causal, shard
     call_args = dict(stride=stride, dilation=dilation, is_causal=is_causal, scale=scale,
                      additional_keys=additional_keys, additional_values=additional_values,
                      return_lse=return_lse)
-    problem, _ = check_fused(rank, q, kx, vx, kernel_size, stride, dilation, is_causal, scale,
-                             additional_keys, additional_values, (shard_dim, lo - a))
-    impl, reason = backends.query_range_backend(problem, backend)
-    if reason is None:
+    ranged = _query_range_backend(rank, q, kx, vx, kernel_size, stride, dilation, is_causal, scale,
+                                  additional_keys, additional_values, shard_dim, lo - a, backend)
+    if ranged is not None:
         return _query_range_na(rank, q, kx, vx, kernel_size, axis=shard_dim, offset=lo - a,
-                               backend=impl.name, **call_args)
+                               backend=ranged, **call_args)
     qx = q
     if (a, b) != (lo, hi):
         pad = [torch.zeros(comm.halo_shape(q, n), dtype=q.dtype, device=q.device)
@@ -414,6 +413,16 @@ def _sharded(rank: int, q, k, v, kernel_size, stride, dilation, is_causal, shard
     if return_lse:
         return tuple(t.narrow(comm.axis, lo - a, hi - lo) for t in out)
     return out.narrow(comm.axis, lo - a, hi - lo)
+
+
+def _query_range_backend(rank, q, kx, vx, kernel_size, stride, dilation, is_causal, scale,
+                         additional_keys, additional_values, shard_dim, offset, backend):
+    """The backend that computes only this rank's queries (rows [offset, offset + n) of the
+    slab plus halo kx/vx along shard_dim), or None where the call's backend cannot."""
+    problem, _ = check_fused(rank, q, kx, vx, kernel_size, stride, dilation, is_causal, scale,
+                             additional_keys, additional_values, (shard_dim, offset))
+    impl, reason = backends.query_range_backend(problem, backend)
+    return impl.name if reason is None else None
 
 
 def _make(rank: int):
