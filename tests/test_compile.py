@@ -36,6 +36,16 @@ def _expected_compiles(dynamic: Optional[bool]) -> int:
     return 1 if dynamic else 2
 
 
+@pytest.fixture(autouse=True)
+def _cold_inductor_caches():
+    """The graph counts are those of a process that compiles everything itself: Inductor's
+    on-disk caches, warm from earlier runs or other processes on the machine, are bypassed."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(force_disable_caches=True):
+        yield
+
+
 class _Compiled:
     """torch.compile(fn, fullgraph=True) and the number of graphs Dynamo holds for it: one per
     compile that the guards kept (a count of calls into the compiler would also count analyses
