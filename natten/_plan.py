@@ -120,8 +120,10 @@ def plan(eager: bool, rank, query, key, value, additional_keys, additional_value
                 _exact(is_causal, bool), scale, backend, _exact(q_tile_shape, int),
                 _exact(kv_tile_shape, int), _exact(backward_q_tile_shape, int),
                 _exact(backward_kv_tile_shape, int), _exact(query_range, int),
-                # backend=None picks float32 kernels by torch's TF32 setting (Backend.passed_over)
-                query.dtype is torch.float32 and tf32_allowed())
+                # backend=None picks float32 kernels by torch's TF32 setting, and backwards by
+                # torch's deterministic setting (Backend.passed_over)
+                query.dtype is torch.float32 and tf32_allowed(),
+                query.requires_grad and torch.are_deterministic_algorithms_enabled())
         except _Inexact:
             pass
         else:

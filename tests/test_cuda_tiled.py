@@ -395,3 +395,66 @@ def test_hopper_preference_rule(hopper, problem, why):
     reason = hopper.passed_over(problem)
     assert reason is None if why is None else why in reason
 
+
+
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for the test, restored after."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_hopper_passed_over_for_gradients_when_deterministic(hopper, deterministic):
+    """Its backward sums dQ across CTAs in no fixed order: backend=None takes another family for
+    calls that need gradients, and keeps hopper-fna for those that do not."""
+    assert "not deterministic" in hopper.passed_over(_problem((128, 128), (32, 32), requires_grad=True))
+    assert hopper.passed_over(_problem((128, 128), (32, 32))) is None
+
+
+def test_hopper_backward_alerts_as_torch_does(hopper, deterministic, monkeypatch):
+    """Asked for by name, its backward raises under use_deterministic_algorithms(True) and warns
+    with warn_only=True, before any kernel runs; outside that mode it runs."""
+    from natten.backends.compiled import CompiledBackend
+
+    ran = []
+    monkeypatch.setattr(CompiledBackend, "fna_backward", lambda self, *a: ran.append(a) or "grads")
+    monkeypatch.setattr(CompiledBackend, "bind", lambda self, *a: lambda *b: ran.append(b) or "grads")
+    problem = _problem((128, 128), (32, 32), requires_grad=True)
+    bound = hopper.bind(problem, 0.1, (16, 8), (16, 8), True)
+    with pytest.raises(RuntimeError, match="hopper-fna's backward .* is not deterministic"):
+        hopper.fna_backward(1, 2)
+    with pytest.raises(RuntimeError, match="use_deterministic_algorithms"):
+        bound(1, 2)
+    assert not ran
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    with pytest.warns(UserWarning, match="not deterministic"):
+        assert hopper.fna_backward(1, 2) == "grads"
+    torch.use_deterministic_algorithms(False)
+    assert bound(3) == "grads" and hopper.bind(problem, 0.1, (16, 8), (16, 8), False)(4) == "grads"
+    assert len(ran) == 3
+
+
+def test_deterministic_gradients_on_the_gpu(deterministic):
+    """Under use_deterministic_algorithms(True), backend=None on a problem it would give hopper-fna
+    computes gradients that repeat bit for bit (through cutlass-fna), and hopper-fna asked by name
+    raises in its backward."""
+    import natten
+
+    _backend(SM90, 1, torch.bfloat16, 64)
+    _backend(SM80, 1, torch.bfloat16, 64)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4096, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    d_out = torch.randn_like(q)
+
+    def grads(backend=None):
+        out = natten.na1d(q, k, v, kernel_size=129, backend=backend)
+        return torch.autograd.grad(out, (q, k, v), d_out)
+
+    first, second = grads(), grads()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with pytest.raises(RuntimeError, match="not deterministic"):
+        grads("hopper-fna")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -42,6 +43,20 @@ def tf32_allowed() -> bool:
     if precision in ("tf32", "ieee"):
         return precision == "tf32"
     return torch.get_float32_matmul_precision() != "highest"
+
+
+def alert_not_deterministic(what: str) -> None:
+    """What torch's own nondeterministic operations do under torch.use_deterministic_algorithms:
+    raise, or warn with warn_only=True; nothing when it is off."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"{what} is not deterministic, and torch.use_deterministic_algorithms(True) is set; "
+               "backend=None picks a deterministic backend for calls that need gradients "
+               "(cutlass-fna, cpu, flex-fna, reference)")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message)
+    else:
+        raise RuntimeError(message)
 
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
