@@ -98,14 +98,16 @@ def axis_mask(L, k, s, d, c):
     return m
 
 
-def na_mask(shape, kernel_size, stride=1, dilation=1, is_causal=False):
-    """Bool [N, N] mask over row-major flattened tokens of grid `shape`."""
+def _per_axis(shape, kernel_size, stride, dilation, is_causal):
+    """The grid shape as a tuple, its rank, and the window arguments with one value per axis."""
     shape = tuple(shape)
     rank = len(shape)
-    ks = as_tuple(kernel_size, rank)
-    ss = as_tuple(stride, rank)
-    ds = as_tuple(dilation, rank)
-    cs = as_tuple(is_causal, rank)
+    return shape, rank, tuple(as_tuple(x, rank) for x in (kernel_size, stride, dilation, is_causal))
+
+
+def na_mask(shape, kernel_size, stride=1, dilation=1, is_causal=False):
+    """Bool [N, N] mask over row-major flattened tokens of grid `shape`."""
+    shape, rank, (ks, ss, ds, cs) = _per_axis(shape, kernel_size, stride, dilation, is_causal)
     masks = [axis_mask(shape[a], ks[a], ss[a], ds[a], bool(cs[a])) for a in range(rank)]
     # full[x1..xr, y1..yr] = AND_a masks[a][x_a, y_a]
     full = torch.ones(*shape, *shape, dtype=torch.bool)
@@ -202,12 +204,7 @@ def _axis_table(L, k, s, d, c):
 def window_table(shape, kernel_size, dilation=1, is_causal=False, stride=1):
     """Returns (key_flat [N, K], valid [N, K], bias_idx list of [N, K] per axis),
     K = prod(kernel_size), window offsets row-major."""
-    shape = tuple(shape)
-    rank = len(shape)
-    ks = as_tuple(kernel_size, rank)
-    ss = as_tuple(stride, rank)
-    ds = as_tuple(dilation, rank)
-    cs = as_tuple(is_causal, rank)
+    shape, rank, (ks, ss, ds, cs) = _per_axis(shape, kernel_size, stride, dilation, is_causal)
     tabs = [_axis_table(shape[a], ks[a], ss[a], ds[a], bool(cs[a])) for a in range(rank)]
     # broadcast to [L1..Lr, k1..kr]
     key_flat = torch.zeros(*shape, *ks, dtype=torch.long)
