@@ -53,12 +53,16 @@ def _rpb_shape(H, kernel, rank):
     return (H, *[2 * k - 1 for k in as_tuple(kernel, rank)])
 
 
-@pytest.mark.parametrize("case,dtype", _dtype_params((1, 4, 9)))
-def test_qk(device, case, dtype):
+def _case_on(device, case, dtype):
+    """A case's fields and rank, skipping float64 off the CPU (it is CPU-only)."""
     if dtype == torch.float64 and device != "cpu":
         pytest.skip("float64 is CPU-only")
-    shape, kernel, dil, causal, use_rpb = case
-    r = len(shape)
+    return (*case, len(case[0]))
+
+
+@pytest.mark.parametrize("case,dtype", _dtype_params((1, 4, 9)))
+def test_qk(device, case, dtype):
+    shape, kernel, dil, causal, use_rpb, r = _case_on(device, case, dtype)
     B, H, D = 2, 3, 16
     q = torch.randn(B, *shape, H, D, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
     k = torch.randn(B, *shape, H, D, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
@@ -87,10 +91,7 @@ def test_qk(device, case, dtype):
 
 @pytest.mark.parametrize("case,dtype", _dtype_params((2, 5, 8)))
 def test_av(device, case, dtype):
-    if dtype == torch.float64 and device != "cpu":
-        pytest.skip("float64 is CPU-only")
-    shape, kernel, dil, causal, _ = case
-    r = len(shape)
+    shape, kernel, dil, causal, _, r = _case_on(device, case, dtype)
     B, H, Dv = 2, 2, 24
     K = math.prod(as_tuple(kernel, r))
     # softmax-like weights at visible offsets, large garbage at invisible ones (must be ignored)
