@@ -410,31 +410,32 @@ def deterministic():
 def test_hopper_passed_over_for_gradients_when_deterministic(hopper, deterministic):
     """Its backward sums dQ across CTAs in no fixed order: backend=None takes another family for
     calls that need gradients, and keeps hopper-fna for those that do not."""
-    assert "not deterministic" in hopper.passed_over(_problem((128, 128), (32, 32), requires_grad=True))
-    assert hopper.passed_over(_problem((128, 128), (32, 32))) is None
+    from natten import backends
+
+    assert "not deterministic" in backends._nondeterministic(hopper, _problem((128, 128), (32, 32), requires_grad=True))
+    assert backends._nondeterministic(hopper, _problem((128, 128), (32, 32))) is None
 
 
-def test_hopper_backward_alerts_as_torch_does(hopper, deterministic, monkeypatch):
+def test_hopper_backward_alerts_as_torch_does(hopper, deterministic):
     """Asked for by name, its backward raises under use_deterministic_algorithms(True) and warns
     with warn_only=True, before any kernel runs; outside that mode it runs."""
-    from natten.backends.compiled import CompiledBackend
+    from natten._plan import _alerting
+    from natten.backends.base import alert_not_deterministic
 
     ran = []
-    monkeypatch.setattr(CompiledBackend, "fna_backward", lambda self, *a: ran.append(a) or "grads")
-    monkeypatch.setattr(CompiledBackend, "bind", lambda self, *a: lambda *b: ran.append(b) or "grads")
-    problem = _problem((128, 128), (32, 32), requires_grad=True)
-    bound = hopper.bind(problem, 0.1, (16, 8), (16, 8), True)
-    with pytest.raises(RuntimeError, match="hopper-fna's backward .* is not deterministic"):
-        hopper.fna_backward(1, 2)
+    bound = _alerting(hopper, lambda *a: ran.append(a) or "grads")
+    with pytest.raises(RuntimeError, match="hopper-fna's backward is not deterministic"):
+        alert_not_deterministic(hopper)
     with pytest.raises(RuntimeError, match="use_deterministic_algorithms"):
         bound(1, 2)
     assert not ran
     torch.use_deterministic_algorithms(True, warn_only=True)
     with pytest.warns(UserWarning, match="not deterministic"):
-        assert hopper.fna_backward(1, 2) == "grads"
+        assert bound(1, 2) == "grads"
     torch.use_deterministic_algorithms(False)
-    assert bound(3) == "grads" and hopper.bind(problem, 0.1, (16, 8), (16, 8), False)(4) == "grads"
-    assert len(ran) == 3
+    alert_not_deterministic(hopper)
+    assert bound(3) == "grads"
+    assert len(ran) == 2
 
 
 def test_deterministic_gradients_on_the_gpu(deterministic):

@@ -10,10 +10,8 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Tuple
 
-import torch
-
 from natten._checks import FusedProblem
-from natten.backends.base import Tile, alert_not_deterministic
+from natten.backends.base import Tile
 from natten.backends.tiled import TiledBackend
 
 # TMA limits: a traversal stride (the dilation) of at most 8 positions, and a box (a tile's
@@ -51,6 +49,8 @@ def _tma_limit(problem: FusedProblem, q_tile: Tile, kv_tile: Tile) -> Optional[s
 class HopperBackend(TiledBackend):
     name = "hopper-fna"
     family = "sm90"
+    # Each CTA adds its dQ partial into a float32 buffer (cutlass_kernels/sm90/bwd_launch.cuh).
+    nondeterministic_backward = "dQ is summed across CTAs in no fixed order"
 
     def configs(self, problem: FusedProblem, backward: bool) -> List[Tuple[Tile, Tile]]:
         """The instantiated pairs whose boxes TMA can load for the problem's dilation."""
@@ -81,29 +81,7 @@ class HopperBackend(TiledBackend):
         return (_tma_limit(problem, q_tile, kv_tile)
                 or super().check_tiles(problem, q_tile, kv_tile, backward))
 
-    # The backward adds each CTA's dQ partial into a float32 buffer in whatever order the CTAs
-    # run (cutlass_kernels/sm90/bwd_launch.cuh); the other backends have one writer per element.
-    _NONDETERMINISTIC = "hopper-fna's backward (dQ is summed across CTAs in no fixed order)"
-
-    def bind(self, problem, scale, q_tile, kv_tile, backward):
-        bound = super().bind(problem, scale, q_tile, kv_tile, backward)
-        if not backward:
-            return bound
-
-        def backward_call(*args):
-            alert_not_deterministic(self._NONDETERMINISTIC)
-            return bound(*args)
-
-        return backward_call
-
-    def fna_backward(self, *args):
-        alert_not_deterministic(self._NONDETERMINISTIC)
-        return super().fna_backward(*args)
-
     def passed_over(self, problem: FusedProblem) -> Optional[str]:
-        if problem.requires_grad and torch.are_deterministic_algorithms_enabled():
-            return ("its backward is not deterministic (dQ is summed across CTAs in no fixed "
-                    "order) and torch.use_deterministic_algorithms(True) is set")
         # Under torch.compile the sizes are symbols: the comparison becomes a guard (a compiled
         # call whose sizes cross the bound recompiles once), and the message must not print them,
         # which would specialise the graph on their values.
