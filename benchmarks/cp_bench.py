@@ -15,8 +15,9 @@ A multi-rank time is the slowest rank's median (ranks start each run together af
 barrier). "MB/step" is what the busiest rank receives in the forward plus what it returns in
 the backward (K and V rows). "bound" is the best speed-up the local calls allow: the whole
 grid's rows over the most rows a rank computes (its own where the backend computes a query
-range, else its own plus the halo rows, whose queries are then computed and discarded). "rel err" compares each rank's slab of the output with the one-GPU call on the
-whole grid (same backend, same dtype). Errors become rows; process groups carry a timeout, so
+range, else its own plus the halo rows, whose queries are then computed and discarded).
+"rel err" compares each rank's slab of the output with the one-GPU call on the whole grid
+(same backend, same dtype). Errors become rows; process groups carry a timeout, so
 a failing rank cannot leave the others waiting forever.
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/cp_bench.py
@@ -202,7 +203,8 @@ def run_problem(spatial, args, device, dtype, me: int, world: int) -> List[dict]
         "all-gather": (gathered, 2 * (total - n) * row_bytes),
     }
     for name, (fn, moved) in methods.items():
-        row = dict(base, method=name, moved_mb=moved / 1e6, bound=total / (max(extents) if ranged else longest))
+        computed = max(extents) if ranged else longest
+        row = dict(base, method=name, moved_mb=moved / 1e6, bound=total / computed)
         status = torch.zeros(4, device=device, dtype=torch.float64)  # fwd, step, failed, err
         try:
             if name == "all-gather" and len(set(extents)) != 1:
