@@ -8,8 +8,8 @@
 // second warp fills the step's table (query rows, lse, delta; a per-row gather TMA cannot
 // do for a heads-last float32 tensor). A stage's full barrier waits for both, its empty barrier
 // for every consumer thread. The two consumer warpgroups own 64 keys each and run the step's
-// GEMMs (bwd_mainloop.cuh); each adds its dQ partial to the float32 buffer with one bulk
-// reduction per query row. setmaxnreg moves the producer's registers to the consumers.
+// GEMMs (bwd_mainloop.cuh); each adds its dQ partial to the float32 buffer from registers
+// (float2 atomics; or, with kDqAtomic off, one bulk reduction per query row). setmaxnreg moves the producer's registers to the consumers.
 // The epilogue stages dK (scaled) and dV in the K and V tiles and writes whole 16-byte pieces.
 // A call computing a range of the queries (common/tile_geometry.cuh) walks only the range's
 // queries; Q, dO and the step table's rows (lse, delta, dQ) are in the range's grid.

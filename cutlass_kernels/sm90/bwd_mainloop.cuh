@@ -29,10 +29,10 @@ namespace natten::sm90 {
 using namespace cute;
 
 // kDqAtomic: dQ's partial is added to the float32 buffer from registers, a pair of columns at a
-// time (else: staged in shared memory and added by bulk reductions, one per row). On an H200 it
-// measured 0-3% faster on P1-P3 (benchmarks/NOTES.md); kept to time against the default until
-// the full checks have run on it.
-template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kDqAtomic_ = false>
+// time. The alternative (false) stages it in shared memory and adds it by bulk reductions, one per
+// row: on an H200 it measured 3-4% slower on P1-P3 (benchmarks/NOTES.md), since its staging takes
+// the shared memory a third query stage needs; the harness times it as the family sm90bulk.
+template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kDqAtomic_ = true>
 struct BackwardConfig {
   static constexpr bool kDqAtomic = kDqAtomic_;
   static constexpr int Rank = Rank_;

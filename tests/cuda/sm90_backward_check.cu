@@ -31,20 +31,20 @@ void fna_backward(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
 }  // namespace natten::sm80
 
 // X(part, family, rank, element, head dim, query tile, key tile) (sm90_harness.cuh), one line a part.
-// Families: sm90 (this backward: 64-token query boxes, 128-token key boxes), sm90ca (the same
-// with dQ's partials added from registers: BackwardConfig's kDqAtomic), sm80 (the SM80 family's
-// backward, timed in the same run).
+// Families: sm90 (this backward: 64-token query boxes, 128-token key boxes), sm90bulk (the same
+// with dQ's partials staged in shared memory and added by bulk reductions: BackwardConfig's
+// kDqAtomic off), sm80 (the SM80 family's backward, timed in the same run).
 #define NATTEN_INSTANCES(X) \
   X(1, sm90, 1, bf16, 128, B64, B128) X(1, sm90, 1, fp16, 128, B64, B128) X(1, sm90, 1, bf16, 64, B64, B128) \
   X(2, sm90, 2, bf16, 128, B8x8, B16x8) X(2, sm90, 2, fp16, 64, B8x8, B16x8) \
   X(3, sm90, 3, bf16, 128, B4x4x4, B4x4x8) X(3, sm90, 3, bf16, 128, B2x4x8, B2x8x8) X(3, sm90, 3, fp16, 64, B4x4x4, B4x4x8) \
   X(4, sm80, 1, bf16, 128, B128, B64) X(4, sm80, 2, bf16, 128, B16x8, B8x8) X(4, sm80, 3, bf16, 128, B4x4x8, B4x4x4) \
-  X(5, sm90ca, 1, bf16, 128, B64, B128) X(5, sm90ca, 2, bf16, 128, B8x8, B16x8) X(5, sm90ca, 3, bf16, 128, B4x4x4, B4x4x8) X(5, sm90ca, 3, fp16, 64, B4x4x4, B4x4x8)
+  X(5, sm90bulk, 1, bf16, 128, B64, B128) X(5, sm90bulk, 2, bf16, 128, B8x8, B16x8) X(5, sm90bulk, 3, bf16, 128, B4x4x4, B4x4x8) X(5, sm90bulk, 3, fp16, 64, B4x4x4, B4x4x8)
 
 #define NATTEN_ENTRY_sm80(R, T, HD, Q, KV) natten::sm80::fna_backward<R, T, HD, Q, KV>
 #define NATTEN_ENTRY_sm90(R, T, HD, Q, KV) natten::sm90::run_fna_backward<R, T, HD, Q, KV>
-#define NATTEN_ENTRY_sm90ca(R, T, HD, Q, KV) \
-  natten::sm90::run_backward<natten::sm90::BackwardConfig<R, T, HD, Q, KV, true>, T>
+#define NATTEN_ENTRY_sm90bulk(R, T, HD, Q, KV) \
+  natten::sm90::run_backward<natten::sm90::BackwardConfig<R, T, HD, Q, KV, false>, T>
 
 #if NATTEN_PART > 0
 // One part of the instantiations.
