@@ -6,7 +6,8 @@ For each problem (a video grid grown along time, window 8x16x16, bfloat16, 16 he
 
 * ``1 GPU``: ``natten.na3d`` on the whole grid, on rank 0 alone;
 * ``halo``: ``natten.distributed.na3d`` on every rank's slab (halo rows by point-to-point
-  messages, their gradients sent back);
+  messages, their gradients sent back; the rows that need no halo computed while it travels);
+* ``halo, serial``: the same with that overlap off (the exchange, then every row);
 * ``all-gather``: every rank gathers the whole K/V (``torch.distributed.nn`` all_gather,
   reduce-scatter in the backward) and runs the same local call as ``halo`` on it, so the two
   differ only in what they move.
@@ -170,7 +171,7 @@ def run_problem(spatial, args, device, dtype, me: int, world: int) -> List[dict]
     try:
         longest, halo_rows, slabs = slab_rows(extents, kernel[SHARD_DIM], 1, 1, False)
     except ValueError as exc:  # the same on every rank: nobody waits
-        return rows + [dict(base, method=m, error=str(exc)) for m in ("halo", "all-gather")]
+        return rows + [dict(base, method=m, error=str(exc)) for m in ("halo", "halo, serial", "all-gather")]
     a, b = slabs[me]
     g_slab = d_out.narrow(axis, lo, n).contiguous()
     local = [leaves(t) for t in (q, k, v)]
@@ -182,6 +183,13 @@ def run_problem(spatial, args, device, dtype, me: int, world: int) -> List[dict]
 
     def halo():
         return nd.na3d(*local, kernel, shard_dim=SHARD_DIM, backend=args.backend)
+
+    def halo_serial():  # the exchange first, then every row's attention
+        nd._OVERLAP = False
+        try:
+            return halo()
+        finally:
+            nd._OVERLAP = True
 
     # The same local call as natten.distributed makes: only the owned queries where the backend
     # computes a query range, else the slab plus halo with zero query rows, sliced.
@@ -200,6 +208,7 @@ def run_problem(spatial, args, device, dtype, me: int, world: int) -> List[dict]
 
     methods: Dict[str, tuple] = {
         "halo": (halo, 2 * halo_rows * row_bytes),
+        "halo, serial": (halo_serial, 2 * halo_rows * row_bytes),
         "all-gather": (gathered, 2 * (total - n) * row_bytes),
     }
     for name, (fn, moved) in methods.items():

@@ -33,11 +33,22 @@ the slab with zeros as the halo's queries and throws those rows away (they add n
 gradient, since their output gradient is zero); that costs ``(b - a) / (hi - lo)`` of the
 local work.
 
+Overlap: the exchange and the rows that need no halo
+----------------------------------------------------
+Most of a rank's rows see no halo: where the ordinary call on the own rows alone already gives
+a query its global window (``_interior``: the longest run of such rows), that query's result
+needs nothing from other ranks. So the rank starts the halo messages, computes those rows by a
+query-range call on its own keys while the messages travel, and then the rows at its edges on
+the slab with the halo; the pieces are joined in row order.
+
 Communication: halo K/V rows come from their owners by point-to-point messages (several
-owners when slabs are thinner than the halo); in the backward the halo rows' dK/dV go back to
-their owners and are summed there; the gradients of the replicated additional keys/values
-are summed over the group. Every rank must run the backward of its output (the backward
-exchanges messages).
+owners when slabs are thinner than the halo), one batch per call started before any
+attention and waited for only by the call that needs the halo. In the backward, the halo
+rows' dK/dV go back to their owners and are summed there, and the gradients of the
+replicated additional keys/values are summed over the group; both happen in one autograd node
+(``_HaloSend``'s backward), after every gradient of the call has reached it, so every rank
+issues its messages in the same order. Every rank must run the backward of its output (the
+backward exchanges messages).
 """
 
 from __future__ import annotations
@@ -57,6 +68,10 @@ from natten.functional import _query_range_na, na1d as _na1d, na2d as _na2d, na3
 __all__ = ["na1d", "na2d", "na3d", "module_forward"]
 
 _OPS = {1: _na1d, 2: _na2d, 3: _na3d}
+
+# Compute the rows that need no halo while the halo travels (benchmarks/cp_bench.py times the
+# call with it off too, as "halo, serial").
+_OVERLAP = True
 
 
 # ----------------------------------------------------------------------------------------
@@ -124,6 +139,28 @@ def _slabs(extents: Tuple[int, ...], kernel: int, stride: int, dilation: int,
     return tuple(slabs)
 
 
+@functools.lru_cache(maxsize=64)
+def _interior(extents: Tuple[int, ...], me: int, kernel: int, stride: int, dilation: int,
+              causal: bool) -> Tuple[int, int]:
+    """Rows [i0, i1) of rank ``me``'s own rows (local indices) whose window in the grid of the
+    own rows alone is their global window: the rows computable before any halo arrives (the
+    longest such run; (0, 0) where there is none)."""
+    lo, n = sum(extents[:me]), extents[me]
+    if n < kernel * dilation:  # the call on the own rows needs kernel * dilation of them
+        return (0, 0)
+    need = _windows(sum(extents), kernel, stride, dilation, causal, range(lo, lo + n))
+    got = _windows(n, kernel, stride, dilation, causal, range(n), offset=lo)
+    best, start = (0, 0), None
+    for i, same in enumerate([g == w for g, w in zip(got, need)] + [False]):
+        if same and start is None:
+            start = i
+        elif not same and start is not None:
+            if i - start > best[1] - best[0]:
+                best = (start, i)
+            start = None
+    return best
+
+
 def _owned(extents: Sequence[int]) -> List[Tuple[int, int]]:
     out, lo = [], 0
     for n in extents:
@@ -180,98 +217,142 @@ class _Comm:
         """Rows [start, stop) (global) of this rank's own slab of t."""
         return t.narrow(self.axis, start - self.owned[self.me][0], stop - start)
 
-    def exchange(self, sends: dict, recv_like: dict) -> dict:
-        """Sends sends[j] (a list of tensors) to rank j and receives, from rank j, tensors
-        shaped as recv_like[j]; one message per peer and direction."""
-        ops, inbox = [], {}
-        for j, like in recv_like.items():
-            sizes = [t.numel() * t.element_size() for t in like]
-            buf = torch.empty(sum(sizes), dtype=torch.uint8, device=like[0].device)
-            inbox[j] = (buf, sizes, like)
-            ops.append(dist.P2POp(dist.irecv, buf, self.peer(j), self.group))
+    def start(self, sends: dict, recvs: dict) -> "_Pending":
+        """Starts sending the tensors sends[j] to rank j and receiving, from rank j, into the
+        (contiguous) tensors recvs[j]; one message per tensor, in list order on both sides, all
+        in one batch (NCCL matches a rank's sends and receives only within a batch)."""
+        ops, keep = [], []
+        for j, tensors in recvs.items():
+            ops += [dist.P2POp(dist.irecv, t, self.peer(j), self.group) for t in tensors]
         for j, tensors in sends.items():
-            buf = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
-            ops.append(dist.P2POp(dist.isend, buf, self.peer(j), self.group))
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-        out = {}
-        for j, (buf, sizes, like) in inbox.items():
-            parts, at = [], 0
-            for size, t in zip(sizes, like):
-                parts.append(buf[at:at + size].view(t.dtype).view(t.shape))
-                at += size
-            out[j] = parts
-        return out
+            tensors = [t.contiguous() for t in tensors]
+            keep += tensors
+            ops += [dist.P2POp(dist.isend, t, self.peer(j), self.group) for t in tensors]
+        return _Pending(dist.batch_isend_irecv(ops) if ops else [], keep)
 
-    def halo_shape(self, t: Tensor, n: int) -> torch.Size:
-        shape = list(t.shape)
+    def halo_shape(self, t, n: int) -> torch.Size:
+        """t's shape (a tensor's or a torch.Size) with n rows along the shard axis."""
+        shape = list(t if isinstance(t, torch.Size) else t.shape)
         shape[self.axis] = n
         return torch.Size(shape)
 
 
-class _HaloExchange(torch.autograd.Function):
-    """(k, v) of this rank's rows -> (k, v) of its slab; backward returns the halo rows'
-    gradients to their owners, which add them to their own."""
+class _Pending:
+    """Messages in flight, and the send buffers they read until finish() has waited for them."""
+
+    def __init__(self, requests, keep):
+        self.requests, self.keep = requests, keep
+
+    def finish(self) -> None:
+        for req in self.requests:
+            req.wait()
+        self.requests, self.keep = [], []
+
+
+def _halo_sends(comm: "_Comm", k: Tensor, v: Tensor) -> dict:
+    me, routes = comm.me, comm.routes
+    return {i: [comm.rows(t, *routes[i][me]) for t in (k, v)]
+            for i in range(len(routes)) if i != me and routes[i][me][1] > routes[i][me][0]}
+
+
+def _halo_sources(comm: "_Comm") -> List[Tuple[int, int, int]]:
+    """(rank, start, stop): the global rows of this rank's halo and their owners, in order."""
+    return [(j, start, stop) for j, (start, stop) in enumerate(comm.routes[comm.me])
+            if j != comm.me and stop > start]
+
+
+class _HaloSend(torch.autograd.Function):
+    """Starts the halo messages: (k, v) of this rank's rows -> the same (k, v), and the halo
+    rows' (k, v) per owner, whose contents arrive by the time _HaloJoin has run. Its backward
+    sends the halo rows' gradients to their owners and adds the ones it receives to its own
+    rows; then it sums the replicated additional keys' and values' gradients over the group.
+    Both exchanges sit in this one node so that every rank issues them in the same order."""
 
     @staticmethod
-    def forward(ctx, k: Tensor, v: Tensor, comm: _Comm):
+    def forward(ctx, k: Tensor, v: Tensor, ek, ev, comm: "_Comm", pending: list):
         ctx.comm = comm
+        ctx.extra = ek is not None
+        ctx.shapes = (k.shape, v.shape)
+        ctx.kinds = [(t.dtype, t.device) for t in (k, v)]
+        if ctx.extra:
+            ctx.extra_kinds = [(t.shape, t.dtype, t.device) for t in (ek, ev)]
+        sources = _halo_sources(comm)
+        halo = [[torch.empty(comm.halo_shape(t, stop - start), dtype=t.dtype, device=t.device)
+                 for t in (k, v)] for _, start, stop in sources]
+        pending.append(comm.start(_halo_sends(comm, k, v),
+                                  {j: pair for (j, _, _), pair in zip(sources, halo)}))
+        extra = (ek.view_as(ek), ev.view_as(ev)) if ctx.extra else (None, None)
+        return (k.view_as(k), v.view_as(v), *extra, *(t for pair in halo for t in pair))
+
+    @staticmethod
+    def backward(ctx, gk, gv, gek, gev, *ghalo):
+        comm = ctx.comm
         me, routes = comm.me, comm.routes
-        sends = {i: [comm.rows(t, *routes[i][me]) for t in (k, v)]
-                 for i in range(len(routes)) if i != me and routes[i][me][1] > routes[i][me][0]}
-        recv_like = {}
-        for j, (start, stop) in enumerate(routes[me]):
-            if j != me and stop > start:
-                recv_like[j] = [torch.empty(comm.halo_shape(t, stop - start), dtype=t.dtype,
-                                            device=t.device) for t in (k, v)]
-        got = comm.exchange(sends, recv_like)
-        left = [got[j] for j in sorted(got) if j < me]
-        right = [got[j] for j in sorted(got) if j > me]
+        lo, hi = comm.owned[me]
+        own = [_or_zeros(g, comm.halo_shape(t, hi - lo), *kind)
+               for g, t, kind in zip((gk, gv), ctx.shapes, ctx.kinds)]
+        sends = {}
+        for n, (j, start, stop) in enumerate(_halo_sources(comm)):
+            sends[j] = [_or_zeros(g, comm.halo_shape(t, stop - start), *kind)
+                        for g, t, kind in zip(ghalo[2 * n:2 * n + 2], ctx.shapes, ctx.kinds)]
+        recvs = {}
+        for i in range(len(routes)):
+            start, stop = routes[i][me]
+            if i != me and stop > start:
+                recvs[i] = [torch.empty(comm.halo_shape(g, stop - start), dtype=g.dtype,
+                                        device=g.device) for g in own]
+        comm.start(sends, recvs).finish()
+        grads = [g.clone() for g in own]
+        for i, parts in recvs.items():
+            start, stop = routes[i][me]
+            for g, part in zip(grads, parts):
+                g.narrow(comm.axis, start - lo, stop - start).add_(part)
+        extra = [None, None]
+        if ctx.extra:
+            extra = [_or_zeros(g, *kind).contiguous().clone()
+                     for g, kind in zip((gek, gev), ctx.extra_kinds)]
+            for g in extra:
+                dist.all_reduce(g, group=comm.group)
+        return grads[0], grads[1], extra[0], extra[1], None, None
+
+
+def _or_zeros(g: Optional[Tensor], shape, dtype, device) -> Tensor:
+    """A gradient autograd left out (an output that did not reach the loss) as zeros: the
+    messages must still be sent."""
+    return torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+
+
+class _HaloJoin(torch.autograd.Function):
+    """Waits for the halo messages and joins own rows and halo rows into the slab's (k, v);
+    its backward hands each part its rows of the gradient."""
+
+    @staticmethod
+    def forward(ctx, k: Tensor, v: Tensor, comm: "_Comm", pending: list, *halo):
+        for p in pending:
+            p.finish()
+        ctx.comm = comm
+        ctx.rows = [t.shape[comm.axis] for t in halo[0::2]]
+        sources = _halo_sources(comm)
+        left = [n for n, (j, _, _) in enumerate(sources) if j < comm.me]
+        right = [n for n, (j, _, _) in enumerate(sources) if j > comm.me]
+        ctx.order = left + [-1] + right
         outs = []
         for idx, t in enumerate((k, v)):
-            pieces = [p[idx] for p in left] + [t] + [p[idx] for p in right]
+            pieces = [t if n < 0 else halo[2 * n + idx] for n in ctx.order]
             outs.append(torch.cat(pieces, dim=comm.axis) if len(pieces) > 1 else t.clone())
         return tuple(outs)
 
     @staticmethod
-    def backward(ctx, gk: Tensor, gv: Tensor):
-        comm = ctx.comm
-        me, routes = comm.me, comm.routes
-        a = comm.slab[0]
-        lo, hi = comm.owned[me]
-        sends = {}
-        for j, (start, stop) in enumerate(routes[me]):
-            if j != me and stop > start:
-                sends[j] = [g.narrow(comm.axis, start - a, stop - start) for g in (gk, gv)]
-        recv_like = {}
-        for i in range(len(routes)):
-            start, stop = routes[i][me]
-            if i != me and stop > start:
-                recv_like[i] = [torch.empty(comm.halo_shape(g, stop - start), dtype=g.dtype,
-                                            device=g.device) for g in (gk, gv)]
-        got = comm.exchange(sends, recv_like)
-        grads = [g.narrow(comm.axis, lo - a, hi - lo).clone() for g in (gk, gv)]
-        for i, parts in got.items():
-            start, stop = routes[i][me]
-            for g, part in zip(grads, parts):
-                g.narrow(comm.axis, start - lo, stop - start).add_(part)
-        return grads[0], grads[1], None
-
-
-class _SumGradients(torch.autograd.Function):
-    """Identity whose backward sums the gradient over the group (replicated tensors)."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor, group):
-        ctx.group = group
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+    def backward(ctx, gkx, gvx):
+        axis = ctx.comm.axis
+        own = gkx.shape[axis] - sum(ctx.rows)
+        grads = {}
+        at = 0
+        for n in ctx.order:
+            rows = own if n < 0 else ctx.rows[n]
+            grads[n] = [g.narrow(axis, at, rows) for g in (gkx, gvx)]
+            at += rows
+        return (*grads[-1], None, None, *(g for n in range(len(ctx.rows)) for g in grads[n]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -392,18 +473,43 @@ def _sharded(rank: int, q, k, v, kernel_size, stride, dilation, is_causal, shard
     comm = _Comm(group, extents, _slabs(extents, kernel, s, d, causal), 1 + shard_dim)
     a, b = comm.slab
     lo, hi = comm.owned[comm.me]
-    kx, vx = _HaloExchange.apply(k, v, comm)
-    if additional_keys is not None:
-        additional_keys = _SumGradients.apply(additional_keys, group)
-        additional_values = _SumGradients.apply(additional_values, group)
+    pending = []
+    k, v, additional_keys, additional_values, *halo = _HaloSend.apply(
+        k, v, additional_keys, additional_values, comm, pending)
     call_args = dict(stride=stride, dilation=dilation, is_causal=is_causal, scale=scale,
                      additional_keys=additional_keys, additional_values=additional_values,
                      return_lse=return_lse)
-    ranged = _query_range_backend(rank, q, kx, vx, kernel_size, stride, dilation, is_causal, scale,
-                                  additional_keys, additional_values, shard_dim, lo - a, backend)
-    if ranged is not None:
-        return _query_range_na(rank, q, kx, vx, kernel_size, axis=shard_dim, offset=lo - a,
-                               backend=ranged, **call_args)
+
+    def ranged(rows: Tuple[int, int], keys: Tensor, values: Tensor, at: int):
+        """Own rows [rows) (local) as queries against keys whose grid starts ``at`` rows before
+        the own rows; None where the backend cannot compute a range."""
+        query = q.narrow(comm.axis, rows[0], rows[1] - rows[0])
+        name = _query_range_backend(rank, query, keys, values, kernel_size, stride, dilation,
+                                    is_causal, scale, additional_keys, additional_values,
+                                    shard_dim, at + rows[0], backend)
+        if name is None:
+            return None
+        return _query_range_na(rank, query, keys, values, kernel_size, axis=shard_dim,
+                               offset=at + rows[0], backend=name, **call_args)
+
+    # While the halo travels: the rows whose windows lie in the own rows, on the own rows.
+    pieces = []
+    inner = _interior(extents, comm.me, kernel, s, d, causal) if _OVERLAP else (0, 0)
+    if inner[1] > inner[0]:
+        got = ranged(inner, k, v, 0)
+        if got is not None:
+            pieces.append((inner[0], got))
+    kx, vx = _HaloJoin.apply(k, v, comm, pending, *halo)
+    rest = [(0, inner[0]), (inner[1], hi - lo)] if pieces else [(0, hi - lo)]
+    for rows in rest:
+        if rows[1] > rows[0]:
+            got = ranged(rows, kx, vx, lo - a)
+            if got is None:
+                break
+            pieces.append((rows[0], got))
+    else:
+        return _join(sorted(pieces, key=lambda piece: piece[0]), comm.axis, return_lse)
+
     qx = q
     if (a, b) != (lo, hi):
         pad = [torch.zeros(comm.halo_shape(q, n), dtype=q.dtype, device=q.device)
@@ -413,6 +519,16 @@ def _sharded(rank: int, q, k, v, kernel_size, stride, dilation, is_causal, shard
     if return_lse:
         return tuple(t.narrow(comm.axis, lo - a, hi - lo) for t in out)
     return out.narrow(comm.axis, lo - a, hi - lo)
+
+
+def _join(pieces, axis: int, return_lse: bool):
+    """The results of consecutive row ranges, in order, as one (output, and lse)."""
+    results = [got for _, got in pieces]
+    if len(results) == 1:
+        return results[0]
+    if return_lse:
+        return tuple(torch.cat(parts, dim=axis) for parts in zip(*results))
+    return torch.cat(results, dim=axis)
 
 
 def _query_range_backend(rank, q, kx, vx, kernel_size, stride, dilation, is_causal, scale,

@@ -72,6 +72,14 @@ CASES = [
           name="3d_axis1"),
     _case(2, (16,), (7, 9), 5, dilation=2, extra=2, lse=True, dtype="float32", batch=2,
           name="1d_float32"),
+    # Long slabs: most rows are computed on the own rows while the halo travels, the rest on each
+    # edge (odd offsets of the own rows against the stride and dilation periods included).
+    _case(3, (61,), (19, 23, 19), 6, stride=2, dilation=2, extra=2, lse=True, batch=2,
+          name="1d_overlap_stride_dilation_extra"),
+    _case(2, (40, 5), (21, 19), (7, 3), causal=(True, False), heads=4, heads_kv=2, lse=True,
+          name="2d_overlap_causal_gqa"),
+    _case(2, (4, 30, 6), (13, 17), (2, 5, 3), stride=(1, 3, 1), dilation=(2, 1, 1), shard_dim=1,
+          extra=1, name="3d_overlap_axis1_stride"),
     *_random_1d_cases(2, 8, seed=1),
     *_random_1d_cases(3, 10, seed=2),
     *_random_1d_cases(4, 10, seed=3),
@@ -170,11 +178,16 @@ def _run_case(case, seed, me, group=None):
     finally:
         nd._query_range_na = ranged_op
     # A backend that computes a query range (cpu and the tiled CUDA families) gets only the owned
-    # rows as queries, in one call; the others (reference, flex-fna) the whole slab.
+    # rows as queries: the rows that need no halo in one call on the own rows (made before the
+    # halo arrives), the others in one call per edge; the other backends (reference, flex-fna)
+    # the whole slab.
     if case["backend"] in ("reference", "flex-fna"):
         assert ranged_calls == [], ranged_calls
     else:
-        assert len(ranged_calls) == 1 and ranged_calls[0] in _RANGE_BACKENDS[dev], ranged_calls
+        i0, i1 = nd._interior(tuple(case["extents"]), me, *_shard_axis_window(case))
+        calls = 1 + (i0 > 0) + (i1 < n) if i1 > i0 else 1
+        assert len(ranged_calls) == calls, (ranged_calls, (i0, i1), n)
+        assert set(ranged_calls) <= _RANGE_BACKENDS[dev], ranged_calls
     out, lse = got if case["lse"] else (got, None)
     local_loss = (out.double() * t["gout"].narrow(axis, lo, n).to(dev).double()).sum()
     if lse is not None:
@@ -190,6 +203,13 @@ def _run_case(case, seed, me, group=None):
         if x in ("q", "k", "v"):
             ref_grad = ref_grad.narrow(axis, lo, n)
         assert_close(local[x].grad, ref_grad, tol, f"rank {me} d{x}")
+
+
+def _shard_axis_window(case):
+    """(kernel, stride, dilation, causal) along the shard axis."""
+    pick = [v if isinstance(v, (tuple, list)) else [v] * len(case["shape"])
+            for v in (case["kernel"], case["stride"], case["dilation"], case["causal"])]
+    return tuple(v[case["shard_dim"]] for v in pick)
 
 
 def _module_case(me, world):
@@ -361,3 +381,43 @@ def test_slabs_give_global_windows(seed):
                 assert (a + fs * d + (x - a) % d, a + ls * d + (x - a) % d) == (f * d + r, l * d + r), \
                     (extents, k, s, d, c, x, (a, b))
             lo += n
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_interior_rows_need_no_halo(seed):
+    """Each row that a rank computes before the halo arrives has, in the grid of the rank's own
+    rows, its global window (the oracle's window rules, independent of natten._C); and the rows
+    next to the run do not (the run is as long as it can be)."""
+    from natten.distributed import _interior
+
+    rng = random.Random(100 + seed)
+    found = 0
+    for _ in range(60):
+        k = rng.randint(1, 12)
+        s, d = rng.randint(1, k), rng.randint(1, 4)
+        length = rng.randint(k * d, 90)
+        world = rng.randint(1, min(4, length))
+        cuts = sorted(rng.sample(range(1, length), world - 1))
+        extents = tuple(b - a for a, b in zip([0] + cuts, cuts + [length]))
+        c = rng.random() < 0.4
+        lo = 0
+        for me, n in enumerate(extents):
+            i0, i1 = _interior(extents, me, k, s, d, c)
+            assert 0 <= i0 <= i1 <= n
+
+            def same(i):
+                _, f, l, _ = axis_params(length, k, s, d, c, lo + i)
+                _, fs, ls, _ = axis_params(n, k, s, d, c, i)
+                return (lo + fs * d + i % d, lo + ls * d + i % d) == (f * d + (lo + i) % d,
+                                                                      l * d + (lo + i) % d)
+
+            if n >= k * d:
+                assert all(same(i) for i in range(i0, i1)), (extents, k, s, d, c, me, (i0, i1))
+                if i1 > i0:
+                    assert i0 == 0 or not same(i0 - 1)
+                    assert i1 == n or not same(i1)
+                found += i1 - i0
+            else:
+                assert (i0, i1) == (0, 0)
+            lo += n
+    assert found > 0
