@@ -36,8 +36,8 @@ local work.
 Overlap: the exchange and the rows that need no halo
 ----------------------------------------------------
 Most of a rank's rows see no halo: where the ordinary call on the own rows alone already gives
-a query its global window (``_interior``: the longest run of such rows), that query's result
-needs nothing from other ranks. So the rank starts the halo messages, computes those rows by a
+a query its global window (``_interior``: the longest run of such rows, shrunk to whole query
+boxes of the tiled kernels), that query's result needs nothing from other ranks. So the rank starts the halo messages, computes those rows by a
 query-range call on its own keys while the messages travel, and then the rows at its edges on
 the slab with the halo; the pieces are joined in row order.
 
@@ -54,6 +54,7 @@ backward exchanges messages).
 from __future__ import annotations
 
 import functools
+import math
 import zlib
 from typing import List, Optional, Sequence, Tuple
 
@@ -63,6 +64,7 @@ from torch import Tensor
 
 from natten import backends
 from natten._checks import check_fused
+from natten.backends.base import manifest_rows
 from natten.functional import _query_range_na, na1d as _na1d, na2d as _na2d, na3d as _na3d
 
 __all__ = ["na1d", "na2d", "na3d", "module_forward"]
@@ -159,6 +161,22 @@ def _interior(extents: Tuple[int, ...], me: int, kernel: int, stride: int, dilat
                 best = (start, i)
             start = None
     return best
+
+
+def _aligned(run: Tuple[int, int], align: int) -> Tuple[int, int]:
+    """The run shrunk to start at a multiple of ``align`` rows and span a multiple of them, so
+    that splitting the own rows there adds no partial query box to the one the whole rows
+    have; (0, 0) where nothing is left."""
+    i0 = -(-run[0] // align) * align
+    i1 = i0 + (run[1] - i0) // align * align
+    return (i0, i1) if i1 > i0 else (0, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _query_box_rows(rank: int, axis: int) -> int:
+    """The least common multiple of the built tiled kernels' query boxes along ``axis``."""
+    return math.lcm(1, *{row.q_tile[axis] for row in manifest_rows() or ()
+                         if row.rank == rank and row.q_tile})
 
 
 def _owned(extents: Sequence[int]) -> List[Tuple[int, int]]:
@@ -494,7 +512,11 @@ def _sharded(rank: int, q, k, v, kernel_size, stride, dilation, is_causal, shard
 
     # While the halo travels: the rows whose windows lie in the own rows, on the own rows.
     pieces = []
-    inner = _interior(extents, comm.me, kernel, s, d, causal) if _OVERLAP else (0, 0)
+    inner = (0, 0)
+    if _OVERLAP:
+        # Split points at whole query boxes of every dilation group.
+        inner = _aligned(_interior(extents, comm.me, kernel, s, d, causal),
+                         d * _query_box_rows(rank, shard_dim))
     if inner[1] > inner[0]:
         got = ranged(inner, k, v, 0)
         if got is not None:

@@ -184,7 +184,9 @@ def _run_case(case, seed, me, group=None):
     if case["backend"] in ("reference", "flex-fna"):
         assert ranged_calls == [], ranged_calls
     else:
-        i0, i1 = nd._interior(tuple(case["extents"]), me, *_shard_axis_window(case))
+        window = _shard_axis_window(case)
+        i0, i1 = nd._aligned(nd._interior(tuple(case["extents"]), me, *window),
+                             window[2] * nd._query_box_rows(len(case["shape"]), case["shard_dim"]))
         calls = 1 + (i0 > 0) + (i1 < n) if i1 > i0 else 1
         assert len(ranged_calls) == calls, (ranged_calls, (i0, i1), n)
         assert set(ranged_calls) <= _RANGE_BACKENDS[dev], ranged_calls
@@ -421,3 +423,15 @@ def test_interior_rows_need_no_halo(seed):
                 assert (i0, i1) == (0, 0)
             lo += n
     assert found > 0
+
+
+def test_aligned_runs():
+    from natten.distributed import _aligned
+
+    assert _aligned((0, 13), 4) == (0, 12)
+    assert _aligned((3, 16), 4) == (4, 16)
+    assert _aligned((3, 13), 4) == (4, 12)
+    assert _aligned((3, 9), 4) == (4, 8)
+    assert _aligned((5, 7), 4) == (0, 0)
+    assert _aligned((0, 0), 4) == (0, 0)
+    assert _aligned((2, 11), 1) == (2, 11)
