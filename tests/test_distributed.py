@@ -358,62 +358,58 @@ def test_needs_a_process_group():
         nd.na1d(t, t, t, 3)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_slabs_give_global_windows(seed):
-    """The slab of every rank reproduces the global window of each of its queries, checked
-    with the oracle's window rules (independent of natten._C)."""
-    from natten.distributed import _slabs
-
+def _sharded_axes(seed, max_length, max_world):
+    """Random shard-axis problems: (kernel, stride, dilation, causal, extent, slab extents)."""
     rng = random.Random(seed)
     for _ in range(60):
         k = rng.randint(1, 12)
         s, d = rng.randint(1, k), rng.randint(1, 4)
-        length = rng.randint(k * d, 80)
-        world = rng.randint(1, min(5, length))
+        length = rng.randint(k * d, max_length)
+        world = rng.randint(1, min(max_world, length))
         cuts = sorted(rng.sample(range(1, length), world - 1))
-        extents = tuple(b - a for a, b in zip([0] + cuts, cuts + [length]))
-        c = rng.random() < 0.4
+        yield k, s, d, rng.random() < 0.4, length, tuple(b - a for a, b in zip([0] + cuts, cuts + [length]))
+
+
+def _global_window_in(length, k, s, d, c, x, a, extent):
+    """Whether global coordinate x has its global window in the grid of rows [a, a + extent)
+    (the oracle's window rules, independent of natten._C)."""
+    _, f, l, _ = axis_params(length, k, s, d, c, x)
+    _, fs, ls, _ = axis_params(extent, k, s, d, c, x - a)
+    r = (x - a) % d
+    return (a + fs * d + r, a + ls * d + r) == (f * d + x % d, l * d + x % d)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_slabs_give_global_windows(seed):
+    """The slab of every rank reproduces the global window of each of its queries."""
+    from natten.distributed import _slabs
+
+    for k, s, d, c, length, extents in _sharded_axes(seed, 80, 5):
         lo = 0
         for n, (a, b) in zip(extents, _slabs(extents, k, s, d, c)):
             assert 0 <= a <= lo and lo + n <= b <= length and b - a >= k * d
             for x in range(lo, lo + n):
-                _, f, l, _ = axis_params(length, k, s, d, c, x)
-                _, fs, ls, _ = axis_params(b - a, k, s, d, c, x - a)
-                r = x % d
-                assert (a + fs * d + (x - a) % d, a + ls * d + (x - a) % d) == (f * d + r, l * d + r), \
-                    (extents, k, s, d, c, x, (a, b))
+                assert _global_window_in(length, k, s, d, c, x, a, b - a), (extents, k, s, d, c, x, (a, b))
             lo += n
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_interior_rows_need_no_halo(seed):
     """Each row that a rank computes before the halo arrives has, in the grid of the rank's own
-    rows, its global window (the oracle's window rules, independent of natten._C); and the rows
-    next to the run do not (the run is as long as it can be)."""
+    rows, its global window; and the rows next to the run do not (the run is as long as it
+    can be)."""
     from natten.distributed import _interior
 
-    rng = random.Random(100 + seed)
     found = 0
-    for _ in range(60):
-        k = rng.randint(1, 12)
-        s, d = rng.randint(1, k), rng.randint(1, 4)
-        length = rng.randint(k * d, 90)
-        world = rng.randint(1, min(4, length))
-        cuts = sorted(rng.sample(range(1, length), world - 1))
-        extents = tuple(b - a for a, b in zip([0] + cuts, cuts + [length]))
-        c = rng.random() < 0.4
+    for k, s, d, c, length, extents in _sharded_axes(100 + seed, 90, 4):
         lo = 0
         for me, n in enumerate(extents):
             i0, i1 = _interior(extents, me, k, s, d, c)
             assert 0 <= i0 <= i1 <= n
-
-            def same(i):
-                _, f, l, _ = axis_params(length, k, s, d, c, lo + i)
-                _, fs, ls, _ = axis_params(n, k, s, d, c, i)
-                return (lo + fs * d + i % d, lo + ls * d + i % d) == (f * d + (lo + i) % d,
-                                                                      l * d + (lo + i) % d)
-
             if n >= k * d:
+                def same(i):
+                    return _global_window_in(length, k, s, d, c, lo + i, lo, n)
+
                 assert all(same(i) for i in range(i0, i1)), (extents, k, s, d, c, me, (i0, i1))
                 if i1 > i0:
                     assert i0 == 0 or not same(i0 - 1)
@@ -423,7 +419,6 @@ def test_interior_rows_need_no_halo(seed):
                 assert (i0, i1) == (0, 0)
             lo += n
     assert found > 0
-
 
 def test_aligned_runs():
     from natten.distributed import _aligned
