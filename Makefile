@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install build autogen cuda-compile-check test test-long bench-cpu bench gpu-check sanitize profile clean
+.PHONY: install build autogen cuda-compile-check test test-long bench-cpu bench gpu-check acceptance sanitize profile clean
 
 # torch's CPU wheel is pinned only when torch is missing: a machine with a CUDA build keeps it.
 install:
@@ -53,6 +53,10 @@ gpu-check: build
 	$(PYTHON) -m pytest -q $(XDIST) tests
 	$(MAKE) sanitize
 	$(PYTHON) benchmarks/gpu_bench.py
+
+# On a GPU machine with natten installed: profiler, tuning on P2/P3, torch.compile on CUDA, benchmark.
+acceptance:
+	bash benchmarks/gpu_acceptance.sh bench_out
 
 profile:
 	$(PYTHON) -m natten.profiler

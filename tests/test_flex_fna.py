@@ -188,13 +188,15 @@ def test_compiled_flex_compiles_once_for_many_shapes():
     assert len(flex._COMPILED) == 1 and not flex._PER_SHAPE
 
 
-def test_compiled_flex_refuses_to_run_eagerly(monkeypatch):
+def test_compiled_flex_refuses_to_run_eagerly():
     problem = _problem((8, 16), 3)
     layout = flex.get_layout(problem, (4, 4), (4, 4))
     q = torch.randn(1, 8, 16, 1, 16)
     qf, kf, vf = flex._prepare(layout, q, q, q, None, None, 0)
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
-    with pytest.raises(RuntimeError, match="TorchDynamo is disabled"):
+    # The config's own patch: pytest's monkeypatch (seen with 9.2) restores a module attribute it did not
+    # find in the module's __dict__ by deleting it, which hides a torch config entry for good.
+    with torch._dynamo.config.patch(disable=True), \
+            pytest.raises(RuntimeError, match="TorchDynamo is disabled"):
         flex.compiled_flex(qf, kf, vf, layout.block_mask, 0.5)
 
 
