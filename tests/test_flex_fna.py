@@ -193,8 +193,9 @@ def test_compiled_flex_refuses_to_run_eagerly():
     layout = flex.get_layout(problem, (4, 4), (4, 4))
     q = torch.randn(1, 8, 16, 1, 16)
     qf, kf, vf = flex._prepare(layout, q, q, q, None, None, 0)
-    # The config's own patch: pytest's monkeypatch (seen with 9.2) restores a module attribute it did not
-    # find in the module's __dict__ by deleting it, which hides a torch config entry for good.
+    # The config's own patch: pytest's monkeypatch (seen with 9.2) restores a module attribute
+    # it did not find in the module's __dict__ by deleting it, which hides a torch config entry
+    # for every later test.
     with torch._dynamo.config.patch(disable=True), \
             pytest.raises(RuntimeError, match="TorchDynamo is disabled"):
         flex.compiled_flex(qf, kf, vf, layout.block_mask, 0.5)
