@@ -171,7 +171,8 @@ def run_problem(spatial, args, device, dtype, me: int, world: int) -> List[dict]
     try:
         longest, halo_rows, slabs = slab_rows(extents, kernel[SHARD_DIM], 1, 1, False)
     except ValueError as exc:  # the same on every rank: nobody waits
-        return rows + [dict(base, method=m, error=str(exc)) for m in ("halo", "halo, serial", "all-gather")]
+        return rows + [dict(base, method=m, error=str(exc))
+                       for m in ("halo", "halo, serial", "all-gather")]
     a, b = slabs[me]
     g_slab = d_out.narrow(axis, lo, n).contiguous()
     local = [leaves(t) for t in (q, k, v)]

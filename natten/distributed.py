@@ -37,9 +37,10 @@ Overlap: the exchange and the rows that need no halo
 ----------------------------------------------------
 Most of a rank's rows see no halo: where the ordinary call on the own rows alone already gives
 a query its global window (``_interior``: the longest run of such rows, shrunk to whole query
-boxes of the tiled kernels), that query's result needs nothing from other ranks. So the rank starts the halo messages, computes those rows by a
-query-range call on its own keys while the messages travel, and then the rows at its edges on
-the slab with the halo; the pieces are joined in row order.
+boxes of the tiled kernels), that query's result needs nothing from other ranks. So the rank
+starts the halo messages, computes those rows by a query-range call on its own keys while the
+messages travel, and then the rows at its edges on the slab with the halo; the pieces are
+joined in row order.
 
 Communication: halo K/V rows come from their owners by point-to-point messages (several
 owners when slabs are thinner than the halo), one batch per call started before any
@@ -320,7 +321,8 @@ class _HaloSend(torch.autograd.Function):
                 recvs[i] = [torch.empty(comm.halo_shape(g, stop - start), dtype=g.dtype,
                                         device=g.device) for g in own]
         comm.start(sends, recvs).finish()
-        grads = [g.clone() for g in own]
+        # Received rows are added in place: into a copy, since autograd may share the gradient.
+        grads = [g.clone() for g in own] if recvs else own
         for i, parts in recvs.items():
             start, stop = routes[i][me]
             for g, part in zip(grads, parts):

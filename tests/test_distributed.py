@@ -367,7 +367,8 @@ def _sharded_axes(seed, max_length, max_world):
         length = rng.randint(k * d, max_length)
         world = rng.randint(1, min(max_world, length))
         cuts = sorted(rng.sample(range(1, length), world - 1))
-        yield k, s, d, rng.random() < 0.4, length, tuple(b - a for a, b in zip([0] + cuts, cuts + [length]))
+        extents = tuple(b - a for a, b in zip([0] + cuts, cuts + [length]))
+        yield k, s, d, rng.random() < 0.4, length, extents
 
 
 def _global_window_in(length, k, s, d, c, x, a, extent):
@@ -389,7 +390,8 @@ def test_slabs_give_global_windows(seed):
         for n, (a, b) in zip(extents, _slabs(extents, k, s, d, c)):
             assert 0 <= a <= lo and lo + n <= b <= length and b - a >= k * d
             for x in range(lo, lo + n):
-                assert _global_window_in(length, k, s, d, c, x, a, b - a), (extents, k, s, d, c, x, (a, b))
+                assert _global_window_in(length, k, s, d, c, x, a, b - a), \
+                    (extents, k, s, d, c, x, (a, b))
             lo += n
 
 
