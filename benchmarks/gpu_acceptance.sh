@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # The measurements the open performance and tuning requirements are judged by, on a GPU machine
 # with natten installed (`make install`), in one command; each step's whole output goes to
-# OUT_DIR (default bench_out/), a summary line per step to the terminal. Steps (all by default,
-# or those named): profiler, tuning, compile, bench.
+# OUT_DIR (default bench_out/), a summary line per step to the terminal. Steps (profiler, tuning,
+# compile, bench by default, or those named):
+#   suite     the whole test suite over processes sharing the GPU, kernel tests first
+#   readme    every `python -m natten.profiler` line of the README, on the GPU
 #   profiler  the README's first command, with and without --backprop (a row per backend)
 #   tuning    --optimize --backprop on P2 and P3 into a fresh tuning cache, then a new process
 #             with --backend auto (what backend=None runs), with NATTEN_LOG_LEVEL=debug
 #   compile   the torch.compile tests on CUDA
 #   bench     benchmarks/gpu_bench.py (every problem, peers in the same run)
+#   harness   the SM90 standalone harnesses (no torch; built unless build/sm90_*_check/ has them,
+#             which a machine without a GPU can build): quick checks, then the timings of P1-P3
+#             of every family they hold (the shipped kernels beside the variants being compared)
+#   ncu       Nsight Compute's full set, with source lines, of one SM90 backward launch of P1 (the
+#             harness rebuilt with -lineinfo), and its per-line table as CSV
 #     bash benchmarks/gpu_acceptance.sh [OUT_DIR] [STEP...]
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -19,6 +26,27 @@ step() { echo "== $1 ($SECONDS s so far)"; }
 
 for s in $steps; do
   case "$s" in
+  suite)
+    step suite
+    # The kernel tests first, so that a call cut short by a time limit has run those.
+    kernel="test_cuda_tiled.py test_cuda_fused.py test_query_range.py test_gpu_sweep.py test_backends_loaded.py"
+    first=$(for f in $kernel; do printf '%s ' "$root/tests/$f"; done)
+    rest=$(ls "$root"/tests/test_*.py | grep -vE "$(echo $kernel | tr ' ' '|')" | tr '\n' ' ')
+    xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${NATTEN_TEST_WORKERS:-14}")
+    for group in first rest; do
+      python3 -m pytest $xdist -q -p no:cacheprovider -rfE ${!group} > "$out/suite_$group.log" 2>&1
+      echo "suite ($group) rc=$?"; tail -n 2 "$out/suite_$group.log"
+    done ;;
+  readme)
+    step readme
+    # Its --optimize lines write a tuning cache of their own, not the user's.
+    export NATTEN_TUNE_CACHE="$out/readme_tuning.json"
+    : > "$out/readme.log"
+    grep -oE '^python -m natten\.profiler[^#]*' "$root/README.md" | while read -r cmd; do
+      (cd /tmp && ${cmd/python/python3}) >> "$out/readme.log" 2>&1
+      echo "rc=$? $cmd"
+    done
+    unset NATTEN_TUNE_CACHE ;;
   profiler)
     step profiler
     (cd /tmp && python3 -m natten.profiler && python3 -m natten.profiler --backprop) > "$out/profiler.log" 2>&1
@@ -48,7 +76,29 @@ for s in $steps; do
     step bench
     python3 "$root/benchmarks/gpu_bench.py" --json "$out/bench.json" > "$out/bench.log" 2>&1
     echo "bench rc=$?"; tail -n 45 "$out/bench.log" ;;
-  *) echo "unknown step '$s' (profiler, tuning, compile, bench)" >&2; exit 2 ;;
+  harness)
+    step harness
+    for which in forward backward; do
+      bin="$root/build/sm90_${which}_check/sm90_${which}_check"
+      [ -x "$bin" ] || BUILD_ONLY=1 bash "$root/tests/cuda/run_sm90_check.sh" $which > "$out/harness_$which.log" 2>&1
+      "$bin" --checks --quick >> "$out/harness_$which.log" 2>&1
+      echo "harness $which checks rc=$?"; tail -n 1 "$out/harness_$which.log"
+      "$bin" --timings >> "$out/harness_$which.log" 2>&1
+      echo "harness $which timings rc=$?"; grep -E "^P[123] " "$out/harness_$which.log"
+    done ;;
+  ncu)
+    step ncu
+    # The harness's first timed launch is P1 of its first instance (1-D, bf16, head dim 128). The
+    # source view needs the harness built with NATTEN_NVCC_FLAGS=-lineinfo (built here if absent).
+    bin="$root/build/sm90_backward_check/sm90_backward_check"
+    [ -x "$bin" ] || NATTEN_NVCC_FLAGS=-lineinfo BUILD_ONLY=1 bash "$root/tests/cuda/run_sm90_check.sh" backward > "$out/ncu.log" 2>&1
+    ncu --set full --import-source yes -k regex:fna_backward_kernel -c 1 -f -o "$out/p1_backward" \
+      "$bin" --timings --family sm90 >> "$out/ncu.log" 2>&1
+    echo "ncu rc=$?"
+    ncu -i "$out/p1_backward.ncu-rep" --page details > "$out/p1_backward_details.txt" 2>&1
+    ncu -i "$out/p1_backward.ncu-rep" --page source --csv --print-source sass > "$out/p1_backward_source.csv" 2>&1
+    grep -E "Duration|Registers|Achieved Occupancy|Eligible|Issued Warp|No Eligible" "$out/p1_backward_details.txt" | head -12 ;;
+  *) echo "unknown step '$s' (suite, readme, profiler, tuning, compile, bench, harness, ncu)" >&2; exit 2 ;;
   esac
 done
 step done

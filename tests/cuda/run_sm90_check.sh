@@ -5,6 +5,7 @@
 # ... of the one file (the highest part its instance list names), compiled in parallel. Needs nvcc
 # 12.3+ and the nvidia-cutlass headers; running needs an SM90 GPU. Prints the ptxas resource report
 # of the SM90 kernels (registers, spills; one line per instantiation) and warns about any spill.
+# NATTEN_NVCC_FLAGS adds nvcc flags (e.g. -lineinfo for Nsight Compute's source view).
 set -euo pipefail
 which="${1:?usage: run_sm90_check.sh forward|backward [harness arguments]}"
 shift
@@ -16,7 +17,7 @@ mkdir -p "$out"
 rm -f "$out"/part*.o "$out"/part*.log
 cutlass="${CUTLASS_INCLUDE:-$(python -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'))")}"
 flags=(-std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a
-       -I"$root/cutlass_kernels" -I"$cutlass" -Xcompiler -fopenmp)
+       -I"$root/cutlass_kernels" -I"$cutlass" -Xcompiler -fopenmp ${NATTEN_NVCC_FLAGS:-})
 parts=$(grep -oE '^ +X\(([0-9]+),' "$src" | grep -oE '[0-9]+' | sort -n | tail -1)
 pids=()
 for part in $(seq 0 "$parts"); do
