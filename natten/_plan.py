@@ -10,7 +10,7 @@ import torch
 
 from natten import backends, tuning
 from natten._checks import check_fused, check_tile
-from natten.backends.base import Backend, alert_not_deterministic, tf32_allowed
+from natten.backends.base import Backend, tf32_allowed
 from natten.ops import pack_tiles, pack_window, resolve
 
 
@@ -65,18 +65,8 @@ def _build(eager, rank, query, key, value, additional_keys, additional_values, k
         bwd_tiles = resolve(impl, problem, given[2], given[3], True)
     forward = impl.bind(problem, scale, *tiles, False)
     backward = impl.bind(problem, scale, *bwd_tiles, True) if problem.requires_grad else None
-    if backward is not None and impl.nondeterministic_backward and torch.are_deterministic_algorithms_enabled():
-        backward = _alerting(impl, backward)  # plans are keyed by the setting: no cost without it
     return Plan(impl, window, scale, pack_tiles([*tiles, *bwd_tiles], rank), problem.requires_grad,
                 forward, backward)
-
-
-def _alerting(impl, backward: Callable) -> Callable:
-    def alerting_backward(*args):
-        alert_not_deterministic(impl)
-        return backward(*args)
-
-    return alerting_backward
 
 
 # Plans of eager calls by signature (see plan). A workload repeats a few signatures; one that
@@ -130,10 +120,8 @@ def plan(eager: bool, rank, query, key, value, additional_keys, additional_value
                 _exact(is_causal, bool), scale, backend, _exact(q_tile_shape, int),
                 _exact(kv_tile_shape, int), _exact(backward_q_tile_shape, int),
                 _exact(backward_kv_tile_shape, int), _exact(query_range, int),
-                # backend=None picks float32 kernels by torch's TF32 setting, and backwards by
-                # torch's deterministic setting (Backend.passed_over)
-                query.dtype is torch.float32 and tf32_allowed(),
-                query.requires_grad and torch.are_deterministic_algorithms_enabled())
+                # backend=None picks float32 kernels by torch's TF32 setting (Backend.passed_over)
+                query.dtype is torch.float32 and tf32_allowed())
         except _Inexact:
             pass
         else:

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 from natten import backends
 from natten._checks import FusedProblem, QueryRange, Window, fused_problem
 from natten._memo import memoize
-from natten.backends.base import Backend, Tile, alert_not_deterministic, lse_dtype
+from natten.backends.base import Backend, Tile, lse_dtype
 
 
 def pack_window(window: Window) -> List[int]:
@@ -155,8 +155,6 @@ def fna_backward(d_out: Tensor, d_lse: Optional[Tensor], query: Tensor, key: Ten
     """tile_shapes: the query tile, then the key tile."""
     impl, window = backends.get(backend), _window(window)
     tiles = _operator_tiles(impl, tile_shapes, window, True, query, key, value, additional_keys)
-    if impl.nondeterministic_backward:
-        alert_not_deterministic(impl)
     with _as_plain_call():
         grads = impl.fna_backward(
             *_dense_all(d_out, d_lse, query, key, value, additional_keys, additional_values, out,

@@ -534,10 +534,8 @@ def choose(problem: FusedProblem, eager: bool, backend, q_tile, kv_tile, backwar
     with dynamic shapes its sizes name no one entry."""
     given = (backend, q_tile, kv_tile, backward_q_tile, backward_kv_tile)
     # Tuning entries are keyed on whole-grid problems; a call that computes only a range of the
-    # queries (natten.distributed) keeps the built-in rule. So does a call that needs gradients
-    # under torch.use_deterministic_algorithms: entries rank configurations by time alone.
-    if (not eager or any(a is not None for a in given) or problem.window.query_range is not None
-            or (problem.requires_grad and torch.are_deterministic_algorithms_enabled())):
+    # queries (natten.distributed) keeps the built-in rule.
+    if not eager or any(a is not None for a in given) or problem.window.query_range is not None:
         return given
     why = "built-in rule"
     choice = None

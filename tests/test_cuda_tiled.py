@@ -407,55 +407,57 @@ def deterministic():
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def test_hopper_passed_over_for_gradients_when_deterministic(hopper, deterministic):
-    """Its backward sums dQ across CTAs in no fixed order: backend=None takes another family for
-    calls that need gradients, and keeps hopper-fna for those that do not."""
+# Rank 1 with additional keys, causal and stride; rank 2 with GQA; rank 3 with dilation, stride and
+# a value head dim of its own.
+DETERMINISTIC_CASES = [LARGE_CASES[1], LARGE_CASES[2], LARGE_CASES[7]]
+
+
+@pytest.mark.parametrize("case", DETERMINISTIC_CASES, ids=Case.id)
+def test_hopper_deterministic_backward(deterministic, case):
+    """Under use_deterministic_algorithms(True) hopper-fna's backward computes dQ in a pass of its
+    own: its gradients match the oracle, and a second run gives the same bits."""
+    from fused_checks import call_args, make_inputs
+
+    _check_served(SM90, case, torch.bfloat16)
+    backend = _backend(SM90, case.rank, torch.bfloat16, max(case.D, case.Dv or case.D))
+    if not _built(SM90, case.rank, torch.bfloat16, case.D, "fna_bwd"):
+        pytest.skip("the build has no hopper-fna backward kernels for the case")
+    torch.manual_seed(0)
+    q, k, v, ak, av = make_inputs(case, torch.bfloat16, "cuda", requires_grad=True)
+    kwargs = call_args(case)
+    if case.extra:
+        kwargs.update(additional_keys=ak, additional_values=av)
+    leaves = [t for t in (q, k, v, ak, av) if t is not None]
+    out = op_for_rank(case.rank)(q, k, v, backend=backend, **kwargs)
+    d_out = torch.randn_like(out)
+
+    def grads():
+        out = op_for_rank(case.rank)(q, k, v, backend=backend, **kwargs)
+        return torch.autograd.grad(out, leaves, d_out)
+
+    first, second = grads(), grads()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_backend_none_keeps_hopper_when_deterministic(deterministic):
+    """backend=None gives a problem that needs gradients to hopper-fna under
+    use_deterministic_algorithms(True) as it does without it, and the gradients repeat bit for
+    bit."""
+    import natten
     from natten import backends
 
-    assert "not deterministic" in backends._nondeterministic(hopper, _problem((128, 128), (32, 32), requires_grad=True))
-    assert backends._nondeterministic(hopper, _problem((128, 128), (32, 32))) is None
-
-
-def test_hopper_backward_alerts_as_torch_does(hopper, deterministic):
-    """Asked for by name, its backward raises under use_deterministic_algorithms(True) and warns
-    with warn_only=True, before any kernel runs; outside that mode it runs."""
-    from natten._plan import _alerting
-    from natten.backends.base import alert_not_deterministic
-
-    ran = []
-    bound = _alerting(hopper, lambda *a: ran.append(a) or "grads")
-    with pytest.raises(RuntimeError, match="hopper-fna's backward is not deterministic"):
-        alert_not_deterministic(hopper)
-    with pytest.raises(RuntimeError, match="use_deterministic_algorithms"):
-        bound(1, 2)
-    assert not ran
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    with pytest.warns(UserWarning, match="not deterministic"):
-        assert bound(1, 2) == "grads"
-    torch.use_deterministic_algorithms(False)
-    alert_not_deterministic(hopper)
-    assert bound(3) == "grads"
-    assert len(ran) == 2
-
-
-def test_deterministic_gradients_on_the_gpu(deterministic):
-    """Under use_deterministic_algorithms(True), backend=None on a problem it would give hopper-fna
-    computes gradients that repeat bit for bit (through cutlass-fna), and hopper-fna asked by name
-    raises in its backward."""
-    import natten
-
     _backend(SM90, 1, torch.bfloat16, 64)
-    _backend(SM80, 1, torch.bfloat16, 64)
+    if not _built(SM90, 1, torch.bfloat16, 64, "fna_bwd"):
+        pytest.skip("the build has no hopper-fna backward kernels for rank 1 and bfloat16")
+    assert backends.select(_problem((4096,), (129,), dim=64, heads=8, requires_grad=True), None).name == "hopper-fna"
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 4096, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     d_out = torch.randn_like(q)
 
-    def grads(backend=None):
-        out = natten.na1d(q, k, v, kernel_size=129, backend=backend)
+    def grads():
+        out = natten.na1d(q, k, v, kernel_size=129)
         return torch.autograd.grad(out, (q, k, v), d_out)
 
     first, second = grads(), grads()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-    with pytest.raises(RuntimeError, match="not deterministic"):
-        grads("hopper-fna")

@@ -87,6 +87,9 @@ void tiled_fna_backward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<
   auto [p, t] = fused_call(q, k, v, extra_k, extra_v, out, lse, w, scale, kernel.query_range);
   check_key(kernel, p, q);
   add_gradients(t, d_out, d_lse, d_q, d_k, d_v, d_extra_k, d_extra_v);
+  // Read per call, as torch's own operators do: a family whose fastest backward adds partial sums
+  // in a varying order then takes its deterministic path (and sizes its workspace for it).
+  p.deterministic = at::globalContext().deterministicAlgorithms();
   at::Tensor workspace = at::empty({static_cast<int64_t>(kernel.backward_workspace_floats(p))},
                                    q.options().dtype(at::kFloat));
   kernel.backward(p, t, workspace.data_ptr<float>(), stream_of(q));

@@ -40,6 +40,11 @@ struct NaProblem {
   int64_t q_offset[3] = {0, 0, 0};
   int64_t q_extent[3] = {kWholeAxis, kWholeAxis, kWholeAxis};
 
+  // The backward must give the same gradients, bit for bit, on every run (torch's
+  // use_deterministic_algorithms): a family that adds partial sums from several CTAs in an order
+  // that varies from run to run takes a path with one writer per element instead.
+  bool deterministic = false;
+
   int64_t tokens() const {
     int64_t n = 1;
     for (int i = 0; i < rank; ++i) n *= axis[i].extent;

@@ -481,15 +481,37 @@ inline size_t fna_backward_workspace_floats(NaProblem const& p) {
   return static_cast<size_t>(p.batch * p.query_tokens() * p.heads);
 }
 
+// delta = rowsum(O * dO) - dLSE of every (query of the range, head) row, into `delta`.
+template <typename T>
+void launch_backward_delta(void const* out, void const* d_out, float const* d_lse, float* delta,
+                           int64_t rows, int dim_v, cudaStream_t stream, char const* what) {
+  int const lanes = delta_lanes_per_row(dim_v * int(sizeof(T)) / 16);
+  int64_t const rows_per_block = int64_t(kDeltaWarps) * (32 / lanes);
+  launch(fna_backward_delta_kernel<T>, dim3(grid_x((rows + rows_per_block - 1) / rows_per_block)),
+         kDeltaWarps * 32, 0, stream, what, static_cast<T const*>(out), static_cast<T const*>(d_out),
+         d_lse, delta, rows, dim_v, lanes);
+}
+
+// The dQ kernel over every query box of p (p.delta filled): each dQ element is written once, by
+// the CTA of its query box, which sums over the box's keys in a fixed order. The Hopper family's
+// deterministic backward runs it too (sm90/bwd_launch.cuh).
 template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
-void fna_backward(NaProblem const& problem, FnaTensors const& t, float* workspace,
-                  cudaStream_t stream) {
+void launch_backward_dq(Params<Rank> const& p, cudaStream_t stream, char const* what) {
   // dQ keeps a (query box x head dim) accumulator plus two score tiles per thread: 8 warps for
   // 128-token query boxes keep that at 16 rows a warp, as for 64-token boxes with 4 warps.
   using DqTraits = MmaTraits<T, HeadDim, (QBox::kSize >= 128 ? 8 : 4)>;
-  using DkDvTraits = MmaTraits<T, HeadDim, 4>;
   static_assert(QBox::kSize % (16 * (QBox::kSize >= 128 ? 8 : 4)) == 0,
                 "query box must fill the dQ warps");
+  int64_t q_tiles = 1;
+  for (int a = 0; a < Rank; ++a) q_tiles *= int64_t(p.axis[a].q_tiles) * p.axis[a].spec.dilation;
+  launch(fna_backward_dq_kernel<Rank, DqTraits, QBox, KVBox>, dim3(grid_x(q_tiles), p.heads, p.batch),
+         DqTraits::kThreads, sizeof(DqSmem<DqTraits, Rank, QBox::kSize, KVBox::kSize>), stream, what, p);
+}
+
+template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
+void fna_backward(NaProblem const& problem, FnaTensors const& t, float* workspace,
+                  cudaStream_t stream) {
+  using DkDvTraits = MmaTraits<T, HeadDim, 4>;
   static_assert(KVBox::kSize % 64 == 0, "key box must fill the dK/dV warps");
   constexpr int kCut = DkDvCut<QBox, DkDvTraits>::type::kSize;
   static_assert(kCut % DkDvTraits::kAtomK == 0, "query cut must be whole MMA K slices");
@@ -500,23 +522,11 @@ void fna_backward(NaProblem const& problem, FnaTensors const& t, float* workspac
     throw std::invalid_argument("natten sm80 fna_backward: additional keys need their gradients");
   }
   p.delta = workspace;
-
-  int64_t const rows = int64_t(p.batch) * p.q_tokens * p.heads;
-  int const lanes = delta_lanes_per_row(p.dim_v * int(sizeof(T)) / 16);
-  int64_t const rows_per_block = int64_t(kDeltaWarps) * (32 / lanes);
-  launch(fna_backward_delta_kernel<T>, dim3(grid_x((rows + rows_per_block - 1) / rows_per_block)),
-         kDeltaWarps * 32, 0, stream, "fna_backward (delta)", static_cast<T const*>(t.out),
-         static_cast<T const*>(t.d_out), p.d_lse, p.delta, rows, p.dim_v, lanes);
-
-  int64_t q_tiles = 1, kv_tiles = 1;
-  for (int a = 0; a < Rank; ++a) {
-    q_tiles *= int64_t(p.axis[a].q_tiles) * p.axis[a].spec.dilation;
-    kv_tiles *= int64_t(p.axis[a].kv_tiles) * p.axis[a].spec.dilation;
-  }
-  launch(fna_backward_dq_kernel<Rank, DqTraits, QBox, KVBox>,
-         dim3(grid_x(q_tiles), p.heads, p.batch), DqTraits::kThreads,
-         sizeof(DqSmem<DqTraits, Rank, QBox::kSize, KVBox::kSize>), stream, "fna_backward (dQ)",
-         p);
+  launch_backward_delta<T>(t.out, t.d_out, p.d_lse, p.delta, int64_t(p.batch) * p.q_tokens * p.heads,
+                           p.dim_v, stream, "fna_backward (delta)");
+  launch_backward_dq<Rank, T, HeadDim, QBox, KVBox>(p, stream, "fna_backward (dQ)");
+  int64_t kv_tiles = 1;
+  for (int a = 0; a < Rank; ++a) kv_tiles *= int64_t(p.axis[a].kv_tiles) * p.axis[a].spec.dilation;
   int64_t const extra_slices = (int64_t(p.num_extra) + KVBox::kSize - 1) / KVBox::kSize;
   launch(fna_backward_dkdv_kernel<Rank, DkDvTraits, QBox, KVBox>,
          dim3(grid_x(kv_tiles + extra_slices), p.heads_kv, p.batch), DkDvTraits::kThreads,

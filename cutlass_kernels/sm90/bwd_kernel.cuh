@@ -9,7 +9,8 @@
 // do for a heads-last float32 tensor). A stage's full barrier waits for both, its empty barrier
 // for every consumer thread. The two consumer warpgroups own 64 keys each and run the step's
 // GEMMs (bwd_mainloop.cuh); each adds its dQ partial to the float32 buffer from registers
-// (float2 atomics; or, with kDqAtomic off, one bulk reduction per query row). setmaxnreg moves the producer's registers to the consumers.
+// (float2 atomics; or one bulk reduction per query row), unless dQ has a pass of its own
+// (BackwardConfig's DqPath). setmaxnreg moves the producer's registers to the consumers.
 // The epilogue stages dK (scaled) and dV in the K and V tiles and writes whole 16-byte pieces.
 // A call computing a range of the queries (common/tile_geometry.cuh) walks only the range's
 // queries; Q, dO and the step table's rows (lse, delta, dQ) are in the range's grid.
@@ -33,8 +34,8 @@ struct BackwardSmem {
   cute::array_aligned<Element, N * D, 1024> v;  // also dV's staging tile
   cute::array_aligned<Element, M * D * kStages, 1024> q;
   cute::array_aligned<Element, M * D * kStages, 1024> d_out;
-  cute::array_aligned<Element, 2 * M * N, 1024> ds;  // dS^T, double-buffered across steps
-  cute::array_aligned<float, Config::kDqAtomic ? 1 : Config::kConsumers * 64 * Config::kDqPitch, 128> dq;
+  cute::array_aligned<Element, Config::kWithDq ? 2 * M * N : 1, 1024> ds;  // dS^T, double-buffered across steps
+  cute::array_aligned<float, Config::kDq == DqPath::kBulk ? Config::kConsumers * 64 * Config::kDqPitch : 1, 128> dq;
   StepTable<Config::Rank, M> table[kStages];
   KeyTable<Config::Rank, N> keys;
   // The CTA's walk, found once by thread 0 and read by every role where it needs it: held in
@@ -211,7 +212,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   int const ds_piece = Config::kDqSplitsKeys ? w : 0;
   int const dq_col = Config::kDqSplitsKeys ? 0 : w * Config::kDqN;
   int const dq_bytes = 4 * max(0, min(Config::kDqN, p.dim - dq_col));
-  float* const staging = Config::kDqAtomic ? nullptr : sm.dq.data() + w * 64 * Config::kDqPitch;
+  float* const staging = Config::kDq == DqPath::kBulk ? sm.dq.data() + w * 64 * Config::kDqPitch : nullptr;
   float* const dq_accum = params.dq_accum;
 
   clear(acc_dv);
@@ -256,10 +257,21 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     // wait_group covering it), reads included. Buffer s % 2: the other warpgroup may still read
     // the previous step's, never this one's (it passed the barrier below at step s - 1 only after
     // its dQ GEMM of step s - 2 had completed).
-    stage_ds<Config>(ds_regs, cols_s, sm.ds.data(), s & 1);
-    fence_shared_async();
+    if constexpr (Config::kWithDq) {
+      stage_ds<Config>(ds_regs, cols_s, sm.ds.data(), s & 1);
+      fence_shared_async();
+    }
     warpgroup_fence_operand(tKVrDs);  // the stores' reads of ds_regs stay above the GEMM
     warpgroup_gemm<false>(mma_kv, tKVrDs, tKVrQ(_, _, _, stage), acc_dk);
+    if constexpr (!Config::kWithDq) {
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_dv);
+      warpgroup_fence_operand(acc_dk);
+      warpgroup_fence_operand(tKVrP);
+      warpgroup_fence_operand(tKVrDs);
+      EmptyBarrier::arrive(&sm.empty[stage]);
+      continue;
+    }
     if constexpr (Config::kDqSplitsKeys) {
       sync_warpgroup(w);
     } else {
@@ -272,7 +284,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     warpgroup_fence_operand(acc_dq);
     warpgroup_fence_operand(tKVrP);
     warpgroup_fence_operand(tKVrDs);
-    if constexpr (Config::kDqAtomic) {
+    if constexpr (Config::kDq == DqPath::kAtomic) {
       // The thread's two rows of the partial (r0 and r0 + 8), read before the stage is released.
       int const r0 = get<0>(cols_dq(0));
       int64_t const rows[2] = {tab.row[r0], tab.row[r0 + 8]};
@@ -303,7 +315,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       bulk_reduce_add(dq_accum + q_row * p.dim + dq_col, staging + t * Config::kDqPitch, dq_bytes);
     }
   }
-  if (!Config::kDqAtomic && t < M) bulk_wait();
+  if (Config::kDq == DqPath::kBulk && t < M) bulk_wait();
 
   // Epilogue: K and V are free once both warpgroups are done with them (the dQ GEMM reads the
   // other warpgroup's keys). Stage with the tiles' swizzle: a 16-byte piece of a row stays whole.

@@ -1,12 +1,15 @@
-// Host entry of the SM90 backward: parameters and descriptors, then four launches on one stream:
+// Host entry of the SM90 backward: parameters and descriptors, then launches on one stream:
 //   delta   rowsum(dO * O) - dLSE per (query of the range, head) into the workspace (the SM80
 //           family's pass);
 //   memset  dQ's float32 accumulator to zero;
 //   main    the key-box-stationary kernel (bwd_kernel.cuh): dK, dV, and dQ partials added into
 //           the accumulator;
 //   convert the accumulator, scaled, to dQ.
-// dQ's additions come from many CTAs in no fixed order, so dQ is not bitwise deterministic; dK
-// and dV are (one CTA sums each in a fixed order).
+// dQ's additions come from many CTAs in no fixed order, so that dQ is not bitwise reproducible
+// (dK and dV are: one CTA sums each in a fixed order). A problem that asks for a deterministic
+// backward (NaProblem::deterministic) runs instead
+//   delta, main without dQ (DqPath::kSeparate), and the SM80 family's query-box-stationary dQ
+//   kernel, which writes each dQ element from one CTA.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -21,6 +24,26 @@
 
 namespace natten::sm90 {
 
+// The boxes of the deterministic path's dQ pass: the SM80 family's backward boxes (64 queries
+// against 64 keys; autogen/registry.py, SM80_OPS).
+template <int Rank>
+struct SeparateDqBoxes;
+template <>
+struct SeparateDqBoxes<1> {
+  using Q = Box<64>;
+  using KV = Box<64>;
+};
+template <>
+struct SeparateDqBoxes<2> {
+  using Q = Box<8, 8>;
+  using KV = Box<8, 8>;
+};
+template <>
+struct SeparateDqBoxes<3> {
+  using Q = Box<4, 4, 4>;
+  using KV = Box<4, 4, 4>;
+};
+
 // Writes d_q, d_k, d_v (and d_extra_k, d_extra_v when num_extra > 0) on `stream`; `workspace`
 // holds fna_backward_workspace_floats(problem) floats (kernels.h). Throws std::invalid_argument
 // for a problem this configuration cannot serve.
@@ -30,22 +53,24 @@ void run_backward(NaProblem const& problem, FnaTensors const& t, float* workspac
   using QTile = typename Config::QTile;
   using KVTile = typename Config::KVTile;
   using E = typename Config::Element;
-  BackwardParams<Rank> const P =
-      make_backward_params<Rank, QTile, KVTile>(problem, t, workspace, HeadDim, tma_type<E>(), int(sizeof(E)));
+  if (Config::kWithDq && problem.deterministic) {
+    // Its workspace (kernels.h) has no room for the dQ buffer.
+    throw std::invalid_argument("natten sm90 fna_backward: a deterministic backward needs DqPath::kSeparate");
+  }
+  BackwardParams<Rank> const P = make_backward_params<Rank, QTile, KVTile>(problem, t, workspace, Config::kWithDq,
+                                                                           HeadDim, tma_type<E>(), int(sizeof(E)));
   auto const& g = P.fwd.geo;
   if (g.batch == 0 || g.heads == 0 || g.tokens == 0) return;
 
   int64_t const rows = int64_t(g.batch) * g.q_tokens * g.heads;  // of q, out, d_out, d_q
-  int const lanes = sm80::delta_lanes_per_row(g.dim_v * int(sizeof(T)) / 16);
-  int64_t const rows_per_block = int64_t(sm80::kDeltaWarps) * (32 / lanes);
-  sm80::launch(sm80::fna_backward_delta_kernel<T>, dim3(sm80::grid_x((rows + rows_per_block - 1) / rows_per_block)),
-               sm80::kDeltaWarps * 32, 0, stream, "sm90 fna_backward (delta)", static_cast<T const*>(t.out),
-               static_cast<T const*>(t.d_out), g.d_lse, g.delta, rows, g.dim_v, lanes);
-
+  sm80::launch_backward_delta<T>(t.out, t.d_out, g.d_lse, g.delta, rows, g.dim_v, stream,
+                                 "sm90 fna_backward (delta)");
   size_t const dq_floats = size_t(rows) * g.dim;
-  cudaError_t const err = cudaMemsetAsync(P.dq_accum, 0, dq_floats * sizeof(float), stream);
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("natten sm90 fna_backward: clearing dQ failed: ") + cudaGetErrorString(err));
+  if constexpr (Config::kWithDq) {
+    cudaError_t const err = cudaMemsetAsync(P.dq_accum, 0, dq_floats * sizeof(float), stream);
+    if (err != cudaSuccess) {
+      throw std::runtime_error(std::string("natten sm90 fna_backward: clearing dQ failed: ") + cudaGetErrorString(err));
+    }
   }
 
   int64_t kv_tiles = 1;
@@ -54,16 +79,30 @@ void run_backward(NaProblem const& problem, FnaTensors const& t, float* workspac
   sm80::launch(fna_backward_kernel<Config>, dim3(sm80::grid_x(kv_tiles + extra_slices), g.heads_kv, g.batch),
                Config::kThreads, sizeof(BackwardSmem<Config>), stream, "sm90 fna_backward", P);
 
-  int64_t const quads = int64_t(dq_floats / 4);
-  int64_t const blocks = std::min<int64_t>((quads + 255) / 256, 132 * 16);
-  sm80::launch(fna_backward_dq_convert_kernel<T>, dim3(unsigned(blocks)), 256, 0, stream,
-               "sm90 fna_backward (dQ convert)", static_cast<float const*>(P.dq_accum), static_cast<T*>(t.d_q), quads,
-               g.scale);
+  if constexpr (Config::kWithDq) {
+    int64_t const quads = int64_t(dq_floats / 4);
+    int64_t const blocks = std::min<int64_t>((quads + 255) / 256, 132 * 16);
+    sm80::launch(fna_backward_dq_convert_kernel<T>, dim3(unsigned(blocks)), 256, 0, stream,
+                 "sm90 fna_backward (dQ convert)", static_cast<float const*>(P.dq_accum), static_cast<T*>(t.d_q),
+                 quads, g.scale);
+  } else {
+    using Boxes = SeparateDqBoxes<Rank>;
+    Params<Rank> dq = make_box_params<Rank, typename Boxes::Q, typename Boxes::KV>(problem, t, HeadDim,
+                                                                                  "sm90 fna_backward (dQ)");
+    dq.delta = g.delta;
+    sm80::launch_backward_dq<Rank, T, HeadDim, typename Boxes::Q, typename Boxes::KV>(dq, stream,
+                                                                                     "sm90 fna_backward (dQ)");
+  }
 }
 
 template <int Rank, typename Element, int HeadDim, class QTile, class KVTile>
 void run_fna_backward(NaProblem const& problem, FnaTensors const& t, float* workspace, cudaStream_t stream) {
-  run_backward<BackwardConfig<Rank, Element, HeadDim, QTile, KVTile>, Element>(problem, t, workspace, stream);
+  if (problem.deterministic) {
+    run_backward<BackwardConfig<Rank, Element, HeadDim, QTile, KVTile, DqPath::kSeparate>, Element>(problem, t,
+                                                                                                    workspace, stream);
+  } else {
+    run_backward<BackwardConfig<Rank, Element, HeadDim, QTile, KVTile>, Element>(problem, t, workspace, stream);
+  }
 }
 
 }  // namespace natten::sm90

@@ -22,19 +22,18 @@
 
 #include "common/tile_geometry.cuh"
 #include "sm90/bwd_mask.cuh"
+#include "sm90/bwd_params.h"
 #include "sm90/fwd_mainloop.cuh"
 
 namespace natten::sm90 {
 
 using namespace cute;
 
-// kDqAtomic: dQ's partial is added to the float32 buffer from registers, a pair of columns at a
-// time. The alternative (false) stages it in shared memory and adds it by bulk reductions, one per
-// row: on an H200 it measured 3-4% slower on P1-P3 (benchmarks/NOTES.md), since its staging takes
-// the shared memory a third query stage needs; the harness times it as the family sm90bulk.
-template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kDqAtomic_ = true>
+// kDq: how dQ's partials reach dQ (DqPath, bwd_params.h).
+template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, DqPath kDq_ = DqPath::kAtomic>
 struct BackwardConfig {
-  static constexpr bool kDqAtomic = kDqAtomic_;
+  static constexpr DqPath kDq = kDq_;
+  static constexpr bool kWithDq = kDq != DqPath::kSeparate;
   static constexpr int Rank = Rank_;
   using QTile = QTile_;
   using KVTile = KVTile_;
@@ -61,10 +60,10 @@ struct BackwardConfig {
 
   // Query stages: as many as shared memory holds (227 KiB per CTA), at most 4.
   static constexpr int kSmemLimit = 227 * 1024;
-  static constexpr int kFixedBytes = 2 * N * D * 2                // K, V
-                                     + 2 * M * N * 2              // dS^T, double-buffered
-                                     + (kDqAtomic ? 0 : kConsumers * 64 * kDqPitch * 4)  // dQ staging
-                                     + 4096;                      // barriers, key table, walk
+  static constexpr int kFixedBytes = 2 * N * D * 2                                // K, V
+                                     + (kWithDq ? 2 * M * N * 2 : 0)              // dS^T, double-buffered
+                                     + (kDq == DqPath::kBulk ? kConsumers * 64 * kDqPitch * 4 : 0)  // dQ staging
+                                     + 4096;                                      // barriers, key table, walk
   static constexpr int kStageBytes = 2 * M * D * 2 + M * 4 * 4 + 64;  // Q, dO, StepTable
   static constexpr int kStages = (kSmemLimit - kFixedBytes) / kStageBytes > 4
                                      ? 4

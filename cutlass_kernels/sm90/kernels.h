@@ -23,19 +23,21 @@
 
 namespace natten::sm90 {
 
-// The backward's workspace: delta = rowsum(dO * O) - dLSE [B, *Sq, H], then dQ's float32
-// accumulator [B, *Sq, H, D] (Sq: the query range's extents, NaProblem::q_offset), whose rows are
-// reduced into in 16-byte pieces (so its offset is a multiple of 4 floats).
+// The backward's workspace: delta = rowsum(dO * O) - dLSE [B, *Sq, H], then, unless the problem
+// asks for a deterministic backward (whose dQ pass writes dQ directly), dQ's float32 accumulator
+// [B, *Sq, H, D] (Sq: the query range's extents, NaProblem::q_offset), whose rows are reduced into
+// in 16-byte pieces (so its offset is a multiple of 4 floats).
 inline int64_t fna_backward_delta_floats(NaProblem const& p) {
   return (p.batch * p.query_tokens() * p.heads + 3) / 4 * 4;
 }
 inline size_t fna_backward_workspace_floats(NaProblem const& p) {
-  return static_cast<size_t>(fna_backward_delta_floats(p) + p.batch * p.query_tokens() * p.heads * p.dim);
+  int64_t const dq_accum = p.deterministic ? 0 : p.batch * p.query_tokens() * p.heads * p.dim;
+  return static_cast<size_t>(fna_backward_delta_floats(p) + dq_accum);
 }
 
 // Fused forward (writes out [B, *Sq, H, Dv] and lse [B, *Sq, H]) and backward (writes d_q, d_k, d_v,
 // and d_extra_k, d_extra_v when num_extra > 0; `workspace` holds fna_backward_workspace_floats(p)
-// floats).
+// floats). The backward's dQ is bitwise reproducible only when p.deterministic is set.
 template <int Rank, typename T, int HeadDim, class QBox, class KVBox>
 void fna_forward(NaProblem const& p, FnaTensors const& t, cudaStream_t stream);
 template <int Rank, typename T, int HeadDim, class QBox, class KVBox>

@@ -6,8 +6,6 @@ import importlib
 import pkgutil
 from typing import Dict, List, Optional, Tuple
 
-import torch
-
 from natten._checks import FusedProblem
 from natten._memo import memoize
 from natten.backends.base import Backend, Tile
@@ -86,15 +84,6 @@ def resolve_tiles(backend: Backend, problem: FusedProblem, q_tile: Optional[Tile
     return q_tile, kv_tile, backend.check_tiles(problem, q_tile, kv_tile, backward)
 
 
-def _nondeterministic(backend: Backend, problem: FusedProblem) -> Optional[str]:
-    """Why backend=None passes over a backend for torch's deterministic setting, or None."""
-    if (backend.nondeterministic_backward and problem.requires_grad
-            and torch.are_deterministic_algorithms_enabled()):
-        return (f"its backward is not deterministic ({backend.nondeterministic_backward}) and "
-                "torch.use_deterministic_algorithms(True) is set")
-    return None
-
-
 def select(problem: FusedProblem, name: Optional[str]) -> Backend:
     """The backend asked for (failing clearly if it cannot serve), or the best that can."""
     if name is not None:
@@ -105,8 +94,7 @@ def select(problem: FusedProblem, name: Optional[str]) -> Backend:
         return backend
     reasons = []
     for backend in _available().values():
-        reason = (_unsupported(backend, problem) or _nondeterministic(backend, problem)
-                  or backend.passed_over(problem))
+        reason = _unsupported(backend, problem) or backend.passed_over(problem)
         if reason is None:
             return backend
         reasons.append(f"{backend.name}: {reason}")

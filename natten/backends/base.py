@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import warnings
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -43,20 +42,6 @@ def tf32_allowed() -> bool:
     if precision in ("tf32", "ieee"):
         return precision == "tf32"
     return torch.get_float32_matmul_precision() != "highest"
-
-
-def alert_not_deterministic(backend: "Backend") -> None:
-    """What torch's own nondeterministic operations do under torch.use_deterministic_algorithms:
-    raise, or warn with warn_only=True; nothing when it is off."""
-    if not torch.are_deterministic_algorithms_enabled():
-        return
-    message = (f"{backend.name}'s backward is not deterministic ({backend.nondeterministic_backward}), "
-               "and torch.use_deterministic_algorithms(True) is set; backend=None picks a "
-               "deterministic backend for calls that need gradients")
-    if torch.is_deterministic_algorithms_warn_only_enabled():
-        warnings.warn(message)
-    else:
-        raise RuntimeError(message)
 
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
@@ -117,11 +102,6 @@ class Backend:
     def unsupported(self, problem: FusedProblem) -> Optional[str]:
         """Why this backend cannot run the fused problem, or None when it can."""
         raise NotImplementedError
-
-    # Why its backward's results may differ bitwise between runs, or None. Under
-    # torch.use_deterministic_algorithms(True), backend=None passes it over for calls that need
-    # gradients, and its backward alerts (alert_not_deterministic).
-    nondeterministic_backward: Optional[str] = None
 
     def query_range_unsupported(self, problem: FusedProblem) -> Optional[str]:
         """Why this backend cannot compute only a range of the queries (Window.query_range) of a

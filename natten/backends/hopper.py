@@ -49,8 +49,9 @@ def _tma_limit(problem: FusedProblem, q_tile: Tile, kv_tile: Tile) -> Optional[s
 class HopperBackend(TiledBackend):
     name = "hopper-fna"
     family = "sm90"
-    # Each CTA adds its dQ partial into a float32 buffer (cutlass_kernels/sm90/bwd_launch.cuh).
-    nondeterministic_backward = "dQ is summed across CTAs in no fixed order"
+    # Its backward adds dQ partials from many CTAs in no fixed order, except under
+    # torch.use_deterministic_algorithms(True), which the binding passes to the kernels: then dQ
+    # has a pass of its own with one writer per element (cutlass_kernels/sm90/bwd_launch.cuh).
 
     def configs(self, problem: FusedProblem, backward: bool) -> List[Tuple[Tile, Tile]]:
         """The instantiated pairs whose boxes TMA can load for the problem's dilation."""

@@ -13,13 +13,14 @@
 #include <tuple>
 
 #include "sm90_harness.cuh"
+#include "sm90/bwd_params.h"
 #include "sm90/kernels.h"
 
 namespace natten::sm90 {
 template <int Rank, typename Element, int HeadDim, class QTile, class KVTile>
 void run_fna_backward(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
 #if NATTEN_PART == 0
-template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, bool kDqAtomic_>
+template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, DqPath kDq_>
 struct BackwardConfig;
 template <class Config, typename T>
 void run_backward(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
@@ -32,19 +33,24 @@ void fna_backward(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
 
 // X(part, family, rank, element, head dim, query tile, key tile) (sm90_harness.cuh), one line a part.
 // Families: sm90 (this backward: 64-token query boxes, 128-token key boxes), sm90bulk (the same
-// with dQ's partials staged in shared memory and added by bulk reductions: BackwardConfig's
-// kDqAtomic off), sm80 (the SM80 family's backward, timed in the same run).
+// with dQ's partials staged in shared memory and added by bulk reductions: DqPath::kBulk), sm90det
+// (the deterministic backward: dK and dV by the same kernel, dQ by the SM80 family's dQ kernel;
+// DqPath::kSeparate; its checks also run each case twice and compare the bits), sm80 (the SM80
+// family's backward, timed in the same run).
 #define NATTEN_INSTANCES(X) \
   X(1, sm90, 1, bf16, 128, B64, B128) X(1, sm90, 1, fp16, 128, B64, B128) X(1, sm90, 1, bf16, 64, B64, B128) \
   X(2, sm90, 2, bf16, 128, B8x8, B16x8) X(2, sm90, 2, fp16, 64, B8x8, B16x8) \
   X(3, sm90, 3, bf16, 128, B4x4x4, B4x4x8) X(3, sm90, 3, bf16, 128, B2x4x8, B2x8x8) X(3, sm90, 3, fp16, 64, B4x4x4, B4x4x8) \
   X(4, sm80, 1, bf16, 128, B128, B64) X(4, sm80, 2, bf16, 128, B16x8, B8x8) X(4, sm80, 3, bf16, 128, B4x4x8, B4x4x4) \
-  X(5, sm90bulk, 1, bf16, 128, B64, B128) X(5, sm90bulk, 2, bf16, 128, B8x8, B16x8) X(5, sm90bulk, 3, bf16, 128, B4x4x4, B4x4x8) X(5, sm90bulk, 3, fp16, 64, B4x4x4, B4x4x8)
+  X(5, sm90bulk, 1, bf16, 128, B64, B128) X(5, sm90bulk, 2, bf16, 128, B8x8, B16x8) X(5, sm90bulk, 3, bf16, 128, B4x4x4, B4x4x8) X(5, sm90bulk, 3, fp16, 64, B4x4x4, B4x4x8) \
+  X(6, sm90det, 1, bf16, 128, B64, B128) X(6, sm90det, 2, bf16, 128, B8x8, B16x8) X(6, sm90det, 3, bf16, 128, B4x4x4, B4x4x8) X(6, sm90det, 3, fp16, 64, B4x4x4, B4x4x8)
 
 #define NATTEN_ENTRY_sm80(R, T, HD, Q, KV) natten::sm80::fna_backward<R, T, HD, Q, KV>
 #define NATTEN_ENTRY_sm90(R, T, HD, Q, KV) natten::sm90::run_fna_backward<R, T, HD, Q, KV>
 #define NATTEN_ENTRY_sm90bulk(R, T, HD, Q, KV) \
-  natten::sm90::run_backward<natten::sm90::BackwardConfig<R, T, HD, Q, KV, false>, T>
+  natten::sm90::run_backward<natten::sm90::BackwardConfig<R, T, HD, Q, KV, natten::sm90::DqPath::kBulk>, T>
+#define NATTEN_ENTRY_sm90det(R, T, HD, Q, KV) \
+  natten::sm90::run_backward<natten::sm90::BackwardConfig<R, T, HD, Q, KV, natten::sm90::DqPath::kSeparate>, T>
 
 #if NATTEN_PART > 0
 // One part of the instantiations.
@@ -326,6 +332,15 @@ bool check_case(Instance<Runner> const& inst, Case const& c, std::mt19937& rng) 
     ok = bad == 0;
     for (double e : err) ok = ok && (std::isnan(e) ? true : e < tol);
     ok = ok && !std::isnan(err[0]) && !std::isnan(err[1]) && !std::isnan(err[2]);
+    if (ok && !std::strcmp(inst.family, "sm90det")) {
+      auto const first = std::make_tuple(d_q.read(bad), d_k.read(bad), d_v.read(bad), d_ek.read(bad), d_ev.read(bad));
+      inst.run(p, t, workspace.dev, nullptr);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      if (first != std::make_tuple(d_q.read(bad), d_k.read(bad), d_v.read(bad), d_ek.read(bad), d_ev.read(bad))) {
+        ok = false;
+        error = "a second run gave other bits";
+      }
+    }
   }
   auto fmt = [](double e) {
     char buf[16];
@@ -382,7 +397,8 @@ int main(int argc, char** argv) {
   }
   if (opt.timings) {
     // Backward FLOPs: five GEMMs (S, dP, dV, dK, dQ) of 2 B H D per visible pair. Times cover every
-    // launch of one backward call (SM90: delta, dQ clear, main kernel, dQ conversion).
+    // launch of one backward call (SM90: delta, dQ clear, main kernel, dQ conversion; sm90det:
+    // delta, main kernel, dQ kernel).
     std::printf("\n%-3s %-22s %-6s %-13s %8s %8s %8s\n", "", "problem", "family", "tiles", "ms", "TFLOP/s", "target");
     for (auto const& bench : bench_problems(3.0, 1.4, 13.0)) {
       NaProblem const p = problem_of(bench.c, 128);
