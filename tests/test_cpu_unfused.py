@@ -89,6 +89,28 @@ def test_qk(device, case, dtype):
         assert_close(t.grad, leaf.grad, tol, f"grad {name}")
 
 
+def test_rpb_gradient_repeats_bit_for_bit(device):
+    """The bias gradient sums over batch and tokens (on the GPU over many slices of the rows):
+    in a fixed order, so that a second backward gives the same bits, with or without
+    torch.use_deterministic_algorithms."""
+    B, H, D, shape, kernel, dil = 3, 2, 16, (40, 37), (7, 5), (2, 1)
+    torch.manual_seed(0)
+    q, k = (torch.randn(B, *shape, H, D, device=device) for _ in range(2))
+    rpb = torch.randn(H, 13, 9, device=device, requires_grad=True)
+    g = torch.randn(B, *shape, H, 35, device=device)
+
+    def grad():
+        attn = _fn("qk", 2)(q, k, kernel, dilation=dil, rpb=rpb)
+        return torch.autograd.grad(attn, rpb, g)[0]
+
+    first = grad()
+    assert torch.equal(first, grad())
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, rpb)]
+    ref = reference_qk(leaves[0], leaves[1], kernel, dil, False, rpb=leaves[2])
+    ref.backward(g.cpu().double())
+    assert_close(first, leaves[2].grad, tolerance(torch.float32, device), "grad rpb")
+
+
 @pytest.mark.parametrize("case,dtype", _dtype_params((2, 5, 8)))
 def test_av(device, case, dtype):
     shape, kernel, dil, causal, _, r = _case_on(device, case, dtype)

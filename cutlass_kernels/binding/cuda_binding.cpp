@@ -139,13 +139,15 @@ void na_qk_backward(at::Tensor d_attn, at::Tensor q, at::Tensor k, Window const&
   t.d_out = d_attn.data_ptr();
   t.d_q = d_q.data_ptr();
   t.d_k = d_k.data_ptr();
-  // The bias gradient sums over batch and tokens: accumulate in the accumulation type, then
-  // convert.
+  // The bias gradient sums over batch and tokens: in the accumulation type, then converted.
   std::optional<at::Tensor> accum;
-  if (d_rpb) accum = at::zeros(d_rpb->sizes(), d_rpb->options().dtype(accumulation_type(q)));
+  if (d_rpb) {
+    accum = at::empty({static_cast<int64_t>(reference::na_qk_backward_rpb_workspace(p))},
+                      d_rpb->options().dtype(accumulation_type(q)));
+  }
   find_kernel(reference::dispatch::na_qk_bwd, p.rank, dtype_of(q), "reference qk backward")(
       p, t, accum ? static_cast<float*>(accum->data_ptr()) : nullptr, stream_of(q));
-  if (d_rpb) d_rpb->copy_(*accum);
+  if (d_rpb) d_rpb->copy_(accum->narrow(0, 0, d_rpb->numel()).view(d_rpb->sizes()));
 }
 
 void na_av_forward(at::Tensor attn, at::Tensor v, Window const& w, at::Tensor out) {

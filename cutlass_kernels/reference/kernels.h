@@ -66,12 +66,28 @@ inline size_t fna_backward_workspace_floats(NaProblem const& p) {
 template <int Rank, typename T>
 void na_qk_forward(NaProblem const& p, NaUnfusedTensors const& t, cudaStream_t stream);
 
+// Slices the (batch, token) rows are split into for the bias gradient (a sum over all of them
+// per head and bias entry): enough warps to fill a GPU, at least 1024 rows a slice. A function of
+// the problem only, so results do not depend on the GPU.
+inline int64_t na_qk_backward_rpb_splits(NaProblem const& p) {
+  int64_t const entries = p.heads * p.rpb_size();
+  int64_t const wanted = (16384 + entries - 1) / (entries > 0 ? entries : 1);
+  int64_t const by_rows = (p.batch * p.tokens() + 1023) / 1024;
+  int64_t s = wanted < by_rows ? wanted : by_rows;
+  s = s < 256 ? s : 256;
+  return s < 1 ? 1 : s;
+}
+inline size_t na_qk_backward_rpb_workspace(NaProblem const& p) {
+  return static_cast<size_t>(na_qk_backward_rpb_splits(p) * p.heads * p.rpb_size());
+}
+
 // Gradients of na_qk_forward: t.d_out holds d_attn; writes t.d_q and t.d_k. When
-// `d_rpb_accum` is not null (a zeroed [H, 2k_1-1, ...] of Acc<T>, typed float* by the dispatch
-// signature), the bias gradient is added into it; the caller converts it into t.d_rpb's type
-// (t.d_rpb is not read).
+// `rpb_workspace` is not null (na_qk_backward_rpb_workspace(p) elements of Acc<T>, typed float*
+// by the dispatch signature; need not be zeroed), the bias gradient [H, 2k_1-1, ...] is left in
+// its first elements, in Acc<T>; the caller converts it into t.d_rpb's type (t.d_rpb is not
+// read).
 template <int Rank, typename T>
-void na_qk_backward(NaProblem const& p, NaUnfusedTensors const& t, float* d_rpb_accum,
+void na_qk_backward(NaProblem const& p, NaUnfusedTensors const& t, float* rpb_workspace,
                     cudaStream_t stream);
 
 // Unfused: out = attn.v over each window (invisible offsets skipped, whatever they hold).

@@ -6,11 +6,13 @@
 // Query-side work (attn, out, d_attn, dQ) is one warp per (b, query, head) walking the
 // window's offsets; key-side gradients (dK, dV) are one warp per (b, key, kv head) walking the
 // queries that see the key (inverse window) and the query heads of its group, so no two
-// warps write one element. Only d_rpb is accumulated with atomics (in the caller's buffer of
-// the accumulation type).
+// warps write one element. d_rpb sums over batch and tokens: one warp per (slice of the rows,
+// head, bias entry) sums its slice in a fixed order, and a last pass adds the slices in order,
+// so that every gradient is the same bit for bit on every run.
 #pragma once
 
 #include "reference/common.cuh"
+#include "reference/kernels.h"
 
 namespace natten::reference {
 namespace detail {
@@ -50,11 +52,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dQ = sum_j d_attn[j] k_j over visible offsets; d_rpb[h, ri] += d_attn[j].
+// dQ = sum_j d_attn[j] k_j over visible offsets.
 template <int Rank, typename T, int kPer>
 __global__ void __launch_bounds__(kThreads)
-    na_qk_backward_dq_kernel(Problem<Rank> const P, NaUnfusedTensors const t,
-                             Acc<T>* d_rpb_accum) {
+    na_qk_backward_dq_kernel(Problem<Rank> const P, NaUnfusedTensors const t) {
   using A = Acc<T>;
   int const lane = lane_id();
   int64_t const N = P.tokens, H = P.heads, Hkv = P.heads_kv, D = P.dim, kw = P.window;
@@ -69,16 +70,64 @@ __global__ void __launch_bounds__(kThreads)
     int64_t const b = row / (H * N);
     T const* k_head = k + (b * N * Hkv + h / P.group) * D;
     T const* g = d_attn + row * kw;
-    A* bias_grad = d_rpb_accum != nullptr ? d_rpb_accum + h * P.rpb_size : nullptr;
     Row<kPer, A> dq;
     dq.zero();
-    for_each_offset(P, x, [&](int64_t j, int64_t y, int64_t ri, bool visible) {
-      if (!visible) return;
-      A const gj = to_acc(g[j]);
-      dq.axpy(gj, k_head + y * Hkv * D, D, lane);
-      if (bias_grad != nullptr && lane == 0) atomicAdd(bias_grad + ri, gj);
+    for_each_offset(P, x, [&](int64_t j, int64_t y, int64_t, bool visible) {
+      if (visible) dq.axpy(to_acc(g[j]), k_head + y * Hkv * D, D, lane);
     });
     dq.store(d_q + row * D, D, lane, A(1));
+  }
+}
+
+// partial[s, h, ri] = the sum of d_attn over rows (b, x) of slice s at the offset whose bias
+// entry is ri (na_qk_backward_rpb_splits). Entry ri is a relative position per axis (key group
+// coordinate minus query group coordinate, plus k - 1): the offset is found from it directly.
+template <int Rank, typename T>
+__global__ void __launch_bounds__(kThreads)
+    na_qk_backward_rpb_kernel(Problem<Rank> const P, T const* d_attn, int64_t splits, Acc<T>* partial) {
+  using A = Acc<T>;
+  int const lane = lane_id();
+  int64_t const N = P.tokens, H = P.heads, R = P.rpb_size, rows = P.batch * N;
+  int64_t const per_split = (rows + splits - 1) / splits;
+  for (int64_t item = first_warp(); item < splits * H * R; item += warp_stride()) {
+    int64_t const ri = item % R, h = (item / R) % H, s = item / (R * H);
+    int64_t rel[Rank];
+    int64_t rest = ri;
+#pragma unroll
+    for (int a = Rank - 1; a >= 0; --a) {
+      int64_t const span = 2 * P.axis[a].kernel - 1;
+      rel[a] = rest % span - (P.axis[a].kernel - 1);
+      rest /= span;
+    }
+    int64_t const end = (s + 1) * per_split < rows ? (s + 1) * per_split : rows;
+    A sum = 0;
+    for (int64_t r = s * per_split + lane; r < end; r += 32) {
+      OffsetAxis ax[Rank];
+      offset_axes(P, r % N, ax);
+      int64_t j = 0;
+      bool visible = true;
+#pragma unroll
+      for (int a = 0; a < Rank; ++a) {
+        int64_t const yi = ax[a].gi + rel[a], i = yi - ax[a].w.start;
+        visible = visible && yi >= ax[a].w.first && yi <= ax[a].w.last && i >= 0 && i < ax[a].kernel;
+        j = j * ax[a].kernel + i;
+      }
+      if (visible) sum += to_acc(d_attn[(r * H + h) * P.window + j]);
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) partial[item] = sum;
+  }
+}
+
+// partial[i] = sum over s of partial[s * n + i], in slice order; one thread per i (which alone
+// reads and writes its entries, so the sum may land in slice 0's place).
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    sum_slices_kernel(A* partial, int64_t n, int64_t splits) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    A s = 0;
+    for (int64_t w = 0; w < splits; ++w) s += partial[w * n + i];
+    partial[i] = s;
   }
 }
 
@@ -182,7 +231,7 @@ void na_qk_forward(NaProblem const& p, NaUnfusedTensors const& t, cudaStream_t s
 }
 
 template <int Rank, typename T>
-void na_qk_backward(NaProblem const& p, NaUnfusedTensors const& t, float* d_rpb_accum,
+void na_qk_backward(NaProblem const& p, NaUnfusedTensors const& t, float* rpb_workspace,
                     cudaStream_t stream) {
   using namespace detail;
   Problem<Rank> const P = make_problem<Rank>(p, "na_qk_backward");
@@ -191,14 +240,24 @@ void na_qk_backward(NaProblem const& p, NaUnfusedTensors const& t, float* d_rpb_
   if (q_rows == 0) return;
   with_row_slots(P.dim, [&](auto slots) {
     constexpr int kPer = decltype(slots)::value;
-    na_qk_backward_dq_kernel<Rank, T, kPer><<<grid_blocks(q_rows), kThreads, 0, stream>>>(
-        P, t, reinterpret_cast<Acc<T>*>(d_rpb_accum));
+    na_qk_backward_dq_kernel<Rank, T, kPer><<<grid_blocks(q_rows), kThreads, 0, stream>>>(P, t);
     check_launch("na_qk_backward_dq_kernel");
     window_transpose_kernel<Rank, T, kPer><<<grid_blocks(k_rows), kThreads, 0, stream>>>(
         P, static_cast<T const*>(t.d_out), static_cast<T const*>(t.q), P.dim,
         static_cast<T*>(t.d_k));
     check_launch("window_transpose_kernel (dK)");
   });
+  if (rpb_workspace == nullptr) return;
+  using A = Acc<T>;
+  A* partial = reinterpret_cast<A*>(rpb_workspace);
+  int64_t const splits = na_qk_backward_rpb_splits(p), n = P.heads * P.rpb_size;
+  na_qk_backward_rpb_kernel<Rank, T><<<grid_blocks(splits * n), kThreads, 0, stream>>>(
+      P, static_cast<T const*>(t.d_out), splits, partial);
+  check_launch("na_qk_backward_rpb_kernel");
+  if (splits > 1) {
+    sum_slices_kernel<A><<<grid_blocks(n, kThreads), kThreads, 0, stream>>>(partial, n, splits);
+    check_launch("sum_slices_kernel (d_rpb)");
+  }
 }
 
 template <int Rank, typename T>
