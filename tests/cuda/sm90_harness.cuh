@@ -367,6 +367,17 @@ struct DeviceArena {
 };
 
 // Median of `iters` timed runs of `work` (CUDA events around each), after `warmup` untimed ones.
+// Each instance timed twice, in list order and then in reverse: an instance's time can depend
+// on what ran before it (clocks, caches), which one fixed order would hide. (first, second) per
+// instance.
+template <class Inst, class Time>
+std::vector<std::pair<float, float>> time_both_orders(std::vector<Inst const*> const& insts, Time&& time) {
+  std::vector<std::pair<float, float>> ms(insts.size());
+  for (size_t i = 0; i < insts.size(); ++i) ms[i].first = time(*insts[i]);
+  for (size_t i = insts.size(); i-- > 0;) ms[i].second = time(*insts[i]);
+  return ms;
+}
+
 template <class Work>
 float median_ms(Work&& work, int iters, int warmup) {
   cudaEvent_t e0, e1;
