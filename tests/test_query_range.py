@@ -296,3 +296,32 @@ def test_cuda_matches_sliced_whole_grid(case, dtype, cuda_backend):
         pytest.skip(f"{name}: {reason}")
     _check(case, 0, _ranged(case, backend=name), dtype, "cuda", tolerance(dtype, "cuda", name),
            32, 16)
+
+
+LARGE_CUDA_CASES = CUDA_CASES[len(CASES):]
+
+
+@pytest.mark.parametrize("case", LARGE_CUDA_CASES, ids=[c["name"] for c in LARGE_CUDA_CASES])
+def test_cuda_hopper_deterministic_backward(case):
+    """hopper-fna under torch.use_deterministic_algorithms(True), whose backward computes dQ in a
+    pass of its own (the SM80 family's dQ kernel), on query ranges."""
+    if not torch.cuda.is_available() or "hopper-fna" not in backends.names_for_device("cuda"):
+        pytest.skip("hopper-fna is not available here")
+    t = _tensors(case, 0, 32, 16)
+    q = _rows(case, t["q"]).to("cuda", torch.bfloat16).requires_grad_(True)
+    k, v = t["k"].to("cuda", torch.bfloat16), t["v"].to("cuda", torch.bfloat16)
+    extra = [t[x].to("cuda", torch.bfloat16) if x in t else None for x in ("ek", "ev")]
+    problem, _ = check_fused(len(case["shape"]), q, k, v, case["kernel"], case["stride"],
+                             case["dilation"], case["causal"], None, *extra,
+                             (case["axis"], case["offset"]))
+    reason = backends.get("hopper-fna").unsupported(problem)
+    if reason is not None:  # a filtered build lacks the rank or head dim
+        pytest.skip(f"hopper-fna: {reason}")
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    try:
+        _check(case, 0, _ranged(case, backend="hopper-fna"), torch.bfloat16, "cuda",
+               tolerance(torch.bfloat16, "cuda", "hopper-fna"), 32, 16)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
