@@ -39,17 +39,24 @@ Most of a rank's rows see no halo: where the ordinary call on the own rows alone
 a query its global window (``_interior``: the longest run of such rows, shrunk to whole query
 boxes of the tiled kernels), that query's result needs nothing from other ranks. So the rank
 starts the halo messages, computes those rows by a query-range call on its own keys while the
-messages travel, and then the rows at its edges on the slab with the halo; the pieces are
-joined in row order.
+messages travel, and then the rows at each edge; the pieces are joined in row order.
+
+Edge keys only: an edge run's queries see the halo on their side and few of the own rows, so
+each edge is computed on a key grid of its own (``_edge_grids``): the halo rows on its side and
+the fewest own rows next to them that give every query of the run its global window (the same
+test as ``_interior``'s, ``_exact_rows``, on that grid). Only those rows are copied into the
+edge's keys, not the whole slab.
 
 Communication: halo K/V rows come from their owners by point-to-point messages (several
 owners when slabs are thinner than the halo), one batch per call started before any
-attention and waited for only by the call that needs the halo. In the backward, the halo
-rows' dK/dV go back to their owners and are summed there, and the gradients of the
-replicated additional keys/values are summed over the group; both happen in one autograd node
-(``_HaloSend``'s backward), after every gradient of the call has reached it, so every rank
-issues its messages in the same order. Every rank must run the backward of its output (the
-backward exchanges messages).
+attention and waited for only by the join that builds the edges' keys. In the backward, the
+halo rows' dK/dV go back to their owners and are summed there, and the gradients of the
+replicated additional keys/values are summed over the group. The halo gradients start on their
+way in the join's backward, as soon as the edges' backward has made them, and travel while the
+interior rows' backward runs; ``_HaloSend``'s backward, which runs after every gradient of the
+call has reached it, waits for them and then sums the additional keys' gradients, so every rank
+issues its messages in the same order (see ``_HaloSend``). Every rank must run the backward of
+its output (the backward exchanges messages).
 """
 
 from __future__ import annotations
@@ -142,6 +149,20 @@ def _slabs(extents: Tuple[int, ...], kernel: int, stride: int, dilation: int,
     return tuple(slabs)
 
 
+def _exact_rows(total: int, kernel: int, stride: int, dilation: int, causal: bool,
+                grid: Tuple[int, int], rows: Sequence[int]) -> List[bool]:
+    """Per global row x of ``rows`` (rows of ``grid``): whether a call whose key grid is the
+    global rows ``grid`` = [g0, g1), taken as the whole extent, gives x (its coordinate there
+    x - g0) its global window. A grid of fewer than kernel * dilation rows gives none: the call
+    needs that many."""
+    g0, g1 = grid
+    if g1 - g0 < kernel * dilation:
+        return [False] * len(rows)
+    need = _windows(total, kernel, stride, dilation, causal, rows)
+    got = _windows(g1 - g0, kernel, stride, dilation, causal, [x - g0 for x in rows], offset=g0)
+    return [g == w for g, w in zip(got, need)]
+
+
 @functools.lru_cache(maxsize=64)
 def _interior(extents: Tuple[int, ...], me: int, kernel: int, stride: int, dilation: int,
               causal: bool) -> Tuple[int, int]:
@@ -149,12 +170,10 @@ def _interior(extents: Tuple[int, ...], me: int, kernel: int, stride: int, dilat
     own rows alone is their global window: the rows computable before any halo arrives (the
     longest such run; (0, 0) where there is none)."""
     lo, n = sum(extents[:me]), extents[me]
-    if n < kernel * dilation:  # the call on the own rows needs kernel * dilation of them
-        return (0, 0)
-    need = _windows(sum(extents), kernel, stride, dilation, causal, range(lo, lo + n))
-    got = _windows(n, kernel, stride, dilation, causal, range(n), offset=lo)
+    exact = _exact_rows(sum(extents), kernel, stride, dilation, causal, (lo, lo + n),
+                        range(lo, lo + n))
     best, start = (0, 0), None
-    for i, same in enumerate([g == w for g, w in zip(got, need)] + [False]):
+    for i, same in enumerate(exact + [False]):
         if same and start is None:
             start = i
         elif not same and start is not None:
@@ -162,6 +181,33 @@ def _interior(extents: Tuple[int, ...], me: int, kernel: int, stride: int, dilat
                 best = (start, i)
             start = None
     return best
+
+
+@functools.lru_cache(maxsize=64)
+def _edge_grids(extents: Tuple[int, ...], me: int, kernel: int, stride: int, dilation: int,
+                causal: bool, inner: Tuple[int, int]):
+    """For each non-empty run of rank ``me``'s own rows beside ``inner`` (local rows), that run
+    and the key grid (global rows) it is computed on: the slab's rows on its side of the own
+    rows (the halo there) and the fewest own rows next to them with which every query of the run
+    gets its global window (``_exact_rows``). Where no grid within the own rows does, the grid
+    reaches on into the other side's halo, at most to the whole slab, which is exact for every
+    own row (``_slabs``)."""
+    total = sum(extents)
+    lo, hi = sum(extents[:me]), sum(extents[:me + 1])
+    a, b = _slabs(extents, kernel, stride, dilation, causal)[me]
+    window = (total, kernel, stride, dilation, causal)
+    edges = []
+    if inner[0] > 0:
+        rows = range(lo, lo + inner[0])
+        g1 = next(g1 for g1 in range(lo + inner[0], b + 1)
+                  if all(_exact_rows(*window, (a, g1), rows)))
+        edges.append(((0, inner[0]), (a, g1)))
+    if inner[1] < hi - lo:
+        rows = range(lo + inner[1], hi)
+        g0 = next(g0 for g0 in range(lo + inner[1], a - 1, -1)
+                  if all(_exact_rows(*window, (g0, b), rows)))
+        edges.append(((inner[1], hi - lo), (g0, b)))
+    return tuple(edges)
 
 
 def _aligned(run: Tuple[int, int], align: int) -> Tuple[int, int]:
@@ -280,53 +326,93 @@ def _halo_sources(comm: "_Comm") -> List[Tuple[int, int, int]]:
             if j != comm.me and stop > start]
 
 
+def _slab_parts(comm: "_Comm") -> List[Tuple[int, int, int]]:
+    """The slab's rows in row order as (n, start, stop) (global rows): n is the index of a halo
+    source in _halo_sources, -1 for the own rows."""
+    lo, hi = comm.owned[comm.me]
+    parts = [(n, start, stop) for n, (_, start, stop) in enumerate(_halo_sources(comm))]
+    return sorted(parts + [(-1, lo, hi)], key=lambda part: part[1])
+
+
+class _Link:
+    """What the autograd nodes of one call share: the forward's messages until the join has
+    waited for them; the backward's (messages, receive buffers) from when they start until
+    _HaloSend's backward waits for them; and the gradients of the own rows that the join's grids
+    took (per k and v, [(first row, gradient)]) until _HaloSend's backward adds them."""
+
+    def __init__(self):
+        self.forward: Optional[_Pending] = None
+        self.backward: Optional[Tuple[_Pending, dict]] = None
+        self.own: List[List[Tuple[int, Tensor]]] = [[], []]
+
+
+def _start_grad_exchange(comm: "_Comm", halo_grads: List[List[Tensor]],
+                         like) -> Tuple[_Pending, dict]:
+    """Starts sending the halo rows' gradients (per halo source, [dk, dv]) to their owners and
+    receiving, from every rank that holds some of this rank's rows as halo, their gradients;
+    ``like``: (shape, dtype, device) of k and v. Returns the messages and the receive buffers
+    per rank."""
+    me, routes = comm.me, comm.routes
+    sends = {j: grads for (j, _, _), grads in zip(_halo_sources(comm), halo_grads)}
+    recvs = {}
+    for i in range(len(routes)):
+        start, stop = routes[i][me]
+        if i != me and stop > start:
+            recvs[i] = [torch.empty(comm.halo_shape(shape, stop - start), dtype=dtype,
+                                    device=device) for shape, dtype, device in like]
+    return comm.start(sends, recvs), recvs
+
+
 class _HaloSend(torch.autograd.Function):
     """Starts the halo messages: (k, v) of this rank's rows -> the same (k, v), and the halo
     rows' (k, v) per owner, whose contents arrive by the time _HaloJoin has run. Its backward
-    sends the halo rows' gradients to their owners and adds the ones it receives to its own
-    rows; then it sums the replicated additional keys' and values' gradients over the group.
-    Both exchanges sit in this one node so that every rank issues them in the same order."""
+    ends the exchange of the halo rows' gradients (started by _HaloJoin's backward where this
+    rank has a join, else here): it waits for it and makes the own rows' gradients in one pass,
+    from autograd's (the rows computed before the join), the join's and the received ones; then
+    it sums the replicated additional keys' and values' gradients over the group.
+
+    Every rank issues its backward messages in the same order (one batch, then the
+    all_reduces, per call) by data dependence alone, whichever node starts the batch: the join
+    consumes this node's outputs, so its backward runs before this one; and the gradient of
+    what k and v were computed from is complete only after this node's backward, so the
+    backward of a call whose output they depend on (the previous layer) starts after it. Calls
+    not ordered so (neither's k and v computed from the other's output) are ordered only by
+    autograd running the ready node created last first."""
 
     @staticmethod
-    def forward(ctx, k: Tensor, v: Tensor, ek, ev, comm: "_Comm", pending: list):
-        ctx.comm = comm
+    def forward(ctx, k: Tensor, v: Tensor, ek, ev, comm: "_Comm", link: _Link):
+        ctx.set_materialize_grads(False)
+        ctx.comm, ctx.link = comm, link
         ctx.extra = ek is not None
-        ctx.shapes = (k.shape, v.shape)
-        ctx.kinds = [(t.dtype, t.device) for t in (k, v)]
+        ctx.like = [(t.shape, t.dtype, t.device) for t in (k, v)]
         if ctx.extra:
             ctx.extra_kinds = [(t.shape, t.dtype, t.device) for t in (ek, ev)]
         sources = _halo_sources(comm)
         halo = [[torch.empty(comm.halo_shape(t, stop - start), dtype=t.dtype, device=t.device)
                  for t in (k, v)] for _, start, stop in sources]
-        pending.append(comm.start(_halo_sends(comm, k, v),
-                                  {j: pair for (j, _, _), pair in zip(sources, halo)}))
+        link.forward = comm.start(_halo_sends(comm, k, v),
+                                  {j: pair for (j, _, _), pair in zip(sources, halo)})
         extra = (ek.view_as(ek), ev.view_as(ev)) if ctx.extra else (None, None)
         return (k.view_as(k), v.view_as(v), *extra, *(t for pair in halo for t in pair))
 
     @staticmethod
     def backward(ctx, gk, gv, gek, gev, *ghalo):
-        comm = ctx.comm
+        comm, link = ctx.comm, ctx.link
         me, routes = comm.me, comm.routes
         lo, hi = comm.owned[me]
-        own = [_or_zeros(g, comm.halo_shape(t, hi - lo), *kind)
-               for g, t, kind in zip((gk, gv), ctx.shapes, ctx.kinds)]
-        sends = {}
-        for n, (j, start, stop) in enumerate(_halo_sources(comm)):
-            sends[j] = [_or_zeros(g, comm.halo_shape(t, stop - start), *kind)
-                        for g, t, kind in zip(ghalo[2 * n:2 * n + 2], ctx.shapes, ctx.kinds)]
-        recvs = {}
-        for i in range(len(routes)):
-            start, stop = routes[i][me]
-            if i != me and stop > start:
-                recvs[i] = [torch.empty(comm.halo_shape(g, stop - start), dtype=g.dtype,
-                                        device=g.device) for g in own]
-        comm.start(sends, recvs).finish()
-        # Received rows are added in place: into a copy, since autograd may share the gradient.
-        grads = [g.clone() for g in own] if recvs else own
-        for i, parts in recvs.items():
-            start, stop = routes[i][me]
-            for g, part in zip(grads, parts):
-                g.narrow(comm.axis, start - lo, stop - start).add_(part)
+        if link.backward is None:  # no join on this rank, or autograd did not need its backward
+            halo = [[_or_zeros(g, comm.halo_shape(shape, stop - start), dtype, device)
+                     for g, (shape, dtype, device) in zip(ghalo[2 * n:2 * n + 2], ctx.like)]
+                    for n, (_, start, stop) in enumerate(_halo_sources(comm))]
+            link.backward = _start_grad_exchange(comm, halo, ctx.like)
+        pending, recvs = link.backward
+        joined, link.backward, link.own = link.own, None, [[], []]
+        pending.finish()
+        grads = []
+        for idx, (g, (shape, _, _)) in enumerate(zip((gk, gv), ctx.like)):
+            pieces = ([] if g is None else [(0, g)]) + joined[idx]
+            pieces += [(routes[i][me][0] - lo, parts[idx]) for i, parts in recvs.items()]
+            grads.append(_rows_sum(pieces, comm.halo_shape(shape, hi - lo), comm.axis))
         extra = [None, None]
         if ctx.extra:
             extra = [_or_zeros(g, *kind).contiguous().clone()
@@ -342,37 +428,82 @@ def _or_zeros(g: Optional[Tensor], shape, dtype, device) -> Tensor:
     return torch.zeros(shape, dtype=dtype, device=device) if g is None else g
 
 
+def _rows_sum(pieces: List[Tuple[int, Tensor]], shape: torch.Size, axis: int) -> Optional[Tensor]:
+    """The gradient of a run of rows (``shape``) from gradients of runs inside it, each
+    (first row, tensor), summed where they overlap; None where there are none. A lone piece of
+    the whole run is the result itself; otherwise the sum is made in a new tensor, since autograd
+    may share the pieces."""
+    if not pieces:
+        return None
+    whole = next((n for n, (at, g) in enumerate(pieces) if at == 0 and g.shape == shape), None)
+    if whole is not None and len(pieces) == 1:
+        return pieces[0][1]
+    if whole is None:
+        out = torch.zeros(shape, dtype=pieces[0][1].dtype, device=pieces[0][1].device)
+    else:
+        out = pieces[whole][1].clone()
+    for n, (at, g) in enumerate(pieces):
+        if n != whole:
+            out.narrow(axis, at, g.shape[axis]).add_(g)
+    return out
+
+
 class _HaloJoin(torch.autograd.Function):
-    """Waits for the halo messages and joins own rows and halo rows into the slab's (k, v);
-    its backward hands each part its rows of the gradient."""
+    """Waits for the halo messages and builds, for each key grid [g0, g1) (global rows inside
+    the slab), its (k, v) from the own rows and the halo rows it spans. Its backward sums each
+    halo part's gradient over the grids and starts the exchange of the halo rows' gradients,
+    which _HaloSend's backward ends: the one node that holds every halo row, so that a rank
+    starts one batch per call, and early, since autograd runs it before the backward of the rows
+    computed before the join (nodes created later run first). The own rows' gradients from the
+    grids go to _HaloSend's backward through the link, not through autograd, which would need
+    them as a gradient of all the own rows: a zero fill and one more sum over all of them."""
 
     @staticmethod
-    def forward(ctx, k: Tensor, v: Tensor, comm: "_Comm", pending: list, *halo):
-        for p in pending:
-            p.finish()
-        ctx.comm = comm
-        ctx.rows = [t.shape[comm.axis] for t in halo[0::2]]
-        sources = _halo_sources(comm)
-        left = [n for n, (j, _, _) in enumerate(sources) if j < comm.me]
-        right = [n for n, (j, _, _) in enumerate(sources) if j > comm.me]
-        ctx.order = left + [-1] + right
+    def forward(ctx, k: Tensor, v: Tensor, comm: "_Comm", link: _Link, grids, *halo):
+        link.forward.finish()
+        link.forward = None
+        ctx.set_materialize_grads(False)
+        ctx.comm, ctx.link, ctx.grids = comm, link, grids
+        ctx.like = [(t.shape, t.dtype, t.device) for t in (k, v)]
+        parts = _slab_parts(comm)
         outs = []
-        for idx, t in enumerate((k, v)):
-            pieces = [t if n < 0 else halo[2 * n + idx] for n in ctx.order]
-            outs.append(torch.cat(pieces, dim=comm.axis) if len(pieces) > 1 else t.clone())
+        for grid in grids:
+            for idx, t in enumerate((k, v)):
+                pieces = []
+                for n, start, stop in parts:
+                    first, last = _overlap((start, stop), grid)
+                    if last > first:
+                        part = t if n < 0 else halo[2 * n + idx]
+                        pieces.append(part.narrow(comm.axis, first - start, last - first))
+                outs.append(torch.cat(pieces, dim=comm.axis))
         return tuple(outs)
 
     @staticmethod
-    def backward(ctx, gkx, gvx):
-        axis = ctx.comm.axis
-        own = gkx.shape[axis] - sum(ctx.rows)
-        grads = {}
-        at = 0
-        for n in ctx.order:
-            rows = own if n < 0 else ctx.rows[n]
-            grads[n] = [g.narrow(axis, at, rows) for g in (gkx, gvx)]
-            at += rows
-        return (*grads[-1], None, None, *(g for n in range(len(ctx.rows)) for g in grads[n]))
+    def backward(ctx, *grads):
+        comm, axis = ctx.comm, ctx.comm.axis
+        parts = _slab_parts(comm)
+        pieces = {(n, idx): [] for n, _, _ in parts for idx in (0, 1)}
+        for number, grid in enumerate(ctx.grids):
+            for idx in (0, 1):
+                g = grads[2 * number + idx]
+                if g is None:
+                    continue
+                for n, start, stop in parts:
+                    first, last = _overlap((start, stop), grid)
+                    if last > first:
+                        pieces[n, idx].append((first - start,
+                                               g.narrow(axis, first - grid[0], last - first)))
+        halo = []
+        for n, (_, start, stop) in enumerate(_halo_sources(comm)):
+            shapes = [comm.halo_shape(shape, stop - start) for shape, _, _ in ctx.like]
+            halo.append([_or_zeros(_rows_sum(pieces[n, idx], shapes[idx], axis), shapes[idx],
+                                   dtype, device)
+                         for idx, (_, dtype, device) in enumerate(ctx.like)])
+        ctx.link.own = [pieces[-1, 0], pieces[-1, 1]]
+        ctx.link.backward = _start_grad_exchange(comm, halo, ctx.like)
+        # The halo rows' gradients also go to _HaloSend, unused there: they make its backward
+        # wait for this one.
+        return (None, None, None, None, None, *(g for pair in halo for g in pair))
 
 
 # ----------------------------------------------------------------------------------------
@@ -493,24 +624,30 @@ def _sharded(rank: int, q, k, v, kernel_size, stride, dilation, is_causal, shard
     comm = _Comm(group, extents, _slabs(extents, kernel, s, d, causal), 1 + shard_dim)
     a, b = comm.slab
     lo, hi = comm.owned[comm.me]
-    pending = []
+    link = _Link()
     k, v, additional_keys, additional_values, *halo = _HaloSend.apply(
-        k, v, additional_keys, additional_values, comm, pending)
+        k, v, additional_keys, additional_values, comm, link)
     call_args = dict(stride=stride, dilation=dilation, is_causal=is_causal, scale=scale,
                      additional_keys=additional_keys, additional_values=additional_values,
                      return_lse=return_lse)
 
-    def ranged(rows: Tuple[int, int], keys: Tensor, values: Tensor, at: int):
-        """Own rows [rows) (local) as queries against keys whose grid starts ``at`` rows before
-        the own rows; None where the backend cannot compute a range."""
+    def backend_for(rows: Tuple[int, int], grid: Tuple[int, int]) -> Optional[str]:
+        """The backend that computes own rows [rows) (local) as queries against the key grid of
+        global rows [grid), or None where the call's backend cannot compute a range. It needs
+        only the keys' shapes: stand-ins of one element take their place."""
+        keys = [torch.empty_strided(comm.halo_shape(t, grid[1] - grid[0]), (0,) * t.dim(),
+                                    dtype=t.dtype, device=t.device, requires_grad=t.requires_grad)
+                for t in (k, v)]
+        return _query_range_backend(rank, q.narrow(comm.axis, rows[0], rows[1] - rows[0]), *keys,
+                                    kernel_size, stride, dilation, is_causal, scale,
+                                    additional_keys, additional_values, shard_dim,
+                                    lo + rows[0] - grid[0], backend)
+
+    def ranged(rows: Tuple[int, int], grid: Tuple[int, int], keys: Tensor, values: Tensor,
+               name: str):
         query = q.narrow(comm.axis, rows[0], rows[1] - rows[0])
-        name = _query_range_backend(rank, query, keys, values, kernel_size, stride, dilation,
-                                    is_causal, scale, additional_keys, additional_values,
-                                    shard_dim, at + rows[0], backend)
-        if name is None:
-            return None
         return _query_range_na(rank, query, keys, values, kernel_size, axis=shard_dim,
-                               offset=at + rows[0], backend=name, **call_args)
+                               offset=lo + rows[0] - grid[0], backend=name, **call_args)
 
     # While the halo travels: the rows whose windows lie in the own rows, on the own rows.
     pieces = []
@@ -520,20 +657,34 @@ def _sharded(rank: int, q, k, v, kernel_size, stride, dilation, is_causal, shard
         inner = _aligned(_interior(extents, comm.me, kernel, s, d, causal),
                          d * _query_box_rows(rank, shard_dim))
     if inner[1] > inner[0]:
-        got = ranged(inner, k, v, 0)
-        if got is not None:
-            pieces.append((inner[0], got))
-    kx, vx = _HaloJoin.apply(k, v, comm, pending, *halo)
-    rest = [(0, inner[0]), (inner[1], hi - lo)] if pieces else [(0, hi - lo)]
-    for rows in rest:
-        if rows[1] > rows[0]:
-            got = ranged(rows, kx, vx, lo - a)
-            if got is None:
-                break
-            pieces.append((rows[0], got))
+        name = backend_for(inner, (lo, hi))
+        if name is not None:
+            pieces.append((inner[0], ranged(inner, (lo, hi), k, v, name)))
+    # Then each edge run on its own key grid (the halo on its side and the own rows that its
+    # windows reach), or, where nothing was computed yet or an edge cannot be computed as a
+    # range, every row on the slab.
+    edges = _edge_grids(extents, comm.me, kernel, s, d, causal, inner) if pieces else ()
+    names = [backend_for(*edge) for edge in edges]
+    if None in names:
+        pieces, edges = [], ()
+    if not pieces:
+        edges = (((0, hi - lo), (a, b)),)
+        names = [backend_for(*edges[0])]
+    grids = tuple(grid for _, grid in edges)
+    if _halo_sources(comm) and grids:
+        joined = _HaloJoin.apply(k, v, comm, link, grids, *halo)
+        keys = list(zip(joined[0::2], joined[1::2]))
     else:
+        # Without a halo the grids are own rows; without grids the halo goes unused. Either way
+        # the messages (this rank's sends at least) must end before their buffers go.
+        link.forward.finish()
+        keys = [tuple(t.narrow(comm.axis, g0 - lo, g1 - g0) for t in (k, v)) for g0, g1 in grids]
+    if None not in names:
+        for (rows, grid), name, (kx, vx) in zip(edges, names, keys):
+            pieces.append((rows[0], ranged(rows, grid, kx, vx, name)))
         return _join(sorted(pieces, key=lambda piece: piece[0]), comm.axis, return_lse)
 
+    kx, vx = keys[0]
     qx = q
     if (a, b) != (lo, hi):
         pad = [torch.zeros(comm.halo_shape(q, n), dtype=q.dtype, device=q.device)

@@ -27,11 +27,12 @@ _TIMEOUT_S = 60
 
 def _case(world, shape, extents, kernel, stride=1, dilation=1, causal=False, shard_dim=0,
           heads=2, heads_kv=None, extra=0, lse=False, dtype="float64", batch=1, name="",
-          dims=(8, 6), device="cpu", backend="cpu"):
+          dims=(8, 6), device="cpu", backend="cpu", grad=("q", "k", "v", "ek", "ev")):
+    """grad: the inputs that require a gradient (the others are checked to get none)."""
     return dict(world=world, shape=shape, extents=extents, kernel=kernel, stride=stride,
                 dilation=dilation, causal=causal, shard_dim=shard_dim, heads=heads,
                 heads_kv=heads_kv or heads, extra=extra, lse=lse, dtype=dtype, batch=batch,
-                name=name, dims=dims, device=device, backend=backend)
+                name=name, dims=dims, device=device, backend=backend, grad=grad)
 
 
 def _random_1d_cases(world, count, seed):
@@ -80,6 +81,13 @@ CASES = [
           name="2d_overlap_causal_gqa"),
     _case(2, (4, 30, 6), (13, 17), (2, 5, 3), stride=(1, 3, 1), dilation=(2, 1, 1), shard_dim=1,
           extra=1, name="3d_overlap_axis1_stride"),
+    # Rank 1's high edge needs rows of the halo on both sides: its key grid is the whole slab.
+    _case(4, (33,), (2, 18, 4, 9), 4, stride=2, dilation=2, extra=2, lse=True,
+          name="1d_edge_grid_both_halos"),
+    # Gradients for some inputs only: the backward exchange runs with the others' left out.
+    _case(2, (20,), (9, 11), 5, extra=2, lse=True, grad=("v",), name="1d_only_value_grad"),
+    _case(3, (40,), (13, 14, 13), 6, stride=2, dilation=3, extra=2, grad=("q", "ek"),
+          name="1d_query_and_extra_key_grads"),
     *_random_1d_cases(2, 8, seed=1),
     *_random_1d_cases(3, 10, seed=2),
     *_random_1d_cases(4, 10, seed=3),
@@ -134,7 +142,8 @@ def _tensors(case, seed):
     return t
 
 
-def _run_case(case, seed, me, group=None):
+def _run_case(case, seed, me, group=None, calls=None):
+    """calls: how many query-range calls the rank makes, where the rule below does not say."""
     import natten.distributed as nd
 
     rank = len(case["shape"])
@@ -158,10 +167,11 @@ def _run_case(case, seed, me, group=None):
 
     # This rank's slab through natten.distributed.
     dev = case["device"]
-    local = {x: t[x].narrow(axis, lo, n).to(dev).requires_grad_(True) for x in ("q", "k", "v")}
+    local = {x: t[x].narrow(axis, lo, n).to(dev).requires_grad_(x in case["grad"])
+             for x in ("q", "k", "v")}
     for x in ("ek", "ev"):
         if x in t:
-            local[x] = t[x].to(dev).requires_grad_(True)
+            local[x] = t[x].to(dev).requires_grad_(x in case["grad"])
     op = getattr(nd, f"na{rank}d")
     ranged_calls = []
     ranged_op = nd._query_range_na
@@ -181,7 +191,9 @@ def _run_case(case, seed, me, group=None):
     # rows as queries: the rows that need no halo in one call on the own rows (made before the
     # halo arrives), the others in one call per edge; the other backends (reference, flex-fna)
     # the whole slab.
-    if case["backend"] in ("reference", "flex-fna"):
+    if calls is not None:
+        assert len(ranged_calls) == calls, ranged_calls
+    elif case["backend"] in ("reference", "flex-fna"):
         assert ranged_calls == [], ranged_calls
     else:
         window = _shard_axis_window(case)
@@ -201,6 +213,9 @@ def _run_case(case, seed, me, group=None):
     if lse is not None:
         assert_close(lse, ref_lse.narrow(axis, lo, n), tol, f"rank {me} lse")
     for x in names:
+        if x not in case["grad"]:
+            assert local[x].grad is None, f"rank {me}: d{x} without requires_grad"
+            continue
         ref_grad = full[x].grad
         if x in ("q", "k", "v"):
             ref_grad = ref_grad.narrow(axis, lo, n)
@@ -228,6 +243,102 @@ def _module_case(me, world):
     ref = module(x)
     got = nd.module_forward(module, x.narrow(1, lo, n), shard_dim=0)
     assert_close(got, ref.narrow(1, lo, n), 1e-10, f"rank {me} module output")
+
+
+# Both ranks compute an edge on a key grid with a row to spare beyond its queries: rank 0 its rows
+# 7-8 on the global rows [5, 11), rank 1 its rows 9-10 on [7, 13).
+EDGE_CASE = _case(2, (20,), (9, 11), 5, extra=2, lse=True, name="edges")
+
+
+def _short_grids_case(me):
+    """Each edge's key grid one own row short: every rank's output misses the oracle's, so the
+    grids that natten.distributed uses are no longer than needed and the checks of the cases
+    above would see a grid that is too short."""
+    import natten.distributed as nd
+
+    least = nd._edge_grids
+
+    def short(extents, rank, kernel, stride, dilation, causal, inner):
+        return tuple((rows, (g0, g1 - 1) if rows[0] == 0 else (g0 + 1, g1))
+                     for rows, (g0, g1) in least(extents, rank, kernel, stride, dilation, causal,
+                                                 inner))
+
+    nd._edge_grids = short
+    try:
+        _run_case(EDGE_CASE, 5, me)
+    except AssertionError as exc:
+        if f"rank {me} output" in str(exc):
+            return
+        raise
+    finally:
+        nd._edge_grids = least
+    raise AssertionError(f"rank {me}: the output matched with edge grids one row short")
+
+
+class _Mark(torch.autograd.Function):
+    """Identity; its backward notes when the gradient has passed it."""
+
+    @staticmethod
+    def forward(ctx, t, log, text):
+        ctx.log, ctx.text = log, text
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.log.append(ctx.text)
+        return g, None, None
+
+
+def _backward_order_case(me):
+    """One batch of messages each way per call, and the backward's (the halo rows' gradients)
+    starts before the backward of the rows computed before the halo arrived, which it overlaps."""
+    import natten.distributed as nd
+
+    log = []
+    start, ranged_op = nd._Comm.start, nd._query_range_na
+
+    def logged_start(self, sends, recvs):
+        log.append("batch")
+        return start(self, sends, recvs)
+
+    def marked(rank, query, *args, **kwargs):
+        if "call" not in log:  # the first call: the interior rows
+            query = _Mark.apply(query, log, "interior backward")
+        log.append("call")
+        return ranged_op(rank, query, *args, **kwargs)
+
+    nd._Comm.start, nd._query_range_na = logged_start, marked
+    try:
+        _run_case(EDGE_CASE, 6, me)
+    finally:
+        nd._Comm.start, nd._query_range_na = start, ranged_op
+    events = [text for text in log if text != "call"]
+    assert events == ["batch", "batch", "interior backward"], (me, log)
+
+
+def _fallback_case(me, path):
+    """The paths other than interior plus edges: ``serial`` (natten.distributed._OVERLAP off:
+    every row on the slab), ``padded`` (a backend without query ranges: the ordinary call on
+    the slab, zero queries as the halo's), ``edges`` (a backend that cannot compute the edges'
+    grids as ranges: the interior rows' piece is dropped and every row computed on the slab)."""
+    import natten.distributed as nd
+
+    ask = nd._query_range_backend
+    extents = tuple(EDGE_CASE["extents"])
+    a, b = nd._slabs(extents, EDGE_CASE["kernel"], 1, 1, False)[me]
+
+    def without_ranges(rank, q, kx, *args):
+        if path == "padded" or kx.shape[1] not in (extents[me], b - a):
+            return None
+        return ask(rank, q, kx, *args)
+
+    nd._query_range_backend = without_ranges
+    nd._OVERLAP = path != "serial"
+    try:
+        _run_case(EDGE_CASE, 7, me, calls={"serial": 1, "padded": 0, "edges": 2}[path])
+    finally:
+        nd._query_range_backend = ask
+        nd._OVERLAP = True
 
 
 def _error_case(name, me):
@@ -268,6 +379,10 @@ def _worker(me, world, init_file, out_dir, cases, error_names):
         record(case["name"], lambda case=case, i=i: _run_case(case, 1000 + i, me))
     if world == 2 and not on_gpu:
         record("module", lambda: _module_case(me, world))
+        record("short_grids", lambda: _short_grids_case(me))
+        record("backward_order", lambda: _backward_order_case(me))
+        for path in ("serial", "padded", "edges"):
+            record("fallback:" + path, lambda path=path: _fallback_case(me, path))
     if world == 3 and not on_gpu:
         # Ranks 1 and 2 of the world as a group of their own (group ranks differ from world ranks).
         sub = dist.new_group([1, 2])
@@ -340,6 +455,19 @@ def test_subgroup(verdicts):
 
 def test_module_forward(verdicts):
     _check_all_ranks(verdicts, 2, "module")
+
+
+def test_edge_grids_one_row_short_miss_the_oracle(verdicts):
+    _check_all_ranks(verdicts, 2, "short_grids")
+
+
+def test_backward_exchange_starts_before_interior_backward(verdicts):
+    _check_all_ranks(verdicts, 2, "backward_order")
+
+
+@pytest.mark.parametrize("path", ["serial", "padded", "edges"])
+def test_fallback_paths(verdicts, path):
+    _check_all_ranks(verdicts, 2, "fallback:" + path)
 
 
 @pytest.mark.parametrize("world,name,texts", ERROR_CASES, ids=[e[1] for e in ERROR_CASES])
@@ -432,3 +560,64 @@ def test_aligned_runs():
     assert _aligned((5, 7), 4) == (0, 0)
     assert _aligned((0, 0), 4) == (0, 0)
     assert _aligned((2, 11), 1) == (2, 11)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_rows_against_oracle(seed):
+    """_exact_rows on random key grids equals the oracle's window rules row by row (grids
+    shorter than kernel * dilation give no row)."""
+    from natten.distributed import _exact_rows
+
+    rng = random.Random(200 + seed)
+    for k, s, d, c, length, _ in _sharded_axes(200 + seed, 70, 1):
+        for _ in range(8):
+            g0 = rng.randint(0, length - 1)
+            g1 = rng.randint(g0 + 1, length)
+            rows = range(g0, g1)
+            got = _exact_rows(length, k, s, d, c, (g0, g1), rows)
+            want = [g1 - g0 >= k * d and _global_window_in(length, k, s, d, c, x, g0, g1 - g0)
+                    for x in rows]
+            assert got == want, (length, k, s, d, c, (g0, g1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_edge_grids_are_least_exact(seed):
+    """Each edge run's key grid holds the slab's rows on its side, gives every query of the run
+    its global window, and no grid that ends (low edge) or starts (high edge) a row closer to
+    the run does."""
+    from natten.distributed import _aligned, _edge_grids, _interior, _slabs
+
+    found = 0
+    for k, s, d, c, length, extents in _sharded_axes(300 + seed, 90, 4):
+        slabs = _slabs(extents, k, s, d, c)
+        lo = 0
+        for me, n in enumerate(extents):
+            a, b = slabs[me]
+            for align in (1, 2 * d):
+                inner = _aligned(_interior(extents, me, k, s, d, c), align)
+                if inner[1] == inner[0]:
+                    continue
+                edges = _edge_grids(extents, me, k, s, d, c, inner)
+                assert [rows for rows, _ in edges] == [
+                    rows for rows in ((0, inner[0]), (inner[1], n)) if rows[1] > rows[0]]
+
+                def exact(grid, rows):
+                    extent = grid[1] - grid[0]
+                    return extent >= k * d and all(
+                        _global_window_in(length, k, s, d, c, lo + i, grid[0], extent)
+                        for i in range(*rows))
+
+                for rows, (g0, g1) in edges:
+                    case = (extents, k, s, d, c, me, inner, rows, (g0, g1))
+                    assert a <= g0 <= lo + rows[0] and lo + rows[1] <= g1 <= b, case
+                    assert exact((g0, g1), rows), case
+                    if rows[0] == 0:
+                        assert g0 == a, case
+                        shorter = [(g0, g) for g in range(lo + rows[1], g1)]
+                    else:
+                        assert g1 == b, case
+                        shorter = [(g, g1) for g in range(g0 + 1, lo + rows[0] + 1)]
+                    assert not any(exact(grid, rows) for grid in shorter), case
+                    found += 1
+            lo += n
+    assert found > 0
