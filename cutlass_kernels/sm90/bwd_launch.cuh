@@ -9,7 +9,8 @@
 // (dK and dV are: one CTA sums each in a fixed order). A problem that asks for a deterministic
 // backward (NaProblem::deterministic) runs instead
 //   delta, main without dQ (DqPath::kSeparate), and the SM80 family's query-box-stationary dQ
-//   kernel, which writes each dQ element from one CTA.
+//   kernel, which writes each dQ element from one CTA (or, with DqPath::kSeparateWgmma, the
+//   Hopper dQ kernel of bwd_dq_kernel.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -19,29 +20,24 @@
 #include "sm80/fna_backward.cuh"
 #include "sm80/launch.h"
 #include "sm90/bwd_convert.cuh"
+#include "sm90/bwd_dq_kernel.cuh"
 #include "sm90/bwd_kernel.cuh"
 #include "sm90/fwd_launch.cuh"
 
 namespace natten::sm90 {
 
-// The boxes of the deterministic path's dQ pass: the SM80 family's backward boxes (64 queries
-// against 64 keys; autogen/registry.py, SM80_OPS).
+// The boxes of the deterministic path's dQ pass, per rank: with the SM80 family's dQ kernel its
+// backward boxes, 64 queries against 64 keys (autogen/registry.py, SM80_OPS); with the Hopper
+// dQ kernel the forward's 128-query boxes (two consumer warpgroups) against 64-key boxes, which
+// keep S, dP and dQ's accumulators within the consumers' registers.
 template <int Rank>
-struct SeparateDqBoxes;
-template <>
-struct SeparateDqBoxes<1> {
-  using Q = Box<64>;
-  using KV = Box<64>;
-};
-template <>
-struct SeparateDqBoxes<2> {
-  using Q = Box<8, 8>;
-  using KV = Box<8, 8>;
-};
-template <>
-struct SeparateDqBoxes<3> {
-  using Q = Box<4, 4, 4>;
-  using KV = Box<4, 4, 4>;
+struct DqPassBoxes {
+  template <class B1, class B2, class B3>
+  using ByRank = std::conditional_t<Rank == 1, B1, std::conditional_t<Rank == 2, B2, B3>>;
+  using Sm80Q = ByRank<Box<64>, Box<8, 8>, Box<4, 4, 4>>;
+  using Sm80KV = Sm80Q;
+  using WgmmaQ = ByRank<Box<128>, Box<16, 8>, Box<2, 8, 8>>;
+  using WgmmaKV = ByRank<Box<64>, Box<8, 8>, Box<2, 4, 8>>;
 };
 
 // Writes d_q, d_k, d_v (and d_extra_k, d_extra_v when num_extra > 0) on `stream`; `workspace`
@@ -55,7 +51,7 @@ void run_backward(NaProblem const& problem, FnaTensors const& t, float* workspac
   using E = typename Config::Element;
   if (Config::kWithDq && problem.deterministic) {
     // Its workspace (kernels.h) has no room for the dQ buffer.
-    throw std::invalid_argument("natten sm90 fna_backward: a deterministic backward needs DqPath::kSeparate");
+    throw std::invalid_argument("natten sm90 fna_backward: a deterministic backward needs a separate dQ pass");
   }
   BackwardParams<Rank> const P = make_backward_params<Rank, QTile, KVTile>(problem, t, workspace, Config::kWithDq,
                                                                            HeadDim, tma_type<E>(), int(sizeof(E)));
@@ -85,13 +81,22 @@ void run_backward(NaProblem const& problem, FnaTensors const& t, float* workspac
     sm80::launch(fna_backward_dq_convert_kernel<T>, dim3(unsigned(blocks)), 256, 0, stream,
                  "sm90 fna_backward (dQ convert)", static_cast<float const*>(P.dq_accum), static_cast<T*>(t.d_q),
                  quads, g.scale);
-  } else {
-    using Boxes = SeparateDqBoxes<Rank>;
-    Params<Rank> dq = make_box_params<Rank, typename Boxes::Q, typename Boxes::KV>(problem, t, HeadDim,
-                                                                                  "sm90 fna_backward (dQ)");
+  } else if constexpr (Config::kDq == DqPath::kSeparate) {
+    using Q = typename DqPassBoxes<Rank>::Sm80Q;
+    using KV = typename DqPassBoxes<Rank>::Sm80KV;
+    Params<Rank> dq = make_box_params<Rank, Q, KV>(problem, t, HeadDim, "sm90 fna_backward (dQ)");
     dq.delta = g.delta;
-    sm80::launch_backward_dq<Rank, T, HeadDim, typename Boxes::Q, typename Boxes::KV>(dq, stream,
-                                                                                     "sm90 fna_backward (dQ)");
+    sm80::launch_backward_dq<Rank, T, HeadDim, Q, KV>(dq, stream, "sm90 fna_backward (dQ)");
+  } else {
+    using Q = typename DqPassBoxes<Rank>::WgmmaQ;
+    using KV = typename DqPassBoxes<Rank>::WgmmaKV;
+    using Dq = DqConfig<Rank, T, HeadDim, Q, KV>;
+    BackwardParams<Rank> const dq =
+        make_backward_params<Rank, Q, KV>(problem, t, workspace, false, HeadDim, tma_type<E>(), int(sizeof(E)));
+    int64_t q_tiles = 1;
+    for (int a = 0; a < Rank; ++a) q_tiles *= int64_t(dq.fwd.geo.axis[a].q_tiles) * dq.fwd.geo.axis[a].spec.dilation;
+    sm80::launch(fna_backward_dq_kernel<Dq>, dim3(sm80::grid_x(q_tiles), g.heads, g.batch), Dq::kThreads,
+                 sizeof(ForwardSmem<Dq, 2>), stream, "sm90 fna_backward (dQ)", dq);
   }
 }
 

@@ -33,7 +33,7 @@ using namespace cute;
 template <int Rank_, class Element_, int HeadDim, class QTile_, class KVTile_, DqPath kDq_ = DqPath::kAtomic>
 struct BackwardConfig {
   static constexpr DqPath kDq = kDq_;
-  static constexpr bool kWithDq = kDq != DqPath::kSeparate;
+  static constexpr bool kWithDq = kDq == DqPath::kAtomic || kDq == DqPath::kBulk;
   static constexpr int Rank = Rank_;
   using QTile = QTile_;
   using KVTile = KVTile_;

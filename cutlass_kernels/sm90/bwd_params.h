@@ -24,9 +24,12 @@ namespace natten::sm90 {
 //              the family sm90bulk;
 //   kSeparate  not at all: the main kernel computes dK and dV only, and a query-box-stationary
 //              pass computes dQ with one writer per element, so that dQ is the same bit for bit
-//              on every run (the deterministic backward; bwd_launch.cuh).
+//              on every run (the deterministic backward; bwd_launch.cuh): the SM80 family's dQ
+//              kernel;
+//   kSeparateWgmma  the same with the Hopper dQ kernel (bwd_dq_kernel.cuh); the harness family
+//              sm90detw, until it has been measured against kSeparate.
 // The two buffered paths add partials in whatever order the CTAs reach them.
-enum class DqPath { kAtomic, kBulk, kSeparate };
+enum class DqPath { kAtomic, kBulk, kSeparate, kSeparateWgmma };
 
 template <int Rank>
 struct BackwardParams {

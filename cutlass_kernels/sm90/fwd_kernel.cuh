@@ -29,17 +29,170 @@
 
 namespace natten::sm90 {
 
-template <class Config>
+// Shared memory of a query-box-stationary kernel: kQTiles tiles of the query box (Q; the dQ
+// pass's Q and dO), one after the other, the first also the output's staging tile; the key and
+// value stages.
+template <class Config, int kQTiles = 1>
 struct ForwardSmem {
   using Element = typename Config::Element;
   using Pipeline = cutlass::PipelineTmaAsync<Config::kStages>;
-  cute::array_aligned<Element, Config::M * Config::D, 1024> q;  // also the output staging tile
+  cute::array_aligned<Element, Config::M * Config::D * kQTiles, 1024> q;
   cute::array_aligned<Element, Config::N * Config::D * Config::kStages, 1024> k;
   cute::array_aligned<Element, Config::N * Config::D * Config::kStages, 1024> v;
   typename Pipeline::SharedStorage k_pipe;
   typename Pipeline::SharedStorage v_pipe;
-  alignas(8) uint64_t q_full;  // a transaction barrier: Q landed
+  alignas(8) uint64_t q_full;  // a transaction barrier: the query box's tiles landed
 };
+
+// The pipelines of the key and value stages and the query tiles' barrier, set up by every thread
+// of the CTA (thread 0 initialises the barriers; the constructor ends with __syncthreads).
+template <class Config, class Smem>
+struct QueryBoxPipes {
+  using Pipeline = typename Smem::Pipeline;
+  Pipeline k_pipe, v_pipe;
+  cutlass::arch::ClusterTransactionBarrier& q_full;
+  static __device__ typename Pipeline::Params params(int warpgroup) {
+    typename Pipeline::Params pipe{};
+    pipe.transaction_bytes = uint32_t(Config::N * Config::D * sizeof(typename Config::Element));
+    pipe.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+    pipe.is_leader = threadIdx.x == 0;
+    pipe.num_consumers = 128 * Config::kConsumers;
+    return pipe;
+  }
+  __device__ QueryBoxPipes(Smem& sm, int warpgroup)
+      : k_pipe(sm.k_pipe, params(warpgroup), Shape<_1, _1, _1>{}),
+        v_pipe(sm.v_pipe, params(warpgroup), Shape<_1, _1, _1>{}),
+        q_full(*reinterpret_cast<cutlass::arch::ClusterTransactionBarrier*>(&sm.q_full)) {
+    if (threadIdx.x == 0) {
+      q_full.init(1);
+      cutlass::arch::fence_barrier_init();
+    }
+    __syncthreads();
+  }
+};
+
+// The epilogue's stores: this consumer warpgroup's 64 rows of `acc` (already scaled), staged in
+// its own rows of the first query tile with that tile's swizzle (a 16-byte piece of a row stays
+// whole; the warpgroup's last GEMM reading them has completed), then written as whole 16-byte
+// pieces to `dst` rows [B, *Sq, H, dim] of the box's queries.
+template <class Config, class Acc, class Cols, class Cta>
+__device__ __forceinline__ void store_query_rows(Acc const& acc, Cols const& cols, typename Config::Element* stage,
+                                                 typename Config::Element* dst, int dim, int consumer, int t,
+                                                 Cta const& cta, Params<Config::Rank> const& p) {
+  constexpr int M = Config::M, D = Config::D;
+  using Element = typename Config::Element;
+  auto staged = [&](int r, int c) {
+    int const off = (c / kChunkCols) * M * kChunkCols + r * kChunkCols + c % kChunkCols;
+    return off ^ ((off >> 3) & 0x38);
+  };
+  CUTE_UNROLL
+  for (int v = 0; v < size(acc); v += 2) {
+    int const r = get<0>(cols(v)), c = get<1>(cols(v));
+    uint32_t packed;
+    if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
+      __nv_bfloat162 const h = __floats2bfloat162_rn(acc(v), acc(v + 1));
+      packed = reinterpret_cast<uint32_t const&>(h);
+    } else {
+      __half2 const h = __floats2half2_rn(acc(v), acc(v + 1));
+      packed = reinterpret_cast<uint32_t const&>(h);
+    }
+    *reinterpret_cast<uint32_t*>(stage + staged(r, c)) = packed;
+  }
+  asm volatile("bar.sync %0, 128;" ::"r"(1 + consumer));  // this warpgroup's rows are staged
+  constexpr int kPieces = D / 8;  // 16-byte pieces per row
+  CUTE_UNROLL
+  for (int i = t; i < 64 * kPieces; i += 128) {
+    int const r = consumer * 64 + i / kPieces, c = (i % kPieces) * 8;
+    int const token = box_query_token<Config::Rank, typename Config::QTile>(p, cta.g, cta.q_origin, r);
+    if (token >= 0 && c < dim) {
+      int64_t const row = (int64_t(cta.b) * p.q_tokens + token) * p.heads + cta.h;
+      *reinterpret_cast<uint4*>(dst + row * dim + c) = *reinterpret_cast<uint4 const*>(stage + staged(r, c));
+    }
+  }
+}
+
+// The mask of step n's scores s (a thread's accumulators, `cols` their coordinates): a key box not
+// fully inside every query's window gets its bit mask, the last slice of the additional keys its
+// columns past the end; both -inf. Moves the cursor `at` to the next step.
+template <int Rank, int N, class Walk, class Mask, class S, class Cols>
+__device__ __forceinline__ void mask_step(S& s, Cols const& cols, Walk const& walk, typename Walk::Cursor& at,
+                                          Mask const& mask, int n, int num_extra) {
+  if (n < walk.tiles) {
+    int o[Rank];
+    walk.origin(at, o);
+    if (!walk.full(o)) mask.apply(s, at.index, -INFINITY);
+  } else {
+    int const left = num_extra - (n - walk.tiles) * N;
+    if (left < N) mask_extra(s, cols, left, -INFINITY);
+  }
+  walk.advance(at);
+}
+
+// The producer thread of a query-box-stationary kernel (the forward; the backward's Hopper dQ
+// pass): the query box's tiles (one per map, each into its destination, all on `q_full`) once,
+// then per step of the walk the key and value boxes (or slices of the additional keys) into the
+// stages of k_pipe and v_pipe.
+template <class Config, int kQTiles, class Cta, class Pipeline>
+__device__ __forceinline__ void produce_query_box_cta(ForwardParams<Config::Rank> const& params, Cta const& cta,
+                                                      CUtensorMap const* const (&q_maps)[kQTiles],
+                                                      typename Config::Element* const (&q_dst)[kQTiles],
+                                                      cutlass::arch::ClusterTransactionBarrier& q_full,
+                                                      Pipeline& k_pipe, Pipeline& v_pipe,
+                                                      typename Config::Element* k_base,
+                                                      typename Config::Element* v_base) {
+  constexpr int Rank = Config::Rank;
+  constexpr int M = Config::M, N = Config::N, D = Config::D, kChunks = Config::kChunks;
+  using Element = typename Config::Element;
+  auto const& p = params.geo;
+  auto const& walk = cta.walk;
+  // Dilation residue of each axis: the group's first token has coordinate `residue` there.
+  int residue[Rank], pos[Rank];
+  CUTE_UNROLL
+  for (int a = 0; a < Rank; ++a) {
+    residue[a] = (cta.g.first_token / p.axis[a].token_stride) % p.axis[a].spec.extent;
+  }
+  int const hb_q = cta.h + cta.b * int(p.q_tokens) * p.heads;
+  int const hb_kv = cta.hk + cta.b * int(p.tokens) * p.heads_kv;
+  int const hb_extra = cta.hk + cta.b * p.num_extra * p.heads_kv;
+  q_full.arrive_and_expect_tx(uint32_t(kQTiles * M * D * sizeof(Element)));
+  CUTE_UNROLL
+  for (int a = 0; a < Rank; ++a) pos[a] = query_box_position(p, cta.g, a, cta.q_origin[a]);
+  CUTE_UNROLL
+  for (int i = 0; i < kQTiles; ++i) {
+    CUTE_UNROLL
+    for (int c = 0; c < kChunks; ++c) {
+      load_box<Rank>(q_maps[i], reinterpret_cast<uint64_t*>(&q_full), q_dst[i] + c * M * kChunkCols, c * kChunkCols,
+                     pos, hb_q);
+    }
+  }
+  auto state = cutlass::make_producer_start_state<Pipeline>();
+  typename KeyWalk<Rank, typename Config::QTile, typename Config::KVTile>::Cursor at;
+  for (int n = 0; n < cta.steps; ++n) {
+    int o[Rank];
+    walk.origin(at, o);
+    walk.advance(at);
+    CUTE_UNROLL
+    for (int a = 0; a < Rank; ++a) pos[a] = residue[a] + o[a] * p.axis[a].spec.dilation;
+    int const extra_first = (n - walk.tiles) * N;
+    int const stage = state.index();
+    auto load_step = [&](Pipeline& pipe_, Element* base, CUtensorMap const* grid, CUtensorMap const* extra) {
+      pipe_.producer_acquire(state);
+      uint64_t* bar = pipe_.producer_get_barrier(state);
+      CUTE_UNROLL
+      for (int c = 0; c < kChunks; ++c) {
+        Element* dst = base + stage * N * D + c * N * kChunkCols;
+        if (n < walk.tiles) {
+          load_box<Rank>(grid, bar, dst, c * kChunkCols, pos, hb_kv);
+        } else {
+          SM90_TMA_LOAD_3D::copy(extra, bar, kCacheNormal, dst, c * kChunkCols, extra_first, hb_extra);
+        }
+      }
+    };
+    load_step(k_pipe, k_base, &params.k_map, &params.extra_k_map);
+    load_step(v_pipe, v_base, &params.v_map, &params.extra_v_map);
+    ++state;
+  }
+}
 
 template <class Config>
 __global__ void __launch_bounds__(Config::kThreads, 1)
@@ -49,7 +202,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   using QTile = typename Config::QTile;
   using KVTile = typename Config::KVTile;
   using Element = typename Config::Element;
-  constexpr int M = Config::M, N = Config::N, D = Config::D, kChunks = Config::kChunks;
+  constexpr int M = Config::M, N = Config::N, D = Config::D;
   using Smem = ForwardSmem<Config>;
   using Pipeline = typename Smem::Pipeline;
   extern __shared__ __align__(1024) char smem_raw[];
@@ -57,21 +210,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto const& p = params.geo;
 
   int const warpgroup = threadIdx.x / 128;
-  bool const producer_thread = threadIdx.x == 0;
-
-  typename Pipeline::Params pipe{};
-  pipe.transaction_bytes = uint32_t(N * D * sizeof(Element));
-  pipe.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  pipe.is_leader = producer_thread;
-  pipe.num_consumers = 128 * Config::kConsumers;
-  Pipeline k_pipe(sm.k_pipe, pipe, Shape<_1, _1, _1>{});
-  Pipeline v_pipe(sm.v_pipe, pipe, Shape<_1, _1, _1>{});
-  auto& q_full = *reinterpret_cast<cutlass::arch::ClusterTransactionBarrier*>(&sm.q_full);
-  if (producer_thread) {
-    q_full.init(1);
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();
+  QueryBoxPipes<Config, Smem> pipes(sm, warpgroup);
+  auto& k_pipe = pipes.k_pipe;
+  auto& v_pipe = pipes.v_pipe;
 
   sm80::QueryBoxCta<Rank, QTile, KVTile> cta;
   bool const active = cta.init(p);  // uniform over the CTA
@@ -81,50 +222,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 
   if (warpgroup == 0) {
     if constexpr (Config::kConsumers == 2) cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    if (!producer_thread) return;
-    // Dilation residue of each axis: the group's first token has coordinate `residue` there.
-    int residue[Rank], pos[Rank];
-    CUTE_UNROLL
-    for (int a = 0; a < Rank; ++a) {
-      residue[a] = (cta.g.first_token / p.axis[a].token_stride) % p.axis[a].spec.extent;
-    }
-    int const hb_q = cta.h + cta.b * int(p.q_tokens) * p.heads;
-    int const hb_kv = cta.hk + cta.b * int(p.tokens) * p.heads_kv;
-    int const hb_extra = cta.hk + cta.b * p.num_extra * p.heads_kv;
-    q_full.arrive_and_expect_tx(uint32_t(M * D * sizeof(Element)));
-    CUTE_UNROLL
-    for (int a = 0; a < Rank; ++a) pos[a] = query_box_position(p, cta.g, a, cta.q_origin[a]);
-    CUTE_UNROLL
-    for (int c = 0; c < kChunks; ++c) {
-      load_box<Rank>(&params.q_map, &sm.q_full, sm.q.data() + c * M * kChunkCols, c * kChunkCols, pos, hb_q);
-    }
-    auto state = cutlass::make_producer_start_state<Pipeline>();
-    typename KeyWalk<Rank, QTile, KVTile>::Cursor at;
-    for (int n = 0; n < steps; ++n) {
-      int o[Rank];
-      walk.origin(at, o);
-      walk.advance(at);
-      CUTE_UNROLL
-      for (int a = 0; a < Rank; ++a) pos[a] = residue[a] + o[a] * p.axis[a].spec.dilation;
-      int const extra_first = (n - walk.tiles) * N;
-      int const stage = state.index();
-      auto load_step = [&](Pipeline& pipe_, Element* base, CUtensorMap const* grid, CUtensorMap const* extra) {
-        pipe_.producer_acquire(state);
-        uint64_t* bar = pipe_.producer_get_barrier(state);
-        CUTE_UNROLL
-        for (int c = 0; c < kChunks; ++c) {
-          Element* dst = base + stage * N * D + c * N * kChunkCols;
-          if (n < walk.tiles) {
-            load_box<Rank>(grid, bar, dst, c * kChunkCols, pos, hb_kv);
-          } else {
-            SM90_TMA_LOAD_3D::copy(extra, bar, kCacheNormal, dst, c * kChunkCols, extra_first, hb_extra);
-          }
-        }
-      };
-      load_step(k_pipe, sm.k.data(), &params.k_map, &params.extra_k_map);
-      load_step(v_pipe, sm.v.data(), &params.v_map, &params.extra_v_map);
-      ++state;
-    }
+    if (threadIdx.x != 0) return;
+    Element* const q_dst[1] = {sm.q.data()};
+    CUtensorMap const* const q_maps[1] = {&params.q_map};
+    produce_query_box_cta<Config>(params, cta, q_maps, q_dst, pipes.q_full, k_pipe, v_pipe, sm.k.data(),
+                                  sm.v.data());
     return;
   }
 
@@ -168,15 +270,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       CUTE_UNROLL
       for (int v = 0; v < size(acc_s); ++v) acc_s(v) *= p.scale_log2;
     }
-    if (n < walk.tiles) {
-      int o[Rank];
-      walk.origin(mask_at, o);
-      if (!walk.full(o)) mask.apply(acc_s, mask_at.index, -INFINITY);
-    } else {
-      int const left = p.num_extra - (n - walk.tiles) * N;
-      if (left < N) mask_extra(acc_s, cols_s, left, -INFINITY);
-    }
-    walk.advance(mask_at);
+    mask_step<Rank, N>(acc_s, cols_s, walk, mask_at, mask, n, p.num_extra);
     online_softmax(acc_s, row_max, row_sum, alpha, fold_scale ? p.scale_log2 : 1.f);
   };
 
@@ -203,7 +297,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   if (consumer == 1) your_turn();
 
   clear(acc_o);
-  q_full.wait(0);
+  pipes.q_full.wait(0);
   my_turn();
   qk();
   your_turn();
@@ -251,40 +345,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     }
   }
   rescale(acc_o, inv);
-  // Stage O in this warpgroup's 64 rows of Q's tile (its last Q.K^T has completed; the other
-  // warpgroup's rows are elsewhere), with Q's swizzle: a 16-byte piece of a row stays whole.
-  auto staged = [&](int r, int c) {
-    int const off = (c / kChunkCols) * M * kChunkCols + r * kChunkCols + c % kChunkCols;
-    return off ^ ((off >> 3) & 0x38);
-  };
   Tensor cols_o = thr_pv.partition_C(make_identity_tensor(Shape<Int<M>, Int<D>>{}));
-  Element* stage_o = sm.q.data();
-  CUTE_UNROLL
-  for (int v = 0; v < size(acc_o); v += 2) {
-    int const r = get<0>(cols_o(v)), c = get<1>(cols_o(v));
-    uint32_t packed;
-    if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
-      __nv_bfloat162 const h = __floats2bfloat162_rn(acc_o(v), acc_o(v + 1));
-      packed = reinterpret_cast<uint32_t const&>(h);
-    } else {
-      __half2 const h = __floats2half2_rn(acc_o(v), acc_o(v + 1));
-      packed = reinterpret_cast<uint32_t const&>(h);
-    }
-    *reinterpret_cast<uint32_t*>(stage_o + staged(r, c)) = packed;
-  }
-  asm volatile("bar.sync %0, 128;" ::"r"(1 + consumer));  // this warpgroup's rows are staged
-  int const t = ct % 128;
-  constexpr int kPieces = D / 8;  // 16-byte pieces per row
-  Element* out = static_cast<Element*>(p.out);
-  CUTE_UNROLL
-  for (int i = t; i < 64 * kPieces; i += 128) {
-    int const r = consumer * 64 + i / kPieces, c = (i % kPieces) * 8;
-    int const token = box_query_token<Rank, QTile>(p, cta.g, cta.q_origin, r);
-    if (token >= 0 && c < p.dim_v) {
-      int64_t const row = (int64_t(cta.b) * p.q_tokens + token) * p.heads + cta.h;
-      *reinterpret_cast<uint4*>(out + row * p.dim_v + c) = *reinterpret_cast<uint4 const*>(stage_o + staged(r, c));
-    }
-  }
+  store_query_rows<Config>(acc_o, cols_o, sm.q.data(), static_cast<Element*>(p.out), p.dim_v, consumer, ct % 128, cta,
+                           p);
 #endif
 }
 

@@ -35,15 +35,17 @@ void fna_backward(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
 // Families: sm90 (this backward: 64-token query boxes, 128-token key boxes), sm90bulk (the same
 // with dQ's partials staged in shared memory and added by bulk reductions: DqPath::kBulk), sm90det
 // (the deterministic backward: dK and dV by the same kernel, dQ by the SM80 family's dQ kernel;
-// DqPath::kSeparate; its checks also run each case twice and compare the bits), sm80 (the SM80
-// family's backward, timed in the same run).
+// DqPath::kSeparate), sm90detw (the same with the Hopper dQ kernel; DqPath::kSeparateWgmma), sm80
+// (the SM80 family's backward, timed in the same run). The checks of the two deterministic
+// families also run each case twice and compare the bits.
 #define NATTEN_INSTANCES(X) \
   X(1, sm90, 1, bf16, 128, B64, B128) X(1, sm90, 1, fp16, 128, B64, B128) X(1, sm90, 1, bf16, 64, B64, B128) \
   X(2, sm90, 2, bf16, 128, B8x8, B16x8) X(2, sm90, 2, fp16, 64, B8x8, B16x8) \
   X(3, sm90, 3, bf16, 128, B4x4x4, B4x4x8) X(3, sm90, 3, bf16, 128, B2x4x8, B2x8x8) X(3, sm90, 3, fp16, 64, B4x4x4, B4x4x8) \
   X(4, sm80, 1, bf16, 128, B128, B64) X(4, sm80, 2, bf16, 128, B16x8, B8x8) X(4, sm80, 3, bf16, 128, B4x4x8, B4x4x4) \
   X(5, sm90bulk, 1, bf16, 128, B64, B128) X(5, sm90bulk, 2, bf16, 128, B8x8, B16x8) X(5, sm90bulk, 3, bf16, 128, B4x4x4, B4x4x8) X(5, sm90bulk, 3, fp16, 64, B4x4x4, B4x4x8) \
-  X(6, sm90det, 1, bf16, 128, B64, B128) X(6, sm90det, 2, bf16, 128, B8x8, B16x8) X(6, sm90det, 3, bf16, 128, B4x4x4, B4x4x8) X(6, sm90det, 3, fp16, 64, B4x4x4, B4x4x8)
+  X(6, sm90det, 1, bf16, 128, B64, B128) X(6, sm90det, 2, bf16, 128, B8x8, B16x8) X(6, sm90det, 3, bf16, 128, B4x4x4, B4x4x8) X(6, sm90det, 3, fp16, 64, B4x4x4, B4x4x8) \
+  X(7, sm90detw, 1, bf16, 128, B64, B128) X(7, sm90detw, 2, bf16, 128, B8x8, B16x8) X(7, sm90detw, 3, bf16, 128, B4x4x4, B4x4x8) X(7, sm90detw, 3, fp16, 64, B4x4x4, B4x4x8)
 
 #define NATTEN_ENTRY_sm80(R, T, HD, Q, KV) natten::sm80::fna_backward<R, T, HD, Q, KV>
 #define NATTEN_ENTRY_sm90(R, T, HD, Q, KV) natten::sm90::run_fna_backward<R, T, HD, Q, KV>
@@ -51,6 +53,8 @@ void fna_backward(NaProblem const&, FnaTensors const&, float*, cudaStream_t);
   natten::sm90::run_backward<natten::sm90::BackwardConfig<R, T, HD, Q, KV, natten::sm90::DqPath::kBulk>, T>
 #define NATTEN_ENTRY_sm90det(R, T, HD, Q, KV) \
   natten::sm90::run_backward<natten::sm90::BackwardConfig<R, T, HD, Q, KV, natten::sm90::DqPath::kSeparate>, T>
+#define NATTEN_ENTRY_sm90detw(R, T, HD, Q, KV) \
+  natten::sm90::run_backward<natten::sm90::BackwardConfig<R, T, HD, Q, KV, natten::sm90::DqPath::kSeparateWgmma>, T>
 
 #if NATTEN_PART > 0
 // One part of the instantiations.
@@ -332,7 +336,7 @@ bool check_case(Instance<Runner> const& inst, Case const& c, std::mt19937& rng) 
     ok = bad == 0;
     for (double e : err) ok = ok && (std::isnan(e) ? true : e < tol);
     ok = ok && !std::isnan(err[0]) && !std::isnan(err[1]) && !std::isnan(err[2]);
-    if (ok && !std::strcmp(inst.family, "sm90det")) {
+    if (ok && (!std::strcmp(inst.family, "sm90det") || !std::strcmp(inst.family, "sm90detw"))) {
       auto const first = std::make_tuple(d_q.read(bad), d_k.read(bad), d_v.read(bad), d_ek.read(bad), d_ev.read(bad));
       inst.run(p, t, workspace.dev, nullptr);
       CUDA_CHECK(cudaDeviceSynchronize());
@@ -348,7 +352,7 @@ bool check_case(Instance<Runner> const& inst, Case const& c, std::mt19937& rng) 
     std::snprintf(buf, sizeof buf, "%8.1e", e);
     return std::string(buf);
   };
-  std::printf("%-4s %-5s %d-D hd%-3d %-12s %-36s %s %s %s %s %s %6zu %s\n", ok ? "PASS" : "FAIL",
+  std::printf("%-4s %-8s %-5s %d-D hd%-3d %-12s %-36s %s %s %s %s %s %6zu %s\n", ok ? "PASS" : "FAIL", inst.family,
               inst.bf ? "bf16" : "fp16", inst.rank, inst.head_dim, inst.tiles.c_str(), c.name.c_str(),
               fmt(err[0]).c_str(), fmt(err[1]).c_str(), fmt(err[2]).c_str(), fmt(err[3]).c_str(), fmt(err[4]).c_str(),
               bad, error.c_str());
@@ -389,16 +393,16 @@ int main(int argc, char** argv) {
   print_device();
   int failed = 0, run = 0;
   if (opt.checks) {
-    std::printf("%-4s %-5s %-9s %-12s %-36s %8s %8s %8s %8s %8s %6s\n", "", "dtype", "kernel", "tiles", "case", "dQ",
-                "dK", "dV", "dK extra", "dV extra", "nonfin");
+    std::printf("%-4s %-8s %-5s %-9s %-12s %-36s %8s %8s %8s %8s %8s %6s\n", "", "family", "dtype", "kernel", "tiles",
+                "case", "dQ", "dK", "dV", "dK extra", "dV extra", "nonfin");
     std::tie(run, failed) = run_checks(instances(), opt, [](auto const& inst, Case const& c, std::mt19937& rng) {
       return inst.bf ? check_case<bf16>(inst, c, rng) : check_case<fp16>(inst, c, rng);
     });
   }
   if (opt.timings) {
     // Backward FLOPs: five GEMMs (S, dP, dV, dK, dQ) of 2 B H D per visible pair. Times cover every
-    // launch of one backward call (SM90: delta, dQ clear, main kernel, dQ conversion; sm90det:
-    // delta, main kernel, dQ kernel).
+    // launch of one backward call (SM90: delta, dQ clear, main kernel, dQ conversion; sm90det and
+    // sm90detw: delta, main kernel, dQ kernel).
     // ms: timed in instance order, then (rev) in reverse order (time_both_orders); TFLOP/s from
     // the lower.
     std::printf("\n%-3s %-22s %-8s %-13s %8s %8s %8s %8s\n", "", "problem", "family", "tiles", "ms", "ms rev",
