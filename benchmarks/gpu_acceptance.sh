@@ -9,7 +9,8 @@
 #   tuning    --optimize --backprop on P2 and P3 into a fresh tuning cache, then a new process
 #             with --backend auto (what backend=None runs), with NATTEN_LOG_LEVEL=debug
 #   compile   the torch.compile tests on CUDA
-#   bench     benchmarks/gpu_bench.py (every problem, peers in the same run)
+#   bench     benchmarks/gpu_bench.py (every problem, peers in the same run), then P1-P3 under
+#             torch.use_deterministic_algorithms
 #   harness   the SM90 standalone harnesses (no torch; built unless build/sm90_*_check/ has them,
 #             which a machine without a GPU can build): quick checks, then the timings of P1-P3
 #             of every family they hold (the shipped kernels beside the variants being compared)
@@ -75,7 +76,12 @@ for s in $steps; do
   bench)
     step bench
     python3 "$root/benchmarks/gpu_bench.py" --json "$out/bench.json" > "$out/bench.log" 2>&1
-    echo "bench rc=$?"; tail -n 45 "$out/bench.log" ;;
+    echo "bench rc=$?"; tail -n 45 "$out/bench.log"
+    # The backwards of torch.use_deterministic_algorithms(True), hopper-fna's deterministic path
+    # against cutlass-fna.
+    python3 "$root/benchmarks/gpu_bench.py" --problems P1,P2,P3 --backends hopper-fna,cutlass-fna --no-peers \
+      --deterministic --json "$out/bench_deterministic.json" > "$out/bench_deterministic.log" 2>&1
+    echo "bench (deterministic) rc=$?"; tail -n 15 "$out/bench_deterministic.log" ;;
   harness)
     step harness
     for which in forward backward; do

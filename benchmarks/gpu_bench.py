@@ -23,7 +23,7 @@ backward being 2.5x) for every row, SDPA included. Backward passes return the in
 forward output against the row-major flex output (rel err; > 2e-2 is flagged).
 
     python3 benchmarks/gpu_bench.py [--problems P1,P3] [--backends flex-fna] [--repeat N]
-        [--warmup N] [--no-backprop] [--json PATH]
+        [--warmup N] [--no-backprop] [--deterministic] [--json PATH]
     python3 benchmarks/gpu_bench.py --device cpu --tiny     # smoke run without a GPU
 """
 
@@ -367,11 +367,18 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes of the same problem kinds (smoke)")
     ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                     help="time dense SDPA and row-major flex too (and check outputs against the latter)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="run under torch.use_deterministic_algorithms(True) (warn_only, so that a peer "
+                         "without a deterministic backward still runs): the backwards users of that "
+                         "setting get")
     args = ap.parse_args(argv)
     if args.repeat < 1 or args.warmup < 0:
         ap.error("--repeat must be >= 1 and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("CUDA is not available; for a smoke run use --device cpu --tiny")
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for it
+        torch.use_deterministic_algorithms(True, warn_only=True)
     table = TINY if args.tiny else PROBLEMS
     names = [n.strip() for n in args.problems.split(",") if n.strip()]
     unknown = [n for n in names if n not in table]
@@ -402,6 +409,7 @@ def main(argv=None) -> int:
             json.dump({"torch": torch.__version__, "device": str(device),
                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                        "dtype": str(dtype), "backends": backends, "tiny": args.tiny,
+                       "deterministic": args.deterministic,
                        "problems": [p.__dict__ for p in problems], "results": rows}, f, indent=2)
     print_table(problems, rows, device)
     checks = dispatch_check(rows)
