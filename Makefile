@@ -41,7 +41,9 @@ sanitize:
 	compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest -q -x \
 		tests/test_cuda_fused.py -k "(cuda-reference or cuda-cutlass-fna or cuda-hopper-fna) and (test_dtypes or test_geometry_and_features)"
 	compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest -q -x \
-		tests/test_cuda_tiled.py -k "(test_forward_only_family_small_cases or test_every_backward_tile_pair) and bfloat16"
+		tests/test_cuda_tiled.py -k "((test_forward_only_family_small_cases or test_every_backward_tile_pair) and bfloat16) or test_hopper_deterministic_backward"
+	compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest -q -x \
+		tests/test_cpu_unfused.py -k "cuda and (test_qk or test_rpb_gradient)"
 
 # pytest-xdist, where installed, spreads the suite over processes that share the GPU: the
 # compile-heavy tests (torch.compile, flex-fna) then run side by side.

@@ -14,6 +14,7 @@
 #   harness   the SM90 standalone harnesses (no torch; built unless build/sm90_*_check/ has them,
 #             which a machine without a GPU can build): quick checks, then the timings of P1-P3
 #             of every family they hold (the shipped kernels beside the variants being compared)
+#   sanitize  `make sanitize`: compute-sanitizer's memcheck over a subset of the CUDA tests
 #   ncu       Nsight Compute's full set, with source lines, of one SM90 backward launch of P1 (the
 #             harness rebuilt with -lineinfo), and its per-line table as CSV
 #     bash benchmarks/gpu_acceptance.sh [OUT_DIR] [STEP...]
@@ -95,6 +96,10 @@ for s in $steps; do
       "$bin" --timings >> "$out/harness_$which.log" 2>&1
       echo "harness $which timings rc=$?"; grep -E "^P[123] " "$out/harness_$which.log"
     done ;;
+  sanitize)
+    step sanitize
+    make -C "$root" sanitize PYTHON=python3 > "$out/sanitize.log" 2>&1
+    echo "sanitize rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$out/sanitize.log" | tail -n 8 ;;
   ncu)
     step ncu
     # The harness's first timed launch is P1 of its first instance (1-D, bf16, head dim 128). The
@@ -109,7 +114,7 @@ for s in $steps; do
     ncu -i "$out/p1_backward.ncu-rep" --page details > "$out/p1_backward_details.txt" 2>&1
     ncu -i "$out/p1_backward.ncu-rep" --page source --csv --print-source sass > "$out/p1_backward_source.csv" 2>&1
     grep -E "Duration|Registers|Achieved Occupancy|Eligible|Issued Warp|No Eligible" "$out/p1_backward_details.txt" | head -12 ;;
-  *) echo "unknown step '$s' (suite, readme, profiler, tuning, compile, bench, harness, ncu)" >&2; exit 2 ;;
+  *) echo "unknown step '$s' (suite, readme, profiler, tuning, compile, bench, harness, sanitize, ncu)" >&2; exit 2 ;;
   esac
 done
 step done
