@@ -9,6 +9,7 @@
 #   tuning    --optimize --backprop on P2 and P3 into a fresh tuning cache, then a new process
 #             with --backend auto (what backend=None runs), with NATTEN_LOG_LEVEL=debug
 #   compile   the torch.compile tests on CUDA
+#   flex      benchmarks/flex_many_shapes.py: flex-fna on 100 shapes in one process, never dense
 #   bench     benchmarks/gpu_bench.py (every problem, peers in the same run), then P1-P3 under
 #             torch.use_deterministic_algorithms
 #   harness   the SM90 standalone harnesses (no torch; built unless build/sm90_*_check/ has them,
@@ -74,6 +75,10 @@ for s in $steps; do
     xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
     python3 -m pytest $xdist -p no:cacheprovider -rfE "$root/tests/test_compile.py" -k cuda > "$out/compile.log" 2>&1
     echo "compile rc=$?"; tail -n 3 "$out/compile.log" ;;
+  flex)
+    step flex
+    python3 "$root/benchmarks/flex_many_shapes.py" --shapes 100 > "$out/flex_shapes.log" 2>&1
+    echo "flex rc=$?"; tail -n 3 "$out/flex_shapes.log" ;;
   bench)
     step bench
     python3 "$root/benchmarks/gpu_bench.py" --json "$out/bench.json" > "$out/bench.log" 2>&1
@@ -114,7 +119,7 @@ for s in $steps; do
     ncu -i "$out/p1_backward.ncu-rep" --page details > "$out/p1_backward_details.txt" 2>&1
     ncu -i "$out/p1_backward.ncu-rep" --page source --csv --print-source sass > "$out/p1_backward_source.csv" 2>&1
     grep -E "Duration|Registers|Achieved Occupancy|Eligible|Issued Warp|No Eligible" "$out/p1_backward_details.txt" | head -12 ;;
-  *) echo "unknown step '$s' (suite, readme, profiler, tuning, compile, bench, harness, sanitize, ncu)" >&2; exit 2 ;;
+  *) echo "unknown step '$s' (suite, readme, profiler, tuning, compile, flex, bench, harness, sanitize, ncu)" >&2; exit 2 ;;
   esac
 done
 step done
