@@ -3,7 +3,8 @@
 # with natten installed (`make install`), in one command; each step's whole output goes to
 # OUT_DIR (default bench_out/), a summary line per step to the terminal. Steps (profiler, tuning,
 # compile, bench by default, or those named):
-#   suite     the whole test suite over processes sharing the GPU, kernel tests first
+#   suite     the whole test suite over processes sharing the GPU, kernel tests first (the group
+#             "first"), then the rest; NATTEN_SUITE_GROUPS=rest runs only the second group
 #   readme    every `python -m natten.profiler` line of the README, on the GPU
 #   profiler  the README's first command, with and without --backprop (a row per backend)
 #   tuning    --optimize --backprop on P2 and P3 into a fresh tuning cache, then a new process
@@ -36,7 +37,7 @@ for s in $steps; do
     first=$(for f in $kernel; do printf '%s ' "$root/tests/$f"; done)
     rest=$(ls "$root"/tests/test_*.py | grep -vE "$(echo $kernel | tr ' ' '|')" | tr '\n' ' ')
     xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${NATTEN_TEST_WORKERS:-14}")
-    for group in first rest; do
+    for group in ${NATTEN_SUITE_GROUPS:-first rest}; do
       python3 -m pytest $xdist -q -p no:cacheprovider -rfE ${!group} > "$out/suite_$group.log" 2>&1
       echo "suite ($group) rc=$?"; tail -n 2 "$out/suite_$group.log"
     done ;;
