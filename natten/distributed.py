@@ -53,10 +53,14 @@ attention and waited for only by the join that builds the edges' keys. In the ba
 halo rows' dK/dV go back to their owners and are summed there, and the gradients of the
 replicated additional keys/values are summed over the group. The halo gradients start on their
 way in the join's backward, as soon as the edges' backward has made them, and travel while the
-interior rows' backward runs; ``_HaloSend``'s backward, which runs after every gradient of the
-call has reached it, waits for them and then sums the additional keys' gradients, so every rank
-issues its messages in the same order (see ``_HaloSend``). Every rank must run the backward of
-its output (the backward exchanges messages).
+interior rows' backward runs. A rank without a join (no halo, or none that its grids use) has
+only zeros to send but still receives its rows' gradients from the ranks that hold them as halo:
+it starts its batch in the first node of the call's backward (``_BackwardStart``, on the call's
+outputs), so that its receives are posted while its rows' backward runs, too. ``_HaloSend``'s
+backward, which runs after every gradient of the call has reached it, waits for them and then
+sums the additional keys' gradients, so every rank issues its messages in the same order (see
+``_HaloSend``). Every rank must run the backward of its output (the backward exchanges
+messages).
 """
 
 from __future__ import annotations
@@ -336,9 +340,10 @@ def _slab_parts(comm: "_Comm") -> List[Tuple[int, int, int]]:
 
 class _Link:
     """What the autograd nodes of one call share: the forward's messages until the join has
-    waited for them; the backward's (messages, receive buffers) from when they start until
-    _HaloSend's backward waits for them; and the gradients of the own rows that the join's grids
-    took (per k and v, [(first row, gradient)]) until _HaloSend's backward adds them."""
+    waited for them; the backward's (messages, receive buffers) from when they start (in the
+    join's backward, or _BackwardStart's) until _HaloSend's backward waits for them; and the
+    gradients of the own rows that the join's grids took (per k and v, [(first row, gradient)])
+    until _HaloSend's backward adds them."""
 
     def __init__(self):
         self.forward: Optional[_Pending] = None
@@ -367,17 +372,22 @@ class _HaloSend(torch.autograd.Function):
     """Starts the halo messages: (k, v) of this rank's rows -> the same (k, v), and the halo
     rows' (k, v) per owner, whose contents arrive by the time _HaloJoin has run. Its backward
     ends the exchange of the halo rows' gradients (started by _HaloJoin's backward where this
-    rank has a join, else here): it waits for it and makes the own rows' gradients in one pass,
-    from autograd's (the rows computed before the join), the join's and the received ones; then
-    it sums the replicated additional keys' and values' gradients over the group.
+    rank has a join, else by _BackwardStart's): it waits for it and makes the own rows'
+    gradients in one pass, from autograd's (the rows computed before the join), the join's and
+    the received ones; then it sums the replicated additional keys' and values' gradients over
+    the group.
 
     Every rank issues its backward messages in the same order (one batch, then the
-    all_reduces, per call) by data dependence alone, whichever node starts the batch: the join
-    consumes this node's outputs, so its backward runs before this one; and the gradient of
-    what k and v were computed from is complete only after this node's backward, so the
-    backward of a call whose output they depend on (the previous layer) starts after it. Calls
-    not ordered so (neither's k and v computed from the other's output) are ordered only by
-    autograd running the ready node created last first."""
+    all_reduces, per call) by data dependence alone, whichever node starts the batch. A call's
+    graph holds exactly one of the two starters, and its backward runs before this one: the
+    join consumes this node's outputs, and _BackwardStart the call's outputs, which are
+    computed from them (every key grid is made of k and v). The starter starts the batch
+    exactly when this node's backward runs too: the join leads only to this node, so autograd
+    runs both or neither; _BackwardStart asks the engine. And the gradient of what k and v were
+    computed from is complete only after this node's backward, so the backward of a call whose
+    output they depend on (the previous layer), its first node included, starts after it.
+    Calls not ordered so (neither's k and v computed from the other's output) are ordered only
+    by autograd running the ready node created last first."""
 
     @staticmethod
     def forward(ctx, k: Tensor, v: Tensor, ek, ev, comm: "_Comm", link: _Link):
@@ -400,11 +410,6 @@ class _HaloSend(torch.autograd.Function):
         comm, link = ctx.comm, ctx.link
         me, routes = comm.me, comm.routes
         lo, hi = comm.owned[me]
-        if link.backward is None:  # no join on this rank, or autograd did not need its backward
-            halo = [[_or_zeros(g, comm.halo_shape(shape, stop - start), dtype, device)
-                     for g, (shape, dtype, device) in zip(ghalo[2 * n:2 * n + 2], ctx.like)]
-                    for n, (_, start, stop) in enumerate(_halo_sources(comm))]
-            link.backward = _start_grad_exchange(comm, halo, ctx.like)
         pending, recvs = link.backward
         joined, link.backward, link.own = link.own, None, [[], []]
         pending.finish()
@@ -420,6 +425,39 @@ class _HaloSend(torch.autograd.Function):
             for g in extra:
                 dist.all_reduce(g, group=comm.group)
         return grads[0], grads[1], extra[0], extra[1], None, None
+
+
+class _BackwardStart(torch.autograd.Function):
+    """On a rank without a join: the call's outputs -> the same tensors. Created last in the
+    call's forward, it is the first node of the call's backward, and starts there the exchange
+    of the halo rows' gradients that _HaloSend's backward ends. What this rank sends is zeros
+    (its halo, if any, went unused), but the batch receives the gradients of its rows that other
+    ranks hold as halo, and their batches are matched against it: started here, it is posted
+    while this rank's rows' backward runs, as a rank with a join posts its own in the join's
+    backward, not after it. An output without a gradient passes None on; the batch starts all
+    the same."""
+
+    @staticmethod
+    def forward(ctx, comm: "_Comm", link: _Link, send, like, *outs):
+        ctx.set_materialize_grads(False)
+        ctx.comm, ctx.link, ctx.send, ctx.like = comm, link, send, like
+        # detach(), not view_as(): a view made in a custom Function may not be modified in
+        # place, and the caller may modify the ordinary call's outputs in place.
+        return tuple(t.detach() for t in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # _HaloSend's backward runs only where the graph task wants a gradient of k, v or the
+        # additional keys (not for torch.autograd.grad of the queries alone); where it does not,
+        # no rank's join runs either, so no rank may start a batch. (The engine query is the one
+        # torch.autograd.graph.register_multi_grad_hook relies on.)
+        if torch._C._will_engine_execute_node(ctx.send):
+            comm = ctx.comm
+            halo = [[torch.zeros(comm.halo_shape(shape, stop - start), dtype=dtype, device=device)
+                     for shape, dtype, device in ctx.like]
+                    for _, start, stop in _halo_sources(comm)]
+            ctx.link.backward = _start_grad_exchange(comm, halo, ctx.like)
+        return (None, None, None, None, *grads)
 
 
 def _or_zeros(g: Optional[Tensor], shape, dtype, device) -> Tensor:
@@ -671,7 +709,8 @@ def _sharded(rank: int, q, k, v, kernel_size, stride, dilation, is_causal, shard
         edges = (((0, hi - lo), (a, b)),)
         names = [backend_for(*edges[0])]
     grids = tuple(grid for _, grid in edges)
-    if _halo_sources(comm) and grids:
+    has_join = bool(_halo_sources(comm) and grids)
+    if has_join:
         joined = _HaloJoin.apply(k, v, comm, link, grids, *halo)
         keys = list(zip(joined[0::2], joined[1::2]))
     else:
@@ -682,18 +721,23 @@ def _sharded(rank: int, q, k, v, kernel_size, stride, dilation, is_causal, shard
     if None not in names:
         for (rows, grid), name, (kx, vx) in zip(edges, names, keys):
             pieces.append((rows[0], ranged(rows, grid, kx, vx, name)))
-        return _join(sorted(pieces, key=lambda piece: piece[0]), comm.axis, return_lse)
-
-    kx, vx = keys[0]
-    qx = q
-    if (a, b) != (lo, hi):
-        pad = [torch.zeros(comm.halo_shape(q, n), dtype=q.dtype, device=q.device)
-               for n in (lo - a, b - hi)]
-        qx = torch.cat([pad[0], q, pad[1]], dim=comm.axis)
-    out = _OPS[rank](qx, kx, vx, kernel_size, backend=backend, **call_args)
-    if return_lse:
-        return tuple(t.narrow(comm.axis, lo - a, hi - lo) for t in out)
-    return out.narrow(comm.axis, lo - a, hi - lo)
+        result = _join(sorted(pieces, key=lambda piece: piece[0]), comm.axis, return_lse)
+    else:
+        kx, vx = keys[0]
+        qx = q
+        if (a, b) != (lo, hi):
+            pad = [torch.zeros(comm.halo_shape(q, n), dtype=q.dtype, device=q.device)
+                   for n in (lo - a, b - hi)]
+            qx = torch.cat([pad[0], q, pad[1]], dim=comm.axis)
+        out = _OPS[rank](qx, kx, vx, kernel_size, backend=backend, **call_args)
+        result = (tuple(t.narrow(comm.axis, lo - a, hi - lo) for t in out) if return_lse
+                  else out.narrow(comm.axis, lo - a, hi - lo))
+    if has_join or k.grad_fn is None:  # k.grad_fn: _HaloSend's node, where it has a backward
+        return result
+    like = [(t.shape, t.dtype, t.device) for t in (k, v)]
+    outs = _BackwardStart.apply(comm, link, k.grad_fn, like,
+                                *(result if return_lse else (result,)))
+    return outs if return_lse else outs[0]
 
 
 def _join(pieces, axis: int, return_lse: bool):

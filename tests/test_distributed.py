@@ -27,12 +27,16 @@ _TIMEOUT_S = 60
 
 def _case(world, shape, extents, kernel, stride=1, dilation=1, causal=False, shard_dim=0,
           heads=2, heads_kv=None, extra=0, lse=False, dtype="float64", batch=1, name="",
-          dims=(8, 6), device="cpu", backend="cpu", grad=("q", "k", "v", "ek", "ev")):
-    """grad: the inputs that require a gradient (the others are checked to get none)."""
+          dims=(8, 6), device="cpu", backend="cpu", grad=("q", "k", "v", "ek", "ev"),
+          unused=()):
+    """grad: the inputs that require a gradient (the others are checked to get none). unused:
+    (rank, outputs) pairs: the outputs of that rank that get no gradient, "out", "lse" (left
+    out of its loss) or "all" (its loss reaches them through a node that gives them none)."""
     return dict(world=world, shape=shape, extents=extents, kernel=kernel, stride=stride,
                 dilation=dilation, causal=causal, shard_dim=shard_dim, heads=heads,
                 heads_kv=heads_kv or heads, extra=extra, lse=lse, dtype=dtype, batch=batch,
-                name=name, dims=dims, device=device, backend=backend, grad=grad)
+                name=name, dims=dims, device=device, backend=backend, grad=grad,
+                unused=unused)
 
 
 def _random_1d_cases(world, count, seed):
@@ -88,6 +92,16 @@ CASES = [
     _case(2, (20,), (9, 11), 5, extra=2, lse=True, grad=("v",), name="1d_only_value_grad"),
     _case(3, (40,), (13, 14, 13), 6, stride=2, dilation=3, extra=2, grad=("q", "ek"),
           name="1d_query_and_extra_key_grads"),
+    # Outputs without a gradient: the backward batch of every rank, with or without a halo,
+    # still receives (and sends) the halo rows' gradients.
+    _case(2, (20,), (9, 11), 5, causal=True, extra=2, lse=True,
+          unused=((0, "out"), (1, "lse")), name="1d_causal_lse_or_output_unused"),
+    _case(2, (20,), (9, 11), 5, causal=True, extra=2, lse=True, unused=((0, "all"),),
+          name="1d_causal_no_halo_rank_without_gradient"),
+    _case(3, (30,), (8, 12, 10), 5, dilation=2, causal=True, extra=2,
+          unused=((1, "all"),), name="1d_causal_halo_rank_without_gradient"),
+    _case(2, (20,), (9, 11), 5, extra=2, lse=True, unused=((0, "all"), (1, "out")),
+          name="1d_outputs_without_gradient"),
     *_random_1d_cases(2, 8, seed=1),
     *_random_1d_cases(3, 10, seed=2),
     *_random_1d_cases(4, 10, seed=3),
@@ -151,6 +165,12 @@ def _run_case(case, seed, me, group=None, calls=None):
     lo = sum(case["extents"][:me])
     n = case["extents"][me]
     t = _tensors(case, seed)
+    unused = dict(case["unused"])
+    for r, outputs in unused.items():
+        rows = (sum(case["extents"][:r]), case["extents"][r])
+        for key, output in (("gout", "out"), ("glse", "lse")):
+            if outputs in (output, "all"):
+                t[key].narrow(axis, *rows).zero_()
     window = dict(kernel_size=case["kernel"], stride=case["stride"], dilation=case["dilation"],
                   is_causal=case["causal"])
     names = ["q", "k", "v"] + (["ek", "ev"] if case["extra"] else [])
@@ -203,8 +223,13 @@ def _run_case(case, seed, me, group=None, calls=None):
         assert len(ranged_calls) == calls, (ranged_calls, (i0, i1), n)
         assert set(ranged_calls) <= _RANGE_BACKENDS[dev], ranged_calls
     out, lse = got if case["lse"] else (got, None)
-    local_loss = (out.double() * t["gout"].narrow(axis, lo, n).to(dev).double()).sum()
-    if lse is not None:
+    mine = unused.get(me)
+    if mine == "all":
+        out, lse = (x if x is None else _NoGrad.apply(x) for x in (out, lse))
+    local_loss = 0
+    if mine != "out":
+        local_loss = (out.double() * t["gout"].narrow(axis, lo, n).to(dev).double()).sum()
+    if lse is not None and mine != "lse":
         local_loss = local_loss + (lse.double() * t["glse"].narrow(axis, lo, n).to(dev).double()).sum()
     local_loss.backward()
 
@@ -220,6 +245,18 @@ def _run_case(case, seed, me, group=None, calls=None):
         if x in ("q", "k", "v"):
             ref_grad = ref_grad.narrow(axis, lo, n)
         assert_close(local[x].grad, ref_grad, tol, f"rank {me} d{x}")
+
+
+class _NoGrad(torch.autograd.Function):
+    """Identity whose backward gives no gradient (None)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
 
 
 def _shard_axis_window(case):
@@ -248,6 +285,11 @@ def _module_case(me, world):
 # Both ranks compute an edge on a key grid with a row to spare beyond its queries: rank 0 its rows
 # 7-8 on the global rows [5, 11), rank 1 its rows 9-10 on [7, 13).
 EDGE_CASE = _case(2, (20,), (9, 11), 5, extra=2, lse=True, name="edges")
+# Causal: rank 0 has no halo (its windows reach no other rank's rows), so no join, and computes
+# all of its rows in one call on its own keys; rank 1 computes its rows 13-19 on its own keys and
+# rows 9-12 on [5, 13).
+CAUSAL_EDGE_CASE = _case(2, (20,), (9, 11), 5, causal=True, extra=2, lse=True,
+                         name="causal_edges")
 
 
 def _short_grids_case(me):
@@ -289,9 +331,10 @@ class _Mark(torch.autograd.Function):
         return g, None, None
 
 
-def _backward_order_case(me):
+def _backward_order_case(me, case):
     """One batch of messages each way per call, and the backward's (the halo rows' gradients)
-    starts before the backward of the rows computed before the halo arrived, which it overlaps."""
+    starts before the backward of the rows computed before the halo arrived, which it overlaps;
+    on a rank without a halo too, whose batch receives its rows' gradients."""
     import natten.distributed as nd
 
     log = []
@@ -309,11 +352,79 @@ def _backward_order_case(me):
 
     nd._Comm.start, nd._query_range_na = logged_start, marked
     try:
-        _run_case(EDGE_CASE, 6, me)
+        _run_case(case, 6, me)
     finally:
         nd._Comm.start, nd._query_range_na = start, ranged_op
     events = [text for text in log if text != "call"]
     assert events == ["batch", "batch", "interior backward"], (me, log)
+
+
+def _queries_only_case(me):
+    """torch.autograd.grad for the queries alone needs no rank's _HaloSend backward, so no rank
+    starts a backward batch, the rank without a halo (rank 0, no join) included; the next call's
+    messages still line up."""
+    import natten.distributed as nd
+
+    case = CAUSAL_EDGE_CASE
+    t = _tensors(case, 8)
+    lo, n = sum(case["extents"][:me]), case["extents"][me]
+    window = dict(kernel_size=case["kernel"], is_causal=case["causal"])
+    full = {x: t[x].detach().requires_grad_(x == "q") for x in ("q", "k", "v", "ek", "ev")}
+    ref_out, ref_lse = reference_na(full["q"], full["k"], full["v"], **window,
+                                    additional_keys=full["ek"], additional_values=full["ev"])
+    ref_dq, = torch.autograd.grad((ref_out * t["gout"]).sum() + (ref_lse * t["glse"]).sum(),
+                                  [full["q"]])
+    local = {x: (t[x].narrow(1, lo, n) if x in ("q", "k", "v") else t[x]).requires_grad_(True)
+             for x in ("q", "k", "v", "ek", "ev")}
+    log = []
+    start = nd._Comm.start
+
+    def logged_start(self, sends, recvs):
+        log.append("batch")
+        return start(self, sends, recvs)
+
+    nd._Comm.start = logged_start
+    try:
+        out, lse = nd.na1d(local["q"], local["k"], local["v"], **window,
+                           additional_keys=local["ek"], additional_values=local["ev"],
+                           return_lse=True, backend=case["backend"])
+        loss = ((out * t["gout"].narrow(1, lo, n)).sum()
+                + (lse * t["glse"].narrow(1, lo, n)).sum())
+        dq, = torch.autograd.grad(loss, [local["q"]])
+    finally:
+        nd._Comm.start = start
+    assert log == ["batch"], (me, log)
+    assert_close(dq, ref_dq.narrow(1, lo, n), tolerance(torch.float64, "cpu", "cpu"),
+                 f"rank {me} dq")
+    _run_case(case, 9, me)
+
+
+def _in_place_case(me):
+    """The output of a rank without a join may be modified in place where the ordinary call's
+    may (a concatenation of pieces): query boxes of 4 rows make rank 0 of the causal split join
+    its rows 0-7 and row 8."""
+    import natten.distributed as nd
+
+    case = CAUSAL_EDGE_CASE
+    t = _tensors(case, 10)
+    lo, n = sum(case["extents"][:me]), case["extents"][me]
+    window = dict(kernel_size=case["kernel"], is_causal=case["causal"])
+    names = ("q", "k", "v")
+    full = {x: t[x].detach().requires_grad_(True) for x in names}
+    ref_out, _ = reference_na(full["q"], full["k"], full["v"], **window)
+    (2 * ref_out * t["gout"]).sum().backward()
+    local = {x: t[x].narrow(1, lo, n).requires_grad_(True) for x in names}
+    box_rows = nd._query_box_rows
+    nd._query_box_rows = lambda rank, axis: 4
+    try:
+        out = nd.na1d(local["q"], local["k"], local["v"], **window, backend=case["backend"])
+    finally:
+        nd._query_box_rows = box_rows
+    out.mul_(2)
+    (out * t["gout"].narrow(1, lo, n)).sum().backward()
+    tol = tolerance(torch.float64, "cpu", "cpu")
+    for x in names:
+        assert_close(local[x].grad, full[x].grad.narrow(1, lo, n), tol, f"rank {me} d{x}")
 
 
 def _fallback_case(me, path):
@@ -380,7 +491,10 @@ def _worker(me, world, init_file, out_dir, cases, error_names):
     if world == 2 and not on_gpu:
         record("module", lambda: _module_case(me, world))
         record("short_grids", lambda: _short_grids_case(me))
-        record("backward_order", lambda: _backward_order_case(me))
+        record("backward_order", lambda: _backward_order_case(me, EDGE_CASE))
+        record("backward_order_causal", lambda: _backward_order_case(me, CAUSAL_EDGE_CASE))
+        record("queries_only", lambda: _queries_only_case(me))
+        record("in_place", lambda: _in_place_case(me))
         for path in ("serial", "padded", "edges"):
             record("fallback:" + path, lambda path=path: _fallback_case(me, path))
     if world == 3 and not on_gpu:
@@ -463,6 +577,18 @@ def test_edge_grids_one_row_short_miss_the_oracle(verdicts):
 
 def test_backward_exchange_starts_before_interior_backward(verdicts):
     _check_all_ranks(verdicts, 2, "backward_order")
+
+
+def test_backward_exchange_starts_first_on_a_rank_without_halo(verdicts):
+    _check_all_ranks(verdicts, 2, "backward_order_causal")
+
+
+def test_gradient_of_queries_alone_exchanges_nothing(verdicts):
+    _check_all_ranks(verdicts, 2, "queries_only")
+
+
+def test_output_modified_in_place(verdicts):
+    _check_all_ranks(verdicts, 2, "in_place")
 
 
 @pytest.mark.parametrize("path", ["serial", "padded", "edges"])
