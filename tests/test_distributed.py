@@ -563,32 +563,21 @@ def test_matches_whole_grid_gpu(gpu_verdicts, case):
     _check_all_ranks(gpu_verdicts, case["world"], case["name"])
 
 
-def test_subgroup(verdicts):
-    _check_all_ranks(verdicts, 3, "subgroup")
+# Scenarios the worker ranks check on the CPU: (ranks, name).
+SCENARIOS = [
+    (3, "subgroup"),               # a process group of some of the ranks
+    (2, "module"),                 # natten.distributed.module_forward
+    (2, "short_grids"),            # edge grids one row short miss the oracle
+    (2, "backward_order"),         # the backward exchange starts before the interior's backward
+    (2, "backward_order_causal"),  # and first on a rank without halo
+    (2, "queries_only"),           # the gradient of the queries alone exchanges nothing
+    (2, "in_place"),               # an output modified in place
+]
 
 
-def test_module_forward(verdicts):
-    _check_all_ranks(verdicts, 2, "module")
-
-
-def test_edge_grids_one_row_short_miss_the_oracle(verdicts):
-    _check_all_ranks(verdicts, 2, "short_grids")
-
-
-def test_backward_exchange_starts_before_interior_backward(verdicts):
-    _check_all_ranks(verdicts, 2, "backward_order")
-
-
-def test_backward_exchange_starts_first_on_a_rank_without_halo(verdicts):
-    _check_all_ranks(verdicts, 2, "backward_order_causal")
-
-
-def test_gradient_of_queries_alone_exchanges_nothing(verdicts):
-    _check_all_ranks(verdicts, 2, "queries_only")
-
-
-def test_output_modified_in_place(verdicts):
-    _check_all_ranks(verdicts, 2, "in_place")
+@pytest.mark.parametrize("world,name", SCENARIOS, ids=[name for _, name in SCENARIOS])
+def test_scenario(verdicts, world, name):
+    _check_all_ranks(verdicts, world, name)
 
 
 @pytest.mark.parametrize("path", ["serial", "padded", "edges"])
