@@ -27,8 +27,11 @@ from natten.backends.base import Backend, Tile, lse_dtype
 
 def pack_window(window: Window) -> List[int]:
     packed = [*window.kernel_size, *window.stride, *window.dilation, *map(int, window.is_causal)]
-    if window.query_range is not None:
-        packed += window.query_range
+    r = window.query_range
+    if r is not None:
+        # Fields by name: torch 2.11's Dynamo traces `list += NamedTuple` as list + tuple, a
+        # TypeError.
+        packed += [r.axis, r.offset, r.extent]
     return packed
 
 
